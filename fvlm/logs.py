@@ -1,0 +1,32 @@
+"""Logging: every long job logs to a file next to its outputs and to stderr."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+_FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(out_dir: str | Path | None = None, name: str = "fvlm", quiet: bool = False) -> logging.Logger:
+    """Configure the ``fvlm`` logger: stderr (WARNING if quiet, else INFO) and ``out_dir/<name>.log``."""
+    log = logging.getLogger("fvlm")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setLevel(logging.WARNING if quiet else logging.INFO)
+    sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(sh)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(out_dir) / f"{name}.log")
+        fh.setFormatter(logging.Formatter(_FMT))
+        log.addHandler(fh)
+    return log
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"fvlm.{name}" if not name.startswith("fvlm") else name)
