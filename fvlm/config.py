@@ -170,7 +170,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"config key '{key}' expects {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         inner = args[0] if args else Any
         seq = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(seq) if origin is tuple else seq
@@ -248,10 +248,9 @@ def build(cls, data: dict, _prefix: str = "", _root=None):
     for k in data:
         if k not in names:
             full = _prefix + str(k)
-            valid = _all_keys(root)
-            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
-            if not close:
-                close = difflib.get_close_matches(str(k), [_prefix + n for n in names], n=1, cutoff=0.5)
+            close = difflib.get_close_matches(full, [_prefix + n for n in names], n=1, cutoff=0.6)
+            if not close:  # perhaps the right key in the wrong section
+                close = difflib.get_close_matches(full, _all_keys(root), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{full}'{hint}")
     kwargs = {}

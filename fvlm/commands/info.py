@@ -13,12 +13,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print as JSON")
 
 
-def _version(mod: str) -> str:
+def _version(dist: str, module: str | None = None) -> str:
+    """Installed version from package metadata; with ``module``, also check that it imports."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        m = importlib.import_module(mod)
-        return getattr(m, "__version__", "installed")
-    except Exception as e:  # a broken optional stack must not crash `info`
-        return f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+        v = version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+    if module:
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # a broken optional stack must not crash `info`
+            msg = str(e).splitlines()[0][:80] if str(e) else ""
+            return f"{v}, but import fails ({type(e).__name__}: {msg})"
+    return v
 
 
 def collect() -> dict:
@@ -27,9 +36,10 @@ def collect() -> dict:
                              totalsegmentator_weights_dir)
 
     info: dict = {"fvlm": __version__, "python": platform.python_version(), "platform": platform.platform()}
-    for name in ("torch", "monai", "deepspeed", "transformers", "nibabel", "SimpleITK", "h5py",
-                 "sklearn", "nltk", "totalsegmentator", "torchvision"):
-        info[name] = _version(name)
+    for dist, module in (("torch", "torch"), ("monai", None), ("deepspeed", None), ("transformers", None),
+                         ("nibabel", None), ("SimpleITK", None), ("h5py", None), ("scikit-learn", None),
+                         ("nltk", None), ("TotalSegmentator", None), ("torchvision", "torchvision")):
+        info[dist.lower()] = _version(dist, module)
     try:
         import torch
 
