@@ -1,0 +1,1 @@
+"""The generated demo corpus: real CT anatomy with inserted findings of known ground truth."""
