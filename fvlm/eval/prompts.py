@@ -1,0 +1,183 @@
+"""Prompt sets per diagnosis, encoded once, and the rules turning similarities into scores.
+
+A diagnosis is scored on one image embedding (its anatomy's, or ``"global"`` for
+whole-scan diagnoses and for the CLIP baseline) against its positive and negative
+phrasings. Every distinct ``(text, anatomy)`` pair goes through the text encoder
+exactly once per evaluation, however many diagnoses share it.
+
+Scoring rules (``scoring.rule``), with ``s`` cosine similarities and ``t`` the logit scale:
+
+- ``pairwise`` (default): mean over all (positive p, negative n) pairs of
+  ``softmax([t s_p, t s_n])[0] = sigmoid(t (s_p - s_n))``: CT-CLIP's two-prompt
+  softmax, averaged over the prompt ensemble.
+- ``mean_embedding``: the positive prompt embeddings are averaged and
+  re-normalised (likewise the negatives), then the two-prompt softmax.
+- ``softmax_all``: one softmax over all positive and negative prompts; the score is
+  the probability mass on the positives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import FvlmError
+
+GLOBAL = "global"
+
+
+@dataclass
+class PromptSet:
+    """The phrasings of one diagnosis and the embedding it is scored on."""
+    diagnosis: str                 # diagnosis id
+    name: str
+    anatomy: str                   # the taxonomy's anatomy id, or "global"
+    embedding: str                 # key of the image embedding used ("global" for the CLIP baseline)
+    positives: list[str]
+    negatives: list[str]
+    text_anatomy: str | None = None  # anatomy passed to encode_text (None = global text projection)
+
+
+def _attr(obj: Any, name: str, default=None):
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def ctclip_prompts(label: str) -> tuple[list[str], list[str]]:
+    """CT-CLIP's zero-shot wording for a CT-RATE label name (its CSV column, verbatim)."""
+    return [f"{label} is present."], [f"{label} is not present."]
+
+
+def build_prompt_sets(taxonomy, style: str = "taxonomy", clip_baseline: bool = False) -> list[PromptSet]:
+    """One :class:`PromptSet` per taxonomy diagnosis.
+
+    ``style="ctclip"`` replaces the phrasings of diagnoses that carry a ``ctrate`` name
+    by CT-CLIP's wording; others keep the taxonomy's and are flagged by the caller.
+    """
+    sets = []
+    for d in _attr(taxonomy, "diagnoses"):
+        did = _attr(d, "id")
+        anatomy = _attr(d, "anatomy") or GLOBAL
+        pos = list(_attr(d, "prompts_positive") or [])
+        neg = list(_attr(d, "prompts_negative") or [])
+        if style == "ctclip":
+            ct = _attr(d, "ctrate")
+            if ct:
+                pos, neg = ctclip_prompts(ct)
+        elif style != "taxonomy":
+            raise FvlmError(f"unknown prompt style {style!r} (taxonomy, ctclip)")
+        if not pos or not neg:
+            raise FvlmError(f"diagnosis '{did}' of the taxonomy has no positive or no negative prompts; "
+                            "zero-shot scoring needs both (add prompts_positive/prompts_negative)")
+        emb = GLOBAL if clip_baseline else anatomy
+        sets.append(PromptSet(did, _attr(d, "name") or did, anatomy, emb, pos, neg,
+                              None if emb == GLOBAL else emb))
+    return sets
+
+
+@dataclass
+class PromptEmbeddings:
+    """Encoded prompts: per diagnosis ``(P, E)`` positives and ``(Q, E)`` negatives."""
+    positives: dict[str, np.ndarray] = field(default_factory=dict)
+    negatives: dict[str, np.ndarray] = field(default_factory=dict)
+    n_texts: int = 0     # distinct (text, anatomy) pairs sent to the text encoder
+    n_calls: int = 0     # encode_text calls
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def encode_texts(model, texts: Sequence[str], anatomy: str | None, chunk: int = 64) -> tuple[np.ndarray, int]:
+    """Encode texts with ``model.encode_text`` in chunks; returns ``(N, E)`` and the call count."""
+    out, calls = [], 0
+    for i in range(0, len(texts), chunk):
+        out.append(_to_numpy(model.encode_text(list(texts[i:i + chunk]), anatomy=anatomy)))
+        calls += 1
+    if not out:
+        return np.zeros((0, 0), np.float32), 0
+    return np.concatenate(out, 0), calls
+
+
+def encode_prompt_sets(model, sets: Sequence[PromptSet]) -> PromptEmbeddings:
+    """Encode every distinct (text, text_anatomy) pair of ``sets`` once."""
+    by_anat: dict[str | None, list[str]] = {}
+    for ps in sets:
+        lst = by_anat.setdefault(ps.text_anatomy, [])
+        for t in ps.positives + ps.negatives:
+            if t not in lst:
+                lst.append(t)
+    table: dict[tuple[str | None, str], np.ndarray] = {}
+    pe = PromptEmbeddings()
+    for anat, texts in by_anat.items():
+        emb, calls = encode_texts(model, texts, anat)
+        pe.n_calls += calls
+        pe.n_texts += len(texts)
+        for t, e in zip(texts, emb):
+            table[(anat, t)] = e
+    for ps in sets:
+        pe.positives[ps.diagnosis] = np.stack([table[(ps.text_anatomy, t)] for t in ps.positives])
+        pe.negatives[ps.diagnosis] = np.stack([table[(ps.text_anatomy, t)] for t in ps.negatives])
+    return pe
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
+
+
+def _normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    n = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def score(image: np.ndarray, pos: np.ndarray, neg: np.ndarray, rule: str = "pairwise",
+          logit_scale: float = 100.0) -> np.ndarray:
+    """Probability-like score in [0, 1] per case.
+
+    Args:
+        image: ``(N, E)`` L2-normalised image embeddings.
+        pos, neg: ``(P, E)`` and ``(Q, E)`` L2-normalised prompt embeddings.
+        rule: ``pairwise``, ``mean_embedding`` or ``softmax_all`` (module docstring).
+        logit_scale: similarity multiplier (CLIP's learned temperature inverse).
+    Returns ``(N,)`` float64.
+    """
+    image = np.asarray(image, np.float64)
+    pos = np.asarray(pos, np.float64)
+    neg = np.asarray(neg, np.float64)
+    if rule == "pairwise":
+        sp = image @ pos.T                               # (N, P)
+        sn = image @ neg.T                               # (N, Q)
+        diff = sp[:, :, None] - sn[:, None, :]           # (N, P, Q)
+        return _sigmoid(logit_scale * diff).mean(axis=(1, 2))
+    if rule == "mean_embedding":
+        p = _normalize(pos.mean(0))
+        n = _normalize(neg.mean(0))
+        return _sigmoid(logit_scale * (image @ p - image @ n))
+    if rule == "softmax_all":
+        logits = logit_scale * (image @ np.concatenate([pos, neg]).T)   # (N, P+Q)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e[:, :pos.shape[0]].sum(1) / e.sum(1)
+    raise FvlmError(f"unknown scoring rule {rule!r} (pairwise, mean_embedding, softmax_all)")
+
+
+def model_logit_scale(model, default: float = 100.0) -> float:
+    """The model's learned similarity scale, else ``default``.
+
+    A tensor ``model.logit_scale`` follows CLIP's convention (it stores the log of the
+    scale; the scale is clamped at 100 as in CLIP); a plain number is the scale itself.
+    """
+    ls = getattr(model, "logit_scale", None)
+    if ls is None:
+        return default
+    if hasattr(ls, "detach"):
+        v = float(ls.detach().float().cpu().reshape(-1)[0])
+        return float(min(np.exp(v), 100.0))
+    try:
+        return float(ls)
+    except (TypeError, ValueError):
+        return default
