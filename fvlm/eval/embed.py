@@ -127,7 +127,8 @@ def _merge(a: CaseEmbeddings, b: CaseEmbeddings) -> CaseEmbeddings:
 
 
 def encode_cases(model, dataset, case_ids: Sequence[str], make_batch: Callable, batch_size: int = 1,
-                 cache: EmbeddingCache | None = None, desc: str = "encode cases") -> CaseEmbeddings:
+                 cache: EmbeddingCache | None = None, desc: str = "encode cases",
+                 get_kwargs: dict | None = None) -> CaseEmbeddings:
     """Image embeddings of ``case_ids``: one ``model.encode_image`` call per batch of cases.
 
     Args:
@@ -135,6 +136,7 @@ def encode_cases(model, dataset, case_ids: Sequence[str], make_batch: Callable, 
         dataset: has ``get(case_id, ...) -> CaseRecord`` (``fvlm.data.shards.ShardDataset``).
         make_batch: ``list[CaseRecord] -> batch`` in the model's input format.
         cache: cases found there are not encoded again; new ones are added to it.
+        get_kwargs: passed to ``dataset.get`` (e.g. ``crops=False`` when the model reads volumes only).
     Rows come back in the order of ``case_ids``.
     """
     case_ids = list(case_ids)
@@ -149,7 +151,7 @@ def encode_cases(model, dataset, case_ids: Sequence[str], make_batch: Callable, 
         bar = progress(total=len(todo), desc=desc, unit="case")
         for i in range(0, len(todo), batch_size):
             ids = todo[i:i + batch_size]
-            records = [dataset.get(c) for c in ids]
+            records = [dataset.get(c, **(get_kwargs or {})) for c in ids]
             out = model.encode_image(make_batch(records))
             n_forwards += 1
             for k, v in out.items():
@@ -165,7 +167,7 @@ def encode_cases(model, dataset, case_ids: Sequence[str], make_batch: Callable, 
         if cached is not None and set(cached.arrays) != set(fresh.arrays):
             log.warning("embedding cache %s has other keys than the model; rebuilding it", cache.path)
             cache.path.unlink()
-            again = encode_cases(model, dataset, case_ids, make_batch, batch_size, cache, desc)
+            again = encode_cases(model, dataset, case_ids, make_batch, batch_size, cache, desc, get_kwargs)
             again.n_forwards += n_forwards
             return again
         merged = fresh if cached is None else _merge(cached, fresh)

@@ -4,8 +4,7 @@ The suite itself only needs duck-typed objects (see ``fvlm.eval.zeroshot``); thi
 module connects it to the real pieces owned by other stages:
 
 - ``fvlm.models.checkpoint.load_consolidated(path) -> (model, meta)``;
-- the function turning ``CaseRecord``s into the model's batch (looked up on the
-  model as ``make_batch`` / ``batch_from_records``, else in ``fvlm.data``);
+- ``fvlm.data.ct.make_batch_fn(meta["data"])``, the training input transform;
 - ``fvlm.taxonomy.load_taxonomy`` and ``fvlm.data.shards.ShardDataset``.
 """
 from __future__ import annotations
@@ -15,11 +14,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import FvlmError
-
-# where the model-input transform may live, in order of preference: (module, function)
-_BATCH_FUNCTIONS = (("fvlm.data.ct", "make_batch"), ("fvlm.data.ct", "collate_records"),
-                    ("fvlm.data.batch", "make_batch"), ("fvlm.data.transforms", "make_batch"))
-
 
 def pick_device(name: str = "auto") -> str:
     import torch
@@ -49,20 +43,23 @@ def open_shards(root: str):
     return ShardDataset(root)
 
 
-def _batch_function(model, meta: dict) -> Callable | None:
-    for attr in ("make_batch", "batch_from_records"):
-        fn = getattr(model, attr, None)
-        if callable(fn):
-            return fn
-    for mod_name, fn_name in _BATCH_FUNCTIONS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError:
-            continue
-        fn = getattr(mod, fn_name, None)
-        if callable(fn):
-            return lambda records, _fn=fn: _fn(records, model=model, meta=meta)
-    return None
+def batch_function(model, meta: dict) -> tuple[Callable, dict]:
+    """``(records -> batch, kwargs for dataset.get)`` for a loaded checkpoint.
+
+    The transform is the training one (``fvlm.data.ct.make_batch_fn``) built from the
+    sample options the checkpoint embeds (``meta["data"]``), so evaluation sees exactly
+    the inputs the model was trained on. Only the arrays it uses are read from the shards.
+    """
+    fn = getattr(model, "make_batch", None)
+    if callable(fn):
+        return fn, {}
+    opts = meta.get("data") or meta.get("sample_options")
+    if not opts:
+        raise FvlmError("the checkpoint carries no data options (meta['data']); cannot build model inputs")
+    from ..data.ct import SampleOptions, make_batch_fn
+
+    so = opts if isinstance(opts, SampleOptions) else SampleOptions.from_dict(opts)
+    return make_batch_fn(so), {"volume": so.volume_size is not None, "crops": so.crop_size is not None}
 
 
 def load_model(path: str, device: str = "auto") -> tuple[Any, dict, Callable]:
@@ -82,14 +79,12 @@ def load_model(path: str, device: str = "auto") -> tuple[Any, dict, Callable]:
         model = model.to(dev)
     if hasattr(model, "eval"):
         model.eval()
-    fn = _batch_function(model, meta or {})
-    if fn is None:
-        raise FvlmError("no model-input transform found for this checkpoint (expected model.make_batch or "
-                        "fvlm.data.ct.make_batch)")
+    fn, get_kwargs = batch_function(model, meta or {})
 
     def make_batch(records):
         return _to_device(fn(records), dev)
 
+    make_batch.get_kwargs = get_kwargs
     return model, dict(meta or {}), make_batch
 
 

@@ -168,9 +168,14 @@ def score(image: np.ndarray, pos: np.ndarray, neg: np.ndarray, rule: str = "pair
 def model_logit_scale(model, default: float = 100.0) -> float:
     """The model's learned similarity scale, else ``default``.
 
-    A tensor ``model.logit_scale`` follows CLIP's convention (it stores the log of the
-    scale; the scale is clamped at 100 as in CLIP); a plain number is the scale itself.
+    Uses ``model.get_logit_scale()`` when the model has it (fvlm's FVLM: exp of the
+    learned log-scale, clamped); else a tensor ``model.logit_scale`` is read with CLIP's
+    convention (it stores the log; clamped at 100) and a plain number as the scale itself.
     """
+    getter = getattr(model, "get_logit_scale", None)
+    if callable(getter):
+        v = getter()
+        return float(v.detach().float().cpu().reshape(-1)[0]) if hasattr(v, "detach") else float(v)
     ls = getattr(model, "logit_scale", None)
     if ls is None:
         return default

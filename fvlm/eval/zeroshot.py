@@ -99,10 +99,16 @@ def run_suite(model, dataset, taxonomy, cfg: ZeroShotConfig, make_batch: Callabl
     needed = list(dict.fromkeys(proto.test + proto.tune + proto.train))
     log.info("encoding %d cases (%d test, %d tuning, %d probe-train)", len(needed), len(proto.test),
              len(proto.tune), len(proto.train))
-    emb = encode_cases(model, dataset, needed, make_batch, cfg.batch_size, cache)
+    emb = encode_cases(model, dataset, needed, make_batch, cfg.batch_size, cache,
+                       get_kwargs=getattr(make_batch, "get_kwargs", None))
 
     # ---- prompts, once
-    sets = build_prompt_sets(taxonomy, cfg.scoring.prompts, cfg.scoring.clip_baseline)
+    clip_baseline = cfg.scoring.clip_baseline
+    if not clip_baseline and set(emb.arrays) == {GLOBAL}:
+        clip_baseline = True
+        proto.notes.append("the model has only a global embedding (CLIP-style): every diagnosis is scored "
+                           "on it")
+    sets = build_prompt_sets(taxonomy, cfg.scoring.prompts, clip_baseline)
     unavailable = {ps.diagnosis: f"the model produces no '{ps.embedding}' embedding"
                    for ps in sets if ps.embedding not in emb.arrays}
     usable = [ps for ps in sets if ps.diagnosis not in unavailable]
@@ -202,7 +208,7 @@ def run_suite(model, dataset, taxonomy, cfg: ZeroShotConfig, make_batch: Callabl
                      "absent_anatomy": cfg.absent_anatomy},
         "scoring": {"rule": cfg.scoring.rule, "logit_scale": scale, "prompts": cfg.scoring.prompts,
                     "prompt_note": prompt_note,
-                    "embedding": "global" if cfg.scoring.clip_baseline else "anatomy (global for whole-scan)"},
+                    "embedding": "global" if clip_baseline else "anatomy (global for whole-scan)"},
         "zeroshot": zs,
         "linear_probe": probe_res,
         "retrieval": retrieval,
