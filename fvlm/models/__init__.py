@@ -1,0 +1,58 @@
+"""Models by name: ``create_model(name, cfg)``; the consolidated checkpoint format in ``checkpoint``."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..errors import FvlmError
+
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+
+
+def register_model(name: str):
+    def deco(fn):
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, cfg=None, **kw):
+    """Build a model. ``cfg``: its config dataclass, a plain mapping of it, or None (defaults)."""
+    if name not in _REGISTRY:
+        raise FvlmError(f"unknown model '{name}' (known: {', '.join(list_models())})")
+    return _REGISTRY[name](cfg, **kw)
+
+
+def _fvlm_cfg(cfg, **force):
+    from ..config import build
+    from .fvlm import FVLMConfig
+
+    if cfg is None:
+        cfg = FVLMConfig()
+    elif isinstance(cfg, dict):
+        cfg = build(FVLMConfig, cfg)
+    for k, v in force.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@register_model("fvlm")
+def _fvlm(cfg=None, **kw):
+    """Fine-grained (per-anatomy + global) model; ``cfg.mode`` volume or crop."""
+    from .fvlm import FVLM
+
+    return FVLM(_fvlm_cfg(cfg), **kw)
+
+
+@register_model("clip")
+def _clip(cfg=None, **kw):
+    """Global-only CLIP baseline in the same code (``mode: global``)."""
+    from .fvlm import FVLM
+
+    return FVLM(_fvlm_cfg(cfg, mode="global", use_global=True), **kw)
+
+
+__all__ = ["create_model", "list_models", "register_model"]

@@ -1,0 +1,463 @@
+"""A generic DeepSpeed training engine: model + loss module + batch stream + config -> fit/resume/checkpoint.
+
+Nothing here knows about CT or contrastive learning; ``fvlm pretrain`` and the X-ray MAE
+program both drive it::
+
+    trainer = Trainer(model, loss_fn, make_loader, cfg, out_dir,
+                      save_model=lambda path, module, step: ...,      # consolidated file
+                      validate=lambda module, step: {"val/auc": ...})  # optional
+    summary = trainer.fit()
+
+``loss_fn(outputs, batch) -> (loss, logs)``; ``make_loader(start_micro_batch)`` returns an
+iterable of batches that starts at that position of the (deterministic) stream, which is how
+the data position is restored on resume.
+
+Checkpoints (``out_dir/checkpoints/<tag>/``): DeepSpeed's own files (model, optimizer,
+scheduler; resumable with ZeRO partitioning) plus ``trainer_state_rank<r>.pt`` per rank (step,
+micro-batch position, Python/NumPy/torch RNG states, best metric); ``checkpoints/latest`` is
+written last, so a SIGKILL mid-save leaves the previous checkpoint as the resume point.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import opt
+from ..errors import ConfigError, FvlmError
+from ..logs import get_logger
+from ..progress import progress
+
+__all__ = ["TrainConfig", "Trainer", "build_param_groups", "cosine_with_warmup", "deepspeed_config",
+           "init_distributed", "LATEST"]
+
+log = get_logger("train")
+LATEST = "latest_complete"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(1000, "optimizer steps")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak (cosine)")
+    warmup_steps: int = opt(100, "linear warm-up steps")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not applied to biases, norms, 1-d params)")
+    betas: tuple[float, float] = opt((0.9, 0.98), "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    lr_groups: dict[str, float] = opt({}, "learning-rate multipliers by parameter-name prefix, "
+                                      "e.g. {image_encoder.: 0.5, text_encoder.: 0.1}")
+    clip_grad: float = opt(1.0, "gradient clipping (global norm; 0 = off)")
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "training precision (fp16 needs a GPU)")
+    deepspeed_config: str = opt("deepspeed/zero2.json", "DeepSpeed JSON (path or name under configs/)")
+    zero_stage: int | None = opt(None, "override the JSON's ZeRO stage (0-3)")
+    seed: int = opt(0, "seed of model init, data order and augmentation")
+    log_every: int = opt(10, "log every N steps (TensorBoard, CSV, log file)")
+    ckpt_every: int = opt(500, "save a resumable checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = opt(2, "resumable checkpoints kept (oldest deleted)")
+    val_every: int = opt(0, "validate every N steps (0 = only at the end, if validation is on)")
+    val_metric: str = opt("", "metric that selects best.pt (e.g. val/auc_mean); empty = no best.pt")
+    val_mode: Literal["max", "min"] = opt("max", "whether val_metric is better high or low")
+    resume: str = opt("auto", "auto (continue from out_dir's latest checkpoint if any), never, "
+                      "or a checkpoint directory")
+    tensorboard: bool = opt(True, "write TensorBoard events to out_dir/tb")
+    threads: int = opt(0, "torch CPU threads per process (0 = torch default)")
+    stop_after: int = opt(0, "stop (with a checkpoint) after this many steps of this run (0 = off; "
+                          "testing and time-sliced jobs)")
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise the process group once (gloo on CPU, nccl on GPU) -> ``(rank, world, local_rank)``.
+
+    Single process without a launcher: sets the env vars a launcher would set.
+    """
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def cosine_with_warmup(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate after ``step`` optimizer steps."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: (lr multiplier by longest matching prefix) x (decay / no decay). Frozen params skipped."""
+    groups: dict[tuple[float, bool], list] = {}
+    prefixes = sorted(cfg.lr_groups, key=len, reverse=True)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = next((cfg.lr_groups[pf] for pf in prefixes if name.startswith(pf)), 1.0)
+        decay = p.ndim >= 2 and "pos_embed" not in name and "token" not in name
+        groups.setdefault((mult, decay), []).append(p)
+    return [{"params": ps, "lr": cfg.lr * m, "weight_decay": cfg.weight_decay if d else 0.0, "lr_mult": m}
+            for (m, d), ps in groups.items() if m > 0]
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int, world: int) -> dict:
+    """The DeepSpeed config dict: the JSON file, with batch/accumulation/clipping/precision from ``cfg``."""
+    from ..resources import config_path
+
+    try:
+        p = config_path(cfg.deepspeed_config)
+    except FvlmError:
+        raise ConfigError(f"train.deepspeed_config: file not found: {cfg.deepspeed_config}") from None
+    try:
+        ds = json.loads(Path(p).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON ({e})") from None
+    ds.pop("_comment", None)
+    ds["train_micro_batch_size_per_gpu"] = int(micro_batch)
+    ds["gradient_accumulation_steps"] = int(cfg.grad_accum)
+    ds["train_batch_size"] = int(micro_batch) * int(cfg.grad_accum) * int(world)
+    ds["gradient_clipping"] = float(cfg.clip_grad)
+    ds["bf16"] = {"enabled": cfg.precision == "bf16"}
+    ds["fp16"] = {"enabled": cfg.precision == "fp16", "initial_scale_power": 16}
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if cfg.zero_stage is not None:
+        if cfg.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0-3, got {cfg.zero_stage}")
+        zero["stage"] = int(cfg.zero_stage)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _scalar(v) -> float:
+    return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """See the module docstring. Call :meth:`fit` on every rank."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, make_loader: Callable[[int], Iterable],
+                 cfg: TrainConfig, out_dir: str | os.PathLike, micro_batch: int,
+                 save_model: Callable[[Path, torch.nn.Module, int], None] | None = None,
+                 validate: Callable[[torch.nn.Module, int], dict] | None = None):
+        import deepspeed
+
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.loss_fn = loss_fn
+        self.make_loader = make_loader
+        self.save_model = save_model
+        self.validate = validate
+        self.micro_batch = int(micro_batch)
+        self.rank, self.world, self.local_rank = init_distributed()
+        self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.ckpt_dir = self.out / "checkpoints"
+        groups = build_param_groups(model, cfg)
+        if not groups:
+            raise FvlmError("no trainable parameters (everything frozen?)")
+        opt_ = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        sched_fn = cosine_with_warmup(cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        self.ds_config = deepspeed_config(cfg, micro_batch, self.world)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt_, config=self.ds_config,
+            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, sched_fn))
+        self.step = 0
+        self.micro = 0
+        self.best: float | None = None
+        self._stop = False
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _latest_tag(self, ckpt_dir: Path) -> str | None:
+        p = ckpt_dir / LATEST
+        return p.read_text().strip() if p.is_file() else None
+
+    def save(self) -> Path:
+        """Save a resumable checkpoint (all ranks) and the consolidated model (rank 0)."""
+        tag = f"step_{self.step:08d}"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
+        state = {"step": self.step, "micro": self.micro, "best": self.best, "world": self.world,
+                 "rng": _rng_state()}
+        torch.save(state, self.ckpt_dir / tag / f"trainer_state_rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            tmp = self.ckpt_dir / (LATEST + ".tmp")
+            tmp.write_text(tag)
+            os.replace(tmp, self.ckpt_dir / LATEST)
+            tags = sorted(p.name for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+            for old in tags[:-max(1, self.cfg.keep_checkpoints)]:
+                shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
+        if self.save_model is not None:
+            sd = self._fp32_state_dict(tag)
+            if self.rank == 0:
+                self.save_model(self.out / "model.pt", self.module, self.step, sd)
+        dist.barrier()
+        return self.ckpt_dir / tag
+
+    def _fp32_state_dict(self, tag: str) -> dict | None:
+        """Full fp32 weights: the module's own, or gathered from the ZeRO checkpoint when the
+        module holds low-precision or partitioned weights."""
+        stage = self.engine.zero_optimization_stage()
+        if self.cfg.precision == "fp32" and stage < 3:
+            return None
+        if stage == 0:
+            return None
+        if self.rank != 0:
+            return None
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_dir), tag=tag)
+        except Exception as e:  # noqa: BLE001 - fall back to the module's weights
+            log.warning("could not gather fp32 weights from the ZeRO checkpoint (%s); saving module weights", e)
+            return None
+        own = self.module.state_dict()
+        return {k: sd.get(k, v) for k, v in own.items()}
+
+    def resume(self) -> bool:
+        """Restore from ``cfg.resume``; returns whether a checkpoint was loaded."""
+        r = self.cfg.resume
+        if r == "never":
+            return False
+        ckpt_dir = self.ckpt_dir if r == "auto" else Path(r)
+        tag = None
+        if r != "auto" and (ckpt_dir / f"trainer_state_rank0.pt").is_file():
+            tag, ckpt_dir = ckpt_dir.name, ckpt_dir.parent
+        tag = tag or self._latest_tag(ckpt_dir)
+        if tag is None:
+            if r != "auto":
+                raise FvlmError(f"train.resume: no checkpoint in {r}")
+            return False
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FvlmError(f"could not load the DeepSpeed checkpoint {ckpt_dir / tag}")
+        sp = ckpt_dir / tag / f"trainer_state_rank{self.rank}.pt"
+        if not sp.is_file():
+            raise FvlmError(f"{sp} is missing: the checkpoint was written with a different number of processes")
+        st = torch.load(sp, map_location="cpu", weights_only=False)
+        if st["world"] != self.world:
+            raise FvlmError(f"checkpoint {tag} was written by {st['world']} processes, this run has {self.world}; "
+                            "exact resume needs the same number")
+        self.step, self.micro, self.best = st["step"], st["micro"], st["best"]
+        _set_rng_state(st["rng"])
+        log.info("resumed from %s (step %d)", ckpt_dir / tag, self.step)
+        return True
+
+    # ------------------------------------------------------------------ logging
+    def _open_logs(self):
+        self.csv_path = self.out / "metrics.csv"
+        self.tb = None
+        if self.rank != 0:
+            return
+        if self.csv_path.is_file():   # drop rows beyond the resume point (they will be redone)
+            with open(self.csv_path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            keep = [r for r in rows if int(float(r.get("step", 0) or 0)) <= self.step]
+            if rows:
+                with open(self.csv_path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+                    w.writeheader()
+                    w.writerows(keep)
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1)
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                log.warning("tensorboard is not installed; logging to CSV only")
+
+    def _write_row(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        exists = self.csv_path.is_file() and self.csv_path.stat().st_size > 0
+        fields = None
+        if exists:
+            with open(self.csv_path, newline="") as f:
+                fields = next(csv.reader(f), None)
+        if not fields:
+            fields = list(row.keys())
+        with open(self.csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if not exists:
+                w.writeheader()
+            w.writerow({k: row.get(k, "") for k in fields})
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, self.step)
+            self.tb.flush()
+
+    def _reduce(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(t)
+        n = t[-1].item()
+        return {k: (t[i].item() / n if n else float("nan")) for i, k in enumerate(keys)}
+
+    # ------------------------------------------------------------------ validation
+    def _run_validation(self) -> dict:
+        if self.validate is None:
+            return {}
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                metrics = self.validate(self.module, self.step) or {}
+        finally:
+            self.module.train()
+        if self.world > 1:   # rank 0's numbers everywhere, so all ranks agree on best.pt
+            obj = [metrics]
+            dist.broadcast_object_list(obj, src=0)
+            metrics = obj[0]
+        m = self.cfg.val_metric
+        if m and m in metrics and math.isfinite(metrics[m]):
+            v = metrics[m]
+            better = self.best is None or (v > self.best if self.cfg.val_mode == "max" else v < self.best)
+            if better:
+                self.best = v
+                if self.rank == 0 and self.save_model is not None and self.engine.zero_optimization_stage() < 3:
+                    self.save_model(self.out / "best.pt", self.module, self.step, None)
+                log.info("new best %s = %.4f at step %d", m, v, self.step)
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def _on_signal(self, signum, frame):  # noqa: ARG002
+        log.warning("signal %d: saving a checkpoint after this step", signum)
+        self._stop = True
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        self._open_logs()
+        old = signal.signal(signal.SIGTERM, self._on_signal) if os.name == "posix" else None
+        gas = cfg.grad_accum
+        loader = iter(self.make_loader(self.micro))
+        self.engine.train()
+        bar = progress(total=cfg.steps, desc="pretrain", unit="step", initial=self.step) if self.rank == 0 else None
+        sums: dict[str, float] = {}
+        times = {"time/data": 0.0, "time/forward": 0.0, "time/backward": 0.0, "time/optimizer": 0.0}
+        count, t_window, run_steps = 0, time.perf_counter(), 0
+        last_row: dict = {}
+        val_metrics: dict = {}
+        while self.step < cfg.steps:
+            for _ in range(gas):
+                t0 = time.perf_counter()
+                batch = next(loader)
+                batch = _to_device(batch, self.device)
+                t1 = time.perf_counter()
+                out = self.engine(batch)
+                loss, logs = self.loss_fn(out, batch)
+                t2 = time.perf_counter()
+                self.engine.backward(loss)
+                t3 = time.perf_counter()
+                self.engine.step()
+                t4 = time.perf_counter()
+                self.micro += 1
+                times["time/data"] += t1 - t0
+                times["time/forward"] += t2 - t1
+                times["time/backward"] += t3 - t2
+                times["time/optimizer"] += t4 - t3
+                sums["loss"] = sums.get("loss", 0.0) + _scalar(loss)
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + _scalar(v)
+                count += 1
+            self.step += 1
+            run_steps += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss'] / max(count, 1):.3f}")
+            final = self.step >= cfg.steps
+            stop_now = self._stop or (cfg.stop_after and run_steps >= cfg.stop_after)
+            if self.step % max(1, cfg.log_every) == 0 or final or stop_now:
+                elapsed = time.perf_counter() - t_window
+                row = {"step": self.step, **self._reduce({**sums, **times}, count)}
+                for k in times:   # per micro-batch seconds
+                    row[k] = row[k]
+                row["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else cfg.lr
+                row["samples_per_s"] = count * self.micro_batch * self.world / max(elapsed, 1e-9)
+                self._write_row(row)
+                last_row = row
+                if self.rank == 0:
+                    log.info("step %d loss %.4f lr %.2e %.1f samples/s", self.step, row["loss"], row["lr"],
+                             row["samples_per_s"])
+                sums, times = {}, {k: 0.0 for k in times}
+                count, t_window = 0, time.perf_counter()
+            if self.validate is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or final):
+                val_metrics = self._run_validation()
+                if val_metrics:
+                    self._write_row({"step": self.step, **val_metrics})
+                    if self.rank == 0:
+                        log.info("validation at step %d: %s", self.step, ", ".join(
+                            f"{k}={v:.4f}" for k, v in sorted(val_metrics.items())))
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final or stop_now:
+                self.save()
+            if stop_now:
+                break
+        if bar is not None:
+            bar.close()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+        if self.tb is not None:
+            self.tb.close()
+        return {"step": self.step, "last": last_row, "val": val_metrics, "best": self.best,
+                "interrupted": self.step < cfg.steps}
