@@ -52,13 +52,15 @@ class Template:
     hu: np.ndarray
     labels: np.ndarray
     contrast: str          # "non-contrast" or "arterial"
+    origin: np.ndarray     # world position (RAS mm) of voxel [0, 0, 0]
 
 
-def _load_ras(path) -> tuple[np.ndarray, np.ndarray]:
+def _load_ras(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Array in RAS order, its spacing (mm) and origin (RAS mm)."""
     import nibabel as nib
 
     img = nib.as_closest_canonical(nib.load(str(path)))
-    return np.asarray(img.dataobj), np.diag(img.affine)[:3]
+    return np.asarray(img.dataobj), np.diag(img.affine)[:3], img.affine[:3, 3].copy()
 
 
 def _block_mean(a: np.ndarray, f: int = 2) -> np.ndarray:
@@ -164,19 +166,20 @@ def derive_chest_labels(hu: np.ndarray, aorta: np.ndarray) -> np.ndarray:
 def load_templates() -> dict[str, Template]:
     """The two source templates (cached; arrays must be copied before editing)."""
     d = samples_dir() / "ct"
-    hu, sp = _load_ras(d / "example_ct.nii.gz")
-    seg, _ = _load_ras(d / "example_seg_fast_force_split.nii.gz")
+    hu, sp, origin = _load_ras(d / "example_ct.nii.gz")
+    seg, _, _ = _load_ras(d / "example_seg_fast_force_split.nii.gz")
     if not np.allclose(sp, SPACING_MM):
         raise RuntimeError(f"example_ct spacing {sp} is not {SPACING_MM} mm")
     abdomen = Template("abdomen", np.clip(hu, -1024, 3071).astype(np.int16),
-                       seg.astype(np.uint8), "non-contrast")
-    cta, sp = _load_ras(d / "aorta_report" / "ct_cropped.nii.gz")
-    ao, _ = _load_ras(d / "aorta_report" / "aorta.nii.gz")
+                       seg.astype(np.uint8), "non-contrast", origin)
+    cta, sp, origin = _load_ras(d / "aorta_report" / "ct_cropped.nii.gz")
+    ao, _, _ = _load_ras(d / "aorta_report" / "aorta.nii.gz")
     f = int(round(SPACING_MM / float(sp[0])))
     chu = _block_mean(cta, f)
     caorta = _block_mean(ao, f) >= 0.5
     chest = Template("chest", np.clip(np.round(chu), -1024, 3071).astype(np.int16),
-                     derive_chest_labels(chu, caorta), "arterial")
+                     derive_chest_labels(chu, caorta), "arterial",
+                     origin + (f - 1) / 2.0 * sp)  # centre of the first block
     return {"abdomen": abdomen, "chest": chest}
 
 
@@ -196,4 +199,4 @@ def vary_template(t: Template, rng: np.random.Generator, max_rot_deg: float = 4.
     off = c - mat @ c
     hu = ndi.affine_transform(t.hu.astype(np.float32), mat, off, order=1, mode="constant", cval=AIR_HU)
     lab = ndi.affine_transform(t.labels, mat, off, order=0, mode="constant", cval=0)
-    return Template(t.region, np.round(hu).astype(np.int16), lab.astype(np.uint8), t.contrast)
+    return Template(t.region, np.round(hu).astype(np.int16), lab.astype(np.uint8), t.contrast, t.origin)
