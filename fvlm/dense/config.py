@@ -1,0 +1,87 @@
+"""Config schema of ``fvlm dense`` (defaults in ``configs/dense/default.yaml``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import opt
+
+__all__ = ["DenseConfig", "ModelConfig", "DataConfig", "TrainConfig", "EvalConfig"]
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = opt("vit3d_nano", "encoder name in the fvlm.encoders registry (vit2d_* for X-ray / CT slices)")
+    img_size: list[int] = opt([64, 64, 32], "encoder input = training crop = sliding-window size, (X, Y, Z) or (H, W)")
+    patch_size: list[int] = opt([8, 8, 4], "encoder patch size, same axis order as img_size")
+    in_chans: int = opt(1, "input channels")
+    encoder_stem: str = opt("linear", "encoder patch-embedding stem", choices=("linear", "conv"))
+    levels: list[int] = opt([], "encoder blocks feeding the head, shallow to deep (negative = from the end); "
+                                "empty = 4 evenly spaced incl. the last")
+    head: str = opt("seg", "seg: fixed classes (softmax); text: prompt-conditioned cost aggregation (sigmoid)",
+                    choices=("seg", "text"))
+    base_channels: int = opt(64, "decoder width at the bottleneck (halves per upsampling stage)")
+    min_channels: int = opt(16, "decoder width floor (the full-resolution stages)")
+    stem_channels: int = opt(16, "width of the image stem joining the last stage (0 = none)")
+    freeze_encoder: bool = opt(False, "keep the encoder fixed (no gradients, eval mode)")
+    pretrained: str | None = opt(None, "consolidated checkpoint of `fvlm pretrain` / `fvlm pretrain-xray` "
+                                       "whose image encoder initialises this one")
+    text_model_dir: str | None = opt(None, "text model directory (default: the shipped MiniLM)")
+    templates: list[str] = opt(["{}"], "text head: prompt templates, '{}' = class or finding phrase; "
+                                       "one cost channel per template")
+    cost_dim: int = opt(64, "text head: width of the shared image/text space of the cost volume")
+    agg_dim: int = opt(32, "text head: channels per prompt during aggregation")
+    agg_blocks: int = opt(2, "text head: (spatial, class) aggregation block pairs")
+    guide_dim: int = opt(32, "text head: width of the image/text guidance")
+    heads: int = opt(2, "text head: attention heads of class aggregation")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("samples", "samples: shipped TotalSegmentator CT; shards: `fvlm preprocess` output; "
+                                 "demo: `fvlm demo` corpus", choices=("samples", "shards", "demo"))
+    root: str | None = opt(None, "shards root or demo corpus directory (unused for samples)")
+    anatomy_set: str = opt("fvlm15", "anatomy set naming the segmentation classes")
+    classes: list[str] = opt([], "anatomy ids to segment (empty = every anatomy of the set)")
+    window: list[float] = opt([-1150.0, 350.0], "HU window mapped to [0, 1]")
+    spacing_mm: list[float] = opt([], "resample volumes to this spacing first (empty = keep)")
+    train_split: str = opt("train", "shards/demo: split used for training")
+    eval_split: str = opt("valid", "shards/demo: split used by `dense eval`")
+    holdout_z: list[int] = opt([88, 100], "samples: held-out axial slices [start, stop) (evaluation)")
+    holdout_gap: int = opt(4, "samples: slices next to the held-out range left out of training")
+    max_cases: int = opt(0, "use at most this many cases per split (0 = all)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(300, "optimizer steps")
+    batch_size: int = opt(2, "crops per step")
+    lr: float = opt(2e-3, "AdamW learning rate of the head")
+    encoder_lr: float = opt(2e-4, "AdamW learning rate of the encoder (when not frozen)")
+    weight_decay: float = opt(1e-4, "AdamW weight decay")
+    loss: str = opt("dice_ce", "seg head loss: Dice + cross-entropy or Dice + focal", choices=("dice_ce", "dice_focal"))
+    focal_gamma: float = opt(2.0, "focal loss gamma")
+    label_weight: float = opt(0.2, "text head: weight of the image-level label loss")
+    foreground_crop: float = opt(0.7, "probability that a crop is centred on a labelled voxel")
+    prompts_per_step: int = opt(8, "text head: prompts sampled per step (shuffled; tests order invariance)")
+    unseen_classes: list[str] = opt([], "text head: classes never prompted in training (zero-shot at eval)")
+    seed: int = opt(0, "random seed")
+    threads: int = opt(2, "torch CPU threads")
+    device: str = opt("auto", "cpu, cuda or auto")
+    log_every: int = opt(25, "log the loss every N steps")
+
+
+@dataclass
+class EvalConfig:
+    overlap: float = opt(0.25, "sliding-window overlap")
+    threshold: float = opt(0.5, "text head: sigmoid threshold for a mask")
+    paraphrases: dict[str, str] = opt({}, "text head: class id -> an unseen phrasing used at evaluation")
+    tolerance: int = opt(1, "pointing game: voxels of tolerance around the target mask")
+    sw_batch_size: int = opt(2, "sliding-window batch")
+
+
+@dataclass
+class DenseConfig:
+    model: ModelConfig = opt(ModelConfig(), "encoder and head")
+    data: DataConfig = opt(DataConfig(), "where images and masks come from")
+    train: TrainConfig = opt(TrainConfig(), "training")
+    eval: EvalConfig = opt(EvalConfig(), "evaluation and grounding")

@@ -1,0 +1,227 @@
+"""Cases for dense training and evaluation, and the crops they are trained on.
+
+A :class:`DenseCase` is one volume, windowed to ``[0, 1]`` and indexed ``[x, y, z]``
+(RAS+), with an anatomy label map (``0`` background, ``i + 1`` = ``class_names[i]``)
+and, where the source has them, finding masks with their text (demo lesions),
+image-level labels and report sentences. Sources:
+
+- ``samples``: the shipped TotalSegmentator abdomen CT (``example_ct`` with
+  ``example_seg_fast_force_split``, v2 ids) split along z: the held-out axial slices
+  ``data.holdout_z`` evaluate, the rest (minus a gap) trains;
+- ``shards``: :class:`fvlm.data.ShardDataset` cases of a split;
+- ``demo``: a corpus from :func:`fvlm.demo.generate.generate_corpus` (CT, masks, lesions).
+
+2D encoders (``vit2d_*``) train on axial slices of the same volumes.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import FormatError, FvlmError
+from .config import DataConfig
+
+__all__ = ["Finding", "DenseCase", "class_names_for", "class_prompts", "load_cases", "sample_crop",
+           "sample_slices_split"]
+
+
+@dataclass
+class Finding:
+    """A localised finding: its text and its mask (bool, same grid as the image)."""
+    text: str
+    mask: np.ndarray
+    anatomy: str = ""
+
+
+@dataclass
+class DenseCase:
+    case_id: str
+    image: np.ndarray                     # float32 [0, 1], (X, Y, Z)
+    label: np.ndarray | None              # uint8 (X, Y, Z): 0 background, i + 1 = class_names[i]
+    spacing_mm: tuple = (3.0, 3.0, 3.0)
+    affine: np.ndarray | None = None
+    findings: list[Finding] = field(default_factory=list)
+    labels: dict = field(default_factory=dict)          # image-level {phrase: 1 | 0 | -1}
+    sentences: list[tuple[str, str]] = field(default_factory=list)  # (anatomy id, abnormal report sentence)
+
+
+def class_names_for(cfg: DataConfig) -> list[str]:
+    """The anatomy ids segmented, in label order."""
+    from ..anatomy import load_anatomy_set
+
+    aset = load_anatomy_set(cfg.anatomy_set)
+    if not cfg.classes:
+        return list(aset.ids)
+    bad = [c for c in cfg.classes if c not in aset]
+    if bad:
+        raise FvlmError(f"data.classes: {', '.join(bad)} not in anatomy set {cfg.anatomy_set!r} "
+                        f"({', '.join(aset.ids)})")
+    return list(cfg.classes)
+
+
+def class_prompts(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, str]:
+    """anatomy id -> its readable phrase ("small bowel (incl. duodenum)" -> "small bowel")."""
+    from ..anatomy import load_anatomy_set
+
+    aset = load_anatomy_set(cfg.anatomy_set)
+    return {c: re.sub(r"\s*\(.*?\)", "", aset[c].name).strip() if c in aset else c.replace("_", " ")
+            for c in class_names}
+
+
+def _remap(label: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    return lut[label.astype(np.int64)].astype(np.uint8)
+
+
+def _resample(case: DenseCase, spacing: Sequence[float]) -> DenseCase:
+    from scipy import ndimage as ndi
+
+    zoom = [s / t for s, t in zip(case.spacing_mm, spacing)]
+    if np.allclose(zoom, 1):
+        return case
+    case.image = ndi.zoom(case.image, zoom, order=1).astype(np.float32)
+    if case.label is not None:
+        case.label = ndi.zoom(case.label, zoom, order=0)
+    for f in case.findings:
+        f.mask = ndi.zoom(f.mask.astype(np.uint8), zoom, order=0).astype(bool)
+    case.spacing_mm = tuple(float(t) for t in spacing)
+    return case
+
+
+def _samples(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, list[DenseCase]]:
+    import nibabel as nib
+
+    from ..anatomy import load_anatomy_set
+    from ..data import window
+    from ..resources import samples_dir
+
+    d = samples_dir() / "ct"
+    img = nib.as_closest_canonical(nib.load(d / "example_ct.nii.gz"))
+    seg = nib.as_closest_canonical(nib.load(d / "example_seg_fast_force_split.nii.gz"))
+    hu = np.asarray(img.dataobj, dtype=np.float32)
+    ts = np.asarray(seg.dataobj).astype(np.uint8)
+    aset = load_anatomy_set(cfg.anatomy_set)
+    full = aset.lookup("v2")
+    # anatomy-set label -> our class index (classes may be a subset / reordered)
+    to_ours = np.zeros(256, dtype=np.uint8)
+    for i, c in enumerate(class_names):
+        to_ours[aset.label(c)] = i + 1
+    lab = to_ours[full[ts]]
+    im = window(hu, *cfg.window)
+    z0, z1 = cfg.holdout_z
+    nz = im.shape[2]
+    if not (0 <= z0 < z1 <= nz):
+        raise FvlmError(f"data.holdout_z {cfg.holdout_z} must be a range inside 0..{nz}")
+    g = cfg.holdout_gap
+    sp = tuple(float(s) for s in img.header.get_zooms()[:3])
+    out = {"train": [], "eval": []}
+    for name, a, b in (("lower", 0, max(0, z0 - g)), ("upper", min(nz, z1 + g), nz)):
+        if b - a > 0:
+            out["train"].append(DenseCase(f"example_ct:z{a}-{b}", im[:, :, a:b].copy(), lab[:, :, a:b].copy(), sp))
+    out["eval"].append(DenseCase(f"example_ct:z{z0}-{z1}", im[:, :, z0:z1].copy(), lab[:, :, z0:z1].copy(), sp))
+    return out
+
+
+def _shards(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[DenseCase]:
+    from ..data import ShardDataset, window
+
+    if not cfg.root:
+        raise FvlmError("data.source=shards needs data.root (the directory written by `fvlm preprocess`)")
+    ds = ShardDataset(cfg.root)
+    missing = [c for c in class_names if c not in ds.anatomies]
+    if missing:
+        raise FvlmError(f"{cfg.root}: shards have no anatomy {', '.join(missing)} (they hold {', '.join(ds.anatomies)})")
+    lut = np.zeros(256, dtype=np.uint8)
+    for i, c in enumerate(class_names):
+        lut[ds.anatomies.index(c) + 1] = i + 1
+    ids = ds.case_ids(split)
+    if not ids:
+        raise FvlmError(f"{cfg.root}: no cases in split {split!r}")
+    if cfg.max_cases:
+        ids = ids[:cfg.max_cases]
+    cases = []
+    for cid in ids:
+        rec = ds.get(cid, crops=False)
+        if rec.volume is None:
+            raise FormatError(f"{cfg.root}: case {cid} has no whole volume (preprocess with a whole_shape)")
+        sentences = [(a, s) for a, t in (rec.anatomy_text or {}).items()
+                     if t.get("status") == "abnormal" for s in t.get("sentences", [])]
+        cases.append(DenseCase(cid, window(rec.volume, *cfg.window), _remap(rec.label_map, lut),
+                               tuple(rec.spacing_mm), labels=dict(rec.labels or {}), sentences=sentences))
+    return cases
+
+
+def _demo(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[DenseCase]:
+    from .demo_corpus import read_demo_cases
+
+    if not cfg.root:
+        raise FvlmError("data.source=demo needs data.root (a corpus written by `fvlm demo`)")
+    return read_demo_cases(Path(cfg.root), cfg, class_names, split)
+
+
+def load_cases(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[DenseCase]:
+    """Cases of ``split`` ("train" or "eval") from the configured source."""
+    if cfg.source == "samples":
+        cases = _samples(cfg, class_names)["train" if split == "train" else "eval"]
+    elif cfg.source == "shards":
+        cases = _shards(cfg, class_names, cfg.train_split if split == "train" else cfg.eval_split)
+    else:
+        cases = _demo(cfg, class_names, cfg.train_split if split == "train" else cfg.eval_split)
+    if cfg.spacing_mm:
+        cases = [_resample(c, cfg.spacing_mm) for c in cases]
+    return cases
+
+
+def sample_slices_split(n: int, holdout: tuple[int, int], gap: int) -> tuple[list[int], list[int]]:
+    """Train / held-out slice indices for a z-split with a gap (used by tests and baselines)."""
+    z0, z1 = holdout
+    held = list(range(z0, z1))
+    train = [z for z in range(n) if z < z0 - gap or z >= z1 + gap]
+    return train, held
+
+
+def _pad_to(a: np.ndarray, size: Sequence[int], value=0) -> np.ndarray:
+    pads = [(0, max(0, s - d)) for d, s in zip(a.shape, size)]
+    return np.pad(a, pads, constant_values=value) if any(p[1] for p in pads) else a
+
+
+def sample_crop(case: DenseCase, size: Sequence[int], rng: np.random.Generator, fg_prob: float = 0.7,
+                masks: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray], tuple]:
+    """A random crop of ``case`` of ``size`` (3 values: a 3D crop; 2 values: an axial-slice crop).
+
+    With probability ``fg_prob`` the crop is centred on a random foreground voxel (of the
+    label map or the extra ``masks``). Returns ``(image, label, cropped masks, origin)``.
+    """
+    vol, lab = case.image, case.label
+    fg_src = [m for m in masks if m.any()]
+    if lab is not None and lab.any():
+        fg_src.append(lab > 0)
+    centre = None
+    if fg_src and rng.random() < fg_prob:
+        m = fg_src[rng.integers(len(fg_src))]
+        pts = np.argwhere(m)
+        centre = pts[rng.integers(len(pts))]
+    if len(size) == 2:
+        z = int(centre[2]) if centre is not None else int(rng.integers(vol.shape[2]))
+        vol = vol[:, :, z]
+        lab = lab[:, :, z] if lab is not None else None
+        masks = [mk[:, :, z] for mk in masks]
+        if centre is not None:
+            centre = centre[:2]
+    vol = _pad_to(vol, size)
+    lab = _pad_to(lab, size) if lab is not None else None
+    masks = [_pad_to(mk, size) for mk in masks]
+    origin = []
+    for ax, s in enumerate(size):
+        hi = vol.shape[ax] - s
+        if centre is not None:
+            o = int(np.clip(int(centre[ax]) - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, hi))
+        else:
+            o = int(rng.integers(hi + 1))
+        origin.append(o)
+    sl = tuple(slice(o, o + s) for o, s in zip(origin, size))
+    return (vol[sl], lab[sl] if lab is not None else None, [mk[sl] for mk in masks], tuple(origin))

@@ -1,0 +1,223 @@
+"""Evaluation of dense models (``fvlm dense eval``): per-class Dice/IoU, grounding.
+
+Writes ``dense_eval.json`` (``fvlm-dense-eval`` v1, docs/FORMATS.md "Dense eval
+results") and ``dense_eval.md`` (the same numbers as Markdown tables).
+
+- ``seg`` models: argmax over background + classes, sliding windows over whole volumes
+  (3D) or whole axial slices (2D).
+- ``text`` models: one prompt per class (its phrase, or ``eval.paraphrases``), mask =
+  sigmoid > ``eval.threshold``; classes are marked seen/unseen in training.
+- cases with findings (demo lesions): pointing game and Dice/IoU of the finding text's
+  heatmap against the lesion mask, with the pointing game's chance level.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import FvlmError
+from .data import DenseCase
+from .metrics import (SegmentationMeter, binary_dice_iou, confusion_counts, dice_iou_from_counts, nanmean,
+                      pointing_chance, pointing_game, _num)
+
+__all__ = ["predict_case", "prompt_heatmaps", "evaluate_model", "write_eval", "markdown_report",
+           "FORMAT_NAME", "FORMAT_VERSION", "body_mask"]
+
+FORMAT_NAME = "fvlm-dense-eval"
+FORMAT_VERSION = 1
+log = logging.getLogger("fvlm.dense")
+
+
+def _roi(model) -> tuple:
+    return tuple(model.encoder.img_size)
+
+
+def _inputs(model, case: DenseCase):
+    """The case as a batch for the model: ``(1, 1, X, Y, Z)`` for 3D, ``(Z, 1, X, Y)`` for 2D (axial slices)."""
+    import torch
+
+    v = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
+    if model.spatial_dims == 3:
+        return v[None, None]
+    return v.permute(2, 0, 1)[:, None]
+
+
+def _outputs(model, logits):
+    """Back to ``(K, X, Y, Z)``."""
+    if model.spatial_dims == 3:
+        return logits[0]
+    return logits.permute(1, 2, 3, 0)
+
+
+def predict_case(model, case: DenseCase, overlap: float = 0.25, sw_batch_size: int = 2) -> np.ndarray:
+    """``seg`` model: the predicted label map ``(X, Y, Z)`` (uint8) of one case."""
+    from .model import sliding_predict
+
+    logits = sliding_predict(model, _inputs(model, case), _roi(model), overlap=overlap, sw_batch_size=sw_batch_size)
+    return _outputs(model, logits).argmax(0).numpy().astype(np.uint8)
+
+
+def prompt_heatmaps(model, case_or_image, text_emb, overlap: float = 0.25, sw_batch_size: int = 2) -> np.ndarray:
+    """``text`` model: sigmoid heatmaps ``(K, X, Y, Z)`` (3D or stacked slices) for prompt embeddings ``(K, T, E)``."""
+    import torch
+
+    from .model import sliding_predict
+
+    case = case_or_image if isinstance(case_or_image, DenseCase) else DenseCase("image", case_or_image, None)
+    logits = sliding_predict(model, _inputs(model, case), _roi(model), text=text_emb, overlap=overlap,
+                             sw_batch_size=sw_batch_size)
+    return torch.sigmoid(_outputs(model, logits)).numpy()
+
+
+def body_mask(image: np.ndarray, level: float = 0.2) -> np.ndarray:
+    """Voxels brighter than ``level`` of the windowed image (~ -850 HU in the default window): the body."""
+    from scipy import ndimage as ndi
+
+    m = image > level
+    return ndi.binary_fill_holes(m) if m.ndim == 2 else m
+
+
+def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text_encoder=None,
+                   class_phrases: dict | None = None) -> dict:
+    """Per-class Dice/IoU (and grounding metrics when cases have findings) as a JSON-ready dict."""
+    names = list(model.class_names)
+    meter = SegmentationMeter(names)
+    result: dict = {"task": model.task, "classes": names}
+    per_case = []
+    ground = {"hits": 0, "n": 0, "chance": [], "chance_body": [], "dice": [], "iou": [], "cases": []}
+    bank = None
+    if model.task == "text":
+        from .train import PromptBank
+
+        if text_encoder is None:
+            raise FvlmError("evaluating a text head needs its text encoder")
+        bank = PromptBank(text_encoder, info.get("meta", {}).get("templates", ["{}"]))
+        phrases = dict(class_phrases or info.get("meta", {}).get("class_phrases", {}))
+        for c in names:
+            phrases.setdefault(c, c.replace("_", " "))
+        phrases.update({k: v for k, v in (eval_cfg.paraphrases or {}).items() if k in names})
+        unseen = set(info.get("meta", {}).get("unseen_classes", []))
+        result["prompts"] = {c: phrases[c] for c in names}
+        result["seen_in_training"] = {c: c not in unseen for c in names}
+    for case in cases:
+        if model.task == "seg":
+            if case.label is None:
+                continue
+            pred = predict_case(model, case, eval_cfg.overlap, eval_cfg.sw_batch_size)
+            d, i = meter.update(pred, case.label, case.case_id)
+        else:
+            if case.label is not None:
+                emb = bank([phrases[c] for c in names])
+                heat = prompt_heatmaps(model, case, emb, eval_cfg.overlap, eval_cfg.sw_batch_size)
+                counts = np.zeros((len(names) + 1, 3), np.int64)
+                for k in range(len(names)):
+                    counts[k + 1] = confusion_counts(heat[k] > eval_cfg.threshold, case.label == k + 1, 2)[1]
+                meter.counts += counts
+                d, i = dice_iou_from_counts(counts)
+                d, i = d[1:], i[1:]
+                meter.case_dice.append(d)
+                meter.case_iou.append(i)
+                meter.case_ids.append(case.case_id)
+            else:
+                d = i = None
+            if case.findings:
+                _ground_case(model, bank, case, eval_cfg, ground)
+        if d is not None:
+            per_case.append({"case_id": case.case_id, "dice": {n: _num(v) for n, v in zip(names, d)},
+                             "iou": {n: _num(v) for n, v in zip(names, i)}})
+    if meter.case_ids:
+        result.update(meter.summary())
+    else:
+        result.update({"per_class": {}, "mean": {}, "n_cases": 0})
+    if model.task == "text" and meter.case_ids:
+        for c in names:
+            result["per_class"][c]["seen_in_training"] = result["seen_in_training"][c]
+        for tag, flag in (("mean_seen", True), ("mean_unseen", False)):
+            sel = [v for c, v in result["per_class"].items() if result["seen_in_training"][c] == flag]
+            result[tag] = {m: _num(nanmean([v[m] for v in sel])) for m in ("dice", "iou")} if sel else None
+    result["cases"] = per_case
+    if ground["n"]:
+        result["grounding"] = {
+            "n_findings": ground["n"], "pointing_hits": ground["hits"],
+            "pointing_game": _num(ground["hits"] / ground["n"]),
+            "chance": _num(float(np.mean(ground["chance"]))),
+            "chance_body": _num(float(np.mean(ground["chance_body"]))),
+            "tolerance_voxels": eval_cfg.tolerance, "threshold": eval_cfg.threshold,
+            "dice": _num(nanmean(ground["dice"])), "iou": _num(nanmean(ground["iou"])),
+            "findings": ground["cases"]}
+    return result
+
+
+def _ground_case(model, bank, case: DenseCase, eval_cfg, acc: dict) -> None:
+    texts = [f.text for f in case.findings]
+    heat = prompt_heatmaps(model, case, bank(texts), eval_cfg.overlap, eval_cfg.sw_batch_size)
+    body = body_mask(case.image)
+    for f, h in zip(case.findings, heat):
+        if not f.mask.any():
+            continue
+        hit = pointing_game(h, f.mask, eval_cfg.tolerance, candidates=body)
+        d, i = binary_dice_iou(h > eval_cfg.threshold, f.mask)
+        acc["hits"] += int(hit)
+        acc["n"] += 1
+        acc["chance"].append(pointing_chance(f.mask, eval_cfg.tolerance))
+        acc["chance_body"].append(pointing_chance(f.mask, eval_cfg.tolerance, body))
+        acc["dice"].append(d)
+        acc["iou"].append(i)
+        peak = np.unravel_index(int(np.argmax(np.where(body, h, -np.inf))), h.shape)
+        acc["cases"].append({"case_id": case.case_id, "text": f.text, "hit": hit, "dice": _num(d), "iou": _num(i),
+                             "peak_voxel": [int(p) for p in peak], "max_heat": _num(float(h.max()))})
+
+
+def write_eval(result: dict, out_dir: str | Path, checkpoint: str, data: dict, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write ``dense_eval.json`` + ``dense_eval.md`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "checkpoint": str(checkpoint), "data": data, **result, **(extra or {})}
+    jp = out / "dense_eval.json"
+    jp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    mp = out / "dense_eval.md"
+    mp.write_text(markdown_report(doc), encoding="utf-8")
+    return jp, mp
+
+
+def _f(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def markdown_report(doc: dict) -> str:
+    lines = [f"# Dense evaluation ({doc.get('task')})", "",
+             f"checkpoint: `{doc.get('checkpoint')}`  ", f"data: {doc.get('data')}  ",
+             f"cases: {doc.get('n_cases', 0)}", ""]
+    pc = doc.get("per_class") or {}
+    if pc:
+        text = doc.get("task") == "text"
+        head = "| class | " + ("prompt | seen | " if text else "") + "Dice | IoU | Dice (pooled) | IoU (pooled) | cases | voxels |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for c, v in pc.items():
+            extra = f"{doc['prompts'][c]} | {'yes' if v.get('seen_in_training') else 'no'} | " if text else ""
+            lines.append(f"| {c} | {extra}{_f(v['dice'])} | {_f(v['iou'])} | {_f(v['dice_global'])} | "
+                         f"{_f(v['iou_global'])} | {v['n_cases']} | {v['support_voxels']} |")
+        m = doc.get("mean", {})
+        lines += ["", f"mean Dice {_f(m.get('dice'))}, mean IoU {_f(m.get('iou'))} "
+                      f"(over classes with a defined score; pooled: Dice {_f(m.get('dice_global'))}, IoU {_f(m.get('iou_global'))})"]
+        for tag in ("mean_seen", "mean_unseen"):
+            if doc.get(tag):
+                lines.append(f"{tag.replace('_', ' ')}: Dice {_f(doc[tag]['dice'])}, IoU {_f(doc[tag]['iou'])}")
+    for name, b in (doc.get("baselines") or {}).items():
+        lines.append(f"baseline {name}: mean Dice {_f(b.get('dice'))}, mean IoU {_f(b.get('iou'))}")
+    g = doc.get("grounding")
+    if g:
+        lines += ["", "## Grounding", "",
+                  "| findings | pointing game | chance (image) | chance (body) | Dice | IoU |",
+                  "|---|---|---|---|---|---|",
+                  f"| {g['n_findings']} | {_f(g['pointing_game'])} ({g['pointing_hits']}/{g['n_findings']}) | "
+                  f"{_f(g['chance'])} | {_f(g['chance_body'])} | {_f(g['dice'])} | {_f(g['iou'])} |"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,258 @@
+"""Training of the dense heads (``fvlm dense train``).
+
+- ``seg`` head: softmax over background + the anatomy classes, Dice + cross-entropy
+  (or focal) on random crops (3D) or axial-slice crops (2D).
+- ``text`` head: prompts are class phrases and finding texts; mixed supervision
+  (:class:`fvlm.losses.dense.MixedSupervisionLoss`): full masks for anatomies and
+  lesions, image-level labels (present / absent) for every prompt, and report
+  sentences constrained to lie inside their anatomy. ``train.unseen_classes`` are
+  never prompted, so evaluation can measure zero-shot transfer to them.
+
+Writes ``dense.pt`` (dense checkpoint), ``config.yaml``, ``train_log.jsonl`` and
+``train.log`` into the output directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import FvlmError
+from .config import DenseConfig
+from .data import DenseCase, class_names_for, class_prompts, load_cases, sample_crop
+
+__all__ = ["train_dense", "resolve_device", "PromptBank"]
+
+log = logging.getLogger("fvlm.dense")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FvlmError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+class PromptBank:
+    """Embeds prompt phrases once (frozen text encoder) -> ``(T, E)`` per phrase, T = templates."""
+
+    def __init__(self, text_encoder, templates: Sequence[str]):
+        self.enc = text_encoder
+        self.templates = list(templates)
+        self.cache: dict = {}
+
+    @property
+    def dim(self) -> int:
+        return self.enc.embed_dim
+
+    def __call__(self, phrases: Sequence[str]):
+        import torch
+
+        todo = [p for p in dict.fromkeys(phrases) if p not in self.cache]
+        if todo:
+            texts = [t.format(p) if "{}" in t else f"{t} {p}" for p in todo for t in self.templates]
+            with torch.no_grad():
+                e = self.enc.encode(texts).float().cpu()
+            e = e.reshape(len(todo), len(self.templates), -1)
+            for p, v in zip(todo, e):
+                self.cache[p] = v
+        return torch.stack([self.cache[p] for p in phrases])  # (K, T, E)
+
+
+def _check_size(cfg: DenseConfig, sd: int):
+    if len(cfg.model.img_size) != sd or len(cfg.model.patch_size) != sd:
+        raise FvlmError(f"encoder {cfg.model.encoder} is {sd}D: model.img_size and model.patch_size need "
+                        f"{sd} values, got {cfg.model.img_size} and {cfg.model.patch_size}")
+
+
+def _optimizer(model, cfg: DenseConfig):
+    import torch
+
+    enc = [p for p in model.encoder.parameters() if p.requires_grad]
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": cfg.train.lr}]
+    if enc:
+        groups.append({"params": enc, "lr": cfg.train.encoder_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+
+
+def _schedule(opt, steps: int):
+    import torch
+
+    warm = max(1, steps // 20)
+
+    def f(i):
+        if i < warm:
+            return (i + 1) / warm
+        return 0.5 * (1 + np.cos(np.pi * min(1.0, (i - warm) / max(1, steps - warm)))) * 0.95 + 0.05
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def text_encoder_for(cfg: DenseConfig):
+    from ..encoders import TextEncoder
+
+    return TextEncoder(cfg.model.text_model_dir)
+
+
+def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases: list[DenseCase] | None = None) -> dict:
+    """Train a dense model as configured; returns a summary with the checkpoint path."""
+    import torch
+
+    from ..config import dump_config
+    from ..progress import progress
+    from .model import build_dense_model, save_dense
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    rng = np.random.default_rng(cfg.train.seed)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    dev = resolve_device(cfg.train.device)
+
+    class_names = class_names_for(cfg.data)
+    if cases is None:
+        cases = load_cases(cfg.data, class_names, "train")
+    if not cases:
+        raise FvlmError("no training cases")
+    text = None
+    if cfg.model.head == "text":
+        text = PromptBank(text_encoder or text_encoder_for(cfg), cfg.model.templates)
+    model = build_dense_model(cfg.model, class_names, text.dim if text else None).to(dev)
+    _check_size(cfg, model.spatial_dims)
+    unseen = set(cfg.train.unseen_classes)
+    bad = sorted(unseen - set(class_names))
+    if bad:
+        raise FvlmError(f"train.unseen_classes: {', '.join(bad)} are not among the classes ({', '.join(class_names)})")
+    opt = _optimizer(model, cfg)
+    sched = _schedule(opt, cfg.train.steps)
+    if cfg.model.head == "seg":
+        from ..losses.dense import DiceCELoss
+
+        loss_fn = DiceCELoss(focal_gamma=cfg.train.focal_gamma if cfg.train.loss == "dice_focal" else 0.0)
+    else:
+        from ..losses.dense import MixedSupervisionLoss
+
+        loss_fn = MixedSupervisionLoss(label_weight=cfg.train.label_weight, focal_gamma=cfg.train.focal_gamma)
+    phrases = class_prompts(cfg.data, class_names)
+    size = tuple(cfg.model.img_size)
+    history = []
+    t0 = time.time()
+    model.train()
+    logf = open(out / "train_log.jsonl", "w", encoding="utf-8")
+    try:
+        for step in progress(range(cfg.train.steps), desc="dense train", unit="step"):
+            crops = [_crop(cases[rng.integers(len(cases))], size, rng, cfg.train.foreground_crop)
+                     for _ in range(cfg.train.batch_size)]
+            x = torch.from_numpy(np.stack([c["image"] for c in crops]))[:, None].to(dev)
+            if cfg.model.head == "seg":
+                y = torch.from_numpy(np.stack([c["label"] for c in crops]).astype(np.int64)).to(dev)
+                logits = model(x)
+                parts = {"loss": loss_fn(logits, y)}
+            else:
+                batch = _text_batch(crops, class_names, phrases, unseen, cfg.train.prompts_per_step, rng)
+                emb = text(batch["prompts"]).to(dev)  # (B*K, T, E)
+                b, k = len(crops), batch["k"]
+                emb = emb.reshape(b, k, *emb.shape[1:])
+                logits = model(x, emb)
+                parts = loss_fn(logits, batch["mask"].to(dev), batch["weight"].to(dev), batch["full"].to(dev),
+                                batch["label"].to(dev))
+            opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            row = {"step": step + 1, **{k: round(float(v.detach()), 5) for k, v in parts.items()}}
+            history.append(row)
+            logf.write(json.dumps(row) + "\n")
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                recent = np.mean([h["loss"] for h in history[-cfg.train.log_every:]])
+                log.info("step %d/%d loss %.4f (%.1f s)", step + 1, cfg.train.steps, recent, time.time() - t0)
+    finally:
+        logf.close()
+    meta = {"steps": cfg.train.steps, "seconds": round(time.time() - t0, 1), "final_loss": history[-1]["loss"],
+            "data_source": cfg.data.source, "spacing_mm": list(cases[0].spacing_mm), "window": list(cfg.data.window),
+            "unseen_classes": sorted(unseen), "class_phrases": phrases, "templates": list(cfg.model.templates),
+            "anatomy_set": cfg.data.anatomy_set, "pretrained": cfg.model.pretrained}
+    ckpt = save_dense(out / "dense.pt", model.cpu(), cfg.model, text.enc.identity if text else None,
+                      text.dim if text else None, meta)
+    log.info("wrote %s", ckpt)
+    return {"checkpoint": str(ckpt), "final_loss": history[-1]["loss"], "first_loss": history[0]["loss"],
+            "seconds": meta["seconds"]}
+
+
+def _crop(case: DenseCase, size, rng, fg_prob) -> dict:
+    masks = [f.mask for f in case.findings]
+    img, lab, fm, _ = sample_crop(case, size, rng, fg_prob, masks)
+    return {"image": img.astype(np.float32), "label": lab if lab is not None else np.zeros(img.shape, np.uint8),
+            "findings": [(f.text, m) for f, m in zip(case.findings, fm)], "case": case}
+
+
+def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_step: int, rng) -> dict:
+    """Prompts and targets for one step of the text head.
+
+    Every sample of the batch gets the same number of prompts ``K``: a shuffled subset of
+    the seen class phrases (shared), then one finding slot per sample filled with its own
+    finding (a full mask) or, if it has none in the crop, with a finding text of another
+    sample (whose absence here is known: a negative with an all-zero mask).
+    """
+    import torch
+
+    seen = [i for i, c in enumerate(class_names) if c not in unseen]
+    present = set()
+    for c in crops:
+        present |= {int(v) - 1 for v in np.unique(c["label"]) if v > 0}
+    # prefer classes present in the batch so most prompts carry a mask, keep some absent ones
+    pres = [i for i in seen if i in present]
+    absent = [i for i in seen if i not in present]
+    rng.shuffle(pres)
+    rng.shuffle(absent)
+    n_abs = min(len(absent), max(1, per_step // 4))
+    chosen = (pres[:per_step - n_abs] + absent[:n_abs])[:per_step]
+    chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    pool = [t for c in crops for t, m in c["findings"]]
+    has_findings = bool(pool)
+    b = len(crops)
+    shape = crops[0]["image"].shape
+    k = len(chosen) + (1 if has_findings else 0)
+    mask = np.zeros((b, k, *shape), np.float32)
+    weight = np.ones((b, k, *shape), np.float32)
+    full = np.ones((b, k), bool)
+    label = np.zeros((b, k), np.float32)
+    prompts = []
+    for bi, c in enumerate(crops):
+        for j, ci in enumerate(chosen):
+            m = c["label"] == ci + 1
+            mask[bi, j] = m
+            label[bi, j] = float(m.any())
+            prompts.append(phrases[class_names[ci]])
+        if has_findings:
+            own = [(t, m) for t, m in c["findings"] if m.any()]
+            if own:
+                t, m = own[rng.integers(len(own))]
+                mask[bi, -1] = m
+                label[bi, -1] = 1.0
+            else:
+                mine = {t for t, _ in c["findings"]}
+                others = [t for t in pool if t not in mine]
+                if others:
+                    t = others[rng.integers(len(others))]
+                elif c["findings"]:  # its own finding, outside this crop: absent from the crop
+                    t = c["findings"][0][0]
+                else:
+                    t = pool[rng.integers(len(pool))]
+                    full[bi, -1] = False  # unknown whether this text applies here
+                    weight[bi, -1] = 0.0
+                    label[bi, -1] = -1.0
+            prompts.append(t)
+    return {"prompts": prompts, "k": k, "mask": torch.from_numpy(mask), "weight": torch.from_numpy(weight),
+            "full": torch.from_numpy(full), "label": torch.from_numpy(label)}
