@@ -1,0 +1,100 @@
+"""``fvlm predict``: zero-shot diagnosis scores for one scan, preprocessed in memory."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "score one CT scan zero-shot (preprocessing in memory, no shards); calls with tuned thresholds"
+DESCRIPTION = (HELP + ". Thresholds: --thresholds RESULTS.json from `fvlm zeroshot` of the same checkpoint, "
+               "or the thresholds the checkpoint carries; without either only scores are printed.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="consolidated checkpoint")
+    p.add_argument("--image", required=True, metavar="scan.nii.gz", help="CT volume (NIfTI file or DICOM folder)")
+    p.add_argument("--mask", metavar="seg.nii.gz",
+                   help="multilabel TotalSegmentator mask (default: run TotalSegmentator if installed)")
+    p.add_argument("--mask-dir", metavar="DIR", help="folder of per-class masks <class>.nii.gz")
+    p.add_argument("--taxonomy", metavar="NAME|FILE.yaml",
+                   help="diagnoses to score (default: the checkpoint's taxonomy, else fvlm54)")
+    p.add_argument("--thresholds", metavar="RESULTS.json",
+                   help="results.json (or its directory) of `fvlm zeroshot` for this checkpoint")
+    p.add_argument("--preprocess-config", action="append", metavar="FILE.yaml",
+                   help="preprocess config (default: the one embedded in the checkpoint, else the defaults)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    p.add_argument("--out", metavar="FILE.json", help="also write the predictions as JSON")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _preprocess_config(args, meta: dict):
+    from preprocess.config import PreprocessConfig
+
+    from ..config import build, load_config
+
+    if args.preprocess_config:
+        return load_config(PreprocessConfig, files=args.preprocess_config), "file"
+    emb = meta.get("preprocess")
+    if isinstance(emb, dict):
+        known = {f for f in PreprocessConfig.__dataclass_fields__}
+        return build(PreprocessConfig, {k: v for k, v in emb.items() if k in known}), "checkpoint"
+    return PreprocessConfig(), "defaults"
+
+
+def run(args) -> int:
+    import time
+
+    import torch
+
+    from .. import __version__
+    from ..errors import FvlmError
+    from ..eval import loading
+    from ..eval.embed import file_sha256
+    from ..eval.predict import (PREDICTIONS_FORMAT, PREDICTIONS_VERSION, Scoring, predict_record,
+                                preprocess_in_memory, scoring_from_meta, scoring_from_results)
+    from ..eval.report import read_results, write_json
+
+    t0 = time.time()
+    sha = file_sha256(args.checkpoint) if Path(args.checkpoint).is_file() else None
+    model, meta, make_batch = loading.load_model(args.checkpoint, args.device)
+    if args.thresholds:
+        scoring = scoring_from_results(read_results(args.thresholds), sha)
+    else:
+        scoring = scoring_from_meta(meta) or Scoring()
+    tax_name = args.taxonomy or meta.get("taxonomy") or "fvlm54"
+    if isinstance(tax_name, dict):
+        tax_name = tax_name.get("name") or "fvlm54"
+    tax = loading.load_taxonomy(tax_name)
+    pcfg, pcfg_src = _preprocess_config(args, meta)
+    if set(getattr(model, "names", []) or []) == {"global"} and not (args.mask or args.mask_dir):
+        pcfg.masks.source = "none"  # a global-only model needs no anatomy masks
+    rec = preprocess_in_memory(args.image, args.mask, args.mask_dir, pcfg)
+    with torch.inference_mode():
+        rows = predict_record(model, make_batch, rec, tax, scoring)
+    if not rows:
+        raise FvlmError(f"no diagnosis of taxonomy {tax_name!r} can be scored by this model "
+                        "(its anatomies do not match the model's)")
+    doc = {"format": PREDICTIONS_FORMAT, "version": PREDICTIONS_VERSION, "fvlm_version": __version__,
+           "image": str(args.image), "checkpoint": {"path": str(args.checkpoint), "sha256": sha},
+           "taxonomy": str(tax_name), "thresholds_source": scoring.source,
+           "scoring": {"rule": scoring.rule, "prompts": scoring.prompts, "logit_scale": scoring.logit_scale,
+                       "clip_baseline": scoring.clip_baseline},
+           "preprocess_config": pcfg_src, "anatomies_present": dict(rec.present),
+           "mask_source": (rec.meta or {}).get("mask_source"),
+           "seconds": round(time.time() - t0, 3), "predictions": rows}
+    if args.out:
+        write_json(args.out, doc)
+    if args.json:
+        print(json.dumps(doc, ensure_ascii=False, indent=1))
+        return 0
+    w = max(len(r["id"]) for r in rows)
+    print(f"{'diagnosis':<{w}}  {'anatomy':<16} {'score':>7}  {'threshold':>9}  call")
+    for r in rows:
+        thr = "-" if r["threshold"] is None else f"{r['threshold']:.4f}"
+        call = r["call"] or ("anatomy not in scan" if not r["anatomy_present"] else "-")
+        print(f"{r['id']:<{w}}  {r['anatomy']:<16} {r['score']:>7.4f}  {thr:>9}  {call}")
+    if scoring.source == "none":
+        print("(no thresholds: scores only; pass --thresholds results.json from `fvlm zeroshot` of this checkpoint)")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
