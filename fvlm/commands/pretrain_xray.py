@@ -1,0 +1,120 @@
+"""``fvlm pretrain-xray``: masked image modelling (MAE / GMML) on 2D chest radiographs."""
+from __future__ import annotations
+
+import argparse
+
+from ..cli import shorthand
+from ..xray.config import XrayPretrainConfig
+
+HELP = "pretrain a 2D ViT on chest radiographs by masked image modelling (MAE, context-aware MAE, GMML)"
+DESCRIPTION = (
+    "Masked image modelling on chest X-rays with the shared encoder (spatial_dims=2), trained with DeepSpeed. "
+    "MAE hides patches from the encoder (random, or context-aware with a higher ratio inside the chest "
+    "contour); GMML corrupts blocks of patches and reconstructs them. Writes metrics.jsonl, PNG grids, "
+    "DeepSpeed checkpoints and encoder.pt (fvlm-xray-encoder) to train.out_dir. With --linear-probe, "
+    "probes frozen features on labelled images (after training, or alone with --probe-only).")
+SCHEMA = XrayPretrainConfig
+DEFAULT_CONFIG = "xray/default.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    shorthand(p, "--data", "data.source", "folder or manifest of radiographs ('samples/...' = shipped samples)")
+    shorthand(p, "--out", "train.out_dir", "output folder")
+    shorthand(p, "--steps", "train.steps", "optimizer steps", type=int)
+    shorthand(p, "--linear-probe", "probe.labels", "labels CSV for a linear probe on frozen features",
+              metavar="LABELS.csv")
+    p.add_argument("--probe-only", action="store_true",
+                   help="skip training; probe the encoder given by --encoder (or out_dir/encoder.pt)")
+    p.add_argument("--encoder", metavar="ENCODER.pt", default=None,
+                   help="encoder checkpoint (fvlm-xray-encoder) for --probe-only")
+    p.add_argument("--build-cache", action="store_true",
+                   help="only build the h5 cache named by data.cache and exit")
+
+
+def _resolve_source(src: str) -> str:
+    from pathlib import Path
+
+    from ..errors import FvlmError
+    from ..resources import samples_dir
+
+    if not src:
+        raise FvlmError("no training data: give --data FOLDER_OR_MANIFEST (or data.source in a config)")
+    p = Path(src)
+    if p.exists():
+        return str(p)
+    if p.parts and p.parts[0] == "samples" and (samples_dir().parent / p).exists():
+        return str(samples_dir().parent / p)
+    raise FvlmError(f"data source not found: {src}")
+
+
+def run(args) -> int:
+    import json
+    import logging
+    from pathlib import Path
+
+    import torch
+
+    from ..cli import resolve_config
+    from ..config import dump_config
+    from ..errors import FvlmError
+    from ..logs import setup_logging
+    from ..models.xray_mae import build_xray_mae
+    from ..xray.batch import XrayCollate, XrayPretrainTask
+    from ..xray.data import XrayDataset, build_cache
+
+    cfg = resolve_config(args)
+    out = Path(cfg.train.out_dir)
+    log = setup_logging(out, "pretrain_xray", quiet=getattr(args, "quiet", False))
+    dump_config(cfg, out / "config.yaml")
+    d = cfg.data
+
+    if args.probe_only:
+        if not cfg.probe.labels:
+            raise FvlmError("--probe-only needs --linear-probe LABELS.csv")
+        return _probe(cfg, Path(args.encoder) if args.encoder else out / "encoder.pt", log)
+
+    source = _resolve_source(d.source) if (d.source or not d.cache) else None
+    if d.cache and (args.build_cache or not Path(d.cache).is_file()):
+        if source is None:
+            raise FvlmError(f"cache {d.cache} does not exist; give data.source to build it")
+        summary = build_cache(source, d.cache, d.size, d.orientation, d.normalize, d.contour, d.use_window,
+                              d.cache_dtype)
+        log.info("cache %s: %d images, %d skipped", summary["path"], summary["written"], len(summary["skipped"]))
+        if args.build_cache:
+            return 0
+    elif args.build_cache:
+        raise FvlmError("--build-cache needs data.cache (a .h5 path)")
+
+    ds = XrayDataset(source, size=d.size, orientation=d.orientation, normalize=d.normalize, contour=d.contour,
+                     use_window=d.use_window, cache=d.cache, flip=d.flip)
+    log.info("%d radiographs at %d px; %s masking (%s)", len(ds), d.size, cfg.mask.method,
+             cfg.mask.strategy if cfg.mask.method == "mae" else cfg.mask.gmml_corruption)
+    torch.manual_seed(cfg.train.seed)
+    model = build_xray_mae(cfg.model, img_size=d.size)
+    task = XrayPretrainTask(model, cfg.mask)
+    from ..xray.engine import fit
+
+    res = fit(task, ds, XrayCollate(cfg.mask, cfg.model.patch_size), cfg)
+    if ds.bad:
+        log.warning("%d image(s) skipped as unreadable; see the log", len(ds.bad))
+    summary = {"steps": res["steps"], "first_loss": res["losses"][0] if res["losses"] else None,
+               "last_loss": res["losses"][-1] if res["losses"] else None, "skipped": sorted(
+                   str(ds.entries[i].path) for i in ds.bad)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    log.info("done: %s", json.dumps(summary))
+    if cfg.probe.labels:
+        return _probe(cfg, out / "encoder.pt", log)
+    return 0
+
+
+def _probe(cfg, encoder_path, log) -> int:
+    import json
+    from pathlib import Path
+
+    from ..xray.probe import linear_probe, write_probe_report
+
+    res = linear_probe(encoder_path, cfg.probe.labels, cfg.data, cfg.probe)
+    out = Path(cfg.train.out_dir)
+    write_probe_report(res, out / "probe.json", out / "probe.md")
+    log.info("linear probe: %s", json.dumps({k: v.get("auc") for k, v in res["labels"].items()}))
+    return 0

@@ -1,0 +1,1 @@
+"""2D chest X-ray pretraining: masking strategies, chest contour, radiograph loading."""

@@ -1,0 +1,125 @@
+"""Typed config of ``fvlm pretrain-xray`` (defaults in ``configs/xray/default.yaml``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import opt
+from ..errors import ConfigError
+
+__all__ = ["XrayDataConfig", "XrayModelConfig", "XrayMaskConfig", "XrayTrainConfig", "XrayProbeConfig",
+           "XrayPretrainConfig"]
+
+
+@dataclass
+class XrayDataConfig:
+    source: str = opt("", "folder of PNG/JPEG/DICOM radiographs, or a CSV/JSONL/TXT manifest (column 'image')")
+    size: int = opt(224, "square input size in pixels (aspect kept, padded); 224 .. 1280")
+    orientation: Literal["manifest", "auto", "none"] = opt(
+        "manifest", "rotation to upright: manifest column rotate/rotated_90 (auto-detected when absent), "
+                    "always auto-detect, or none")
+    normalize: Literal["percentile", "minmax", "none"] = opt("percentile", "contrast normalisation per image")
+    contour: Literal["auto", "box", "mask", "none"] = opt(
+        "auto", "chest contour: intensity thresholding (or the manifest's mask), central box, mask required, none")
+    use_window: bool = opt(True, "apply the DICOM VOI window (WindowCenter/Width) when the file has one")
+    cache: str | None = opt(None, "h5 cache (fvlm-xray-cache) read instead of the images; built if missing")
+    cache_dtype: Literal["uint8", "uint16"] = opt("uint16", "pixel type in the h5 cache")
+    flip: bool = opt(False, "random horizontal flips")
+    num_workers: int = opt(0, "DataLoader worker processes")
+
+
+@dataclass
+class XrayModelConfig:
+    encoder: str = opt("vit2d_tiny", "2D encoder name from the registry (fvlm.encoders.list_encoders())")
+    patch_size: int = opt(16, "square patch size in pixels")
+    in_chans: int = opt(1, "input channels")
+    decoder_dim: int = opt(256, "MAE decoder width")
+    decoder_depth: int = opt(4, "MAE decoder blocks")
+    decoder_heads: int = opt(8, "MAE decoder attention heads")
+    grad_checkpointing: bool = opt(False, "recompute encoder/decoder blocks in backward to save memory")
+    pixel_mean: float = opt(0.5, "input standardisation: mean of the [0, 1] pixels")
+    pixel_std: float = opt(0.25, "input standardisation: std of the [0, 1] pixels")
+    encoder_kwargs: dict = opt({}, "extra keyword arguments for create_encoder (e.g. pos_embed: learned)")
+
+
+@dataclass
+class XrayMaskConfig:
+    method: Literal["mae", "gmml"] = opt("mae", "mae: hide patches from the encoder; gmml: corrupt blocks, "
+                                                "encoder sees all")
+    strategy: Literal["random", "context", "box"] = opt(
+        "random", "MAE masking: uniform random, context-aware on the chest contour, or context-aware on the "
+                  "fixed central box")
+    ratio: float = opt(0.75, "mask ratio of the random strategy")
+    ratio_inside: float = opt(0.95, "context-aware: mask ratio inside the chest")
+    ratio_outside: float = opt(0.85, "context-aware: mask ratio outside the chest")
+    region_min_frac: float = opt(0.5, "a patch counts as inside the chest when this fraction of it is")
+    box_frac: list[float] = opt([0.7, 0.8], "central box (height, width) as fractions of the image")
+    box_center: list[float] = opt([0.45, 0.5], "central box centre (row, col) as fractions")
+    gmml_fraction: float = opt(0.5, "GMML: fraction of the patches corrupted")
+    gmml_corruption: Literal["noise", "zeros", "swap", "mixed"] = opt(
+        "mixed", "GMML: replace blocks by noise, zeros, another image of the batch, or one of those per image")
+    gmml_min_block: int = opt(4, "GMML: smallest block, in patches")
+    gmml_max_block: float = opt(0.25, "GMML: largest block, as a fraction of the patches")
+    norm_pix: bool = opt(True, "MAE: per-patch normalised pixel targets")
+    gmml_l1: bool = opt(True, "GMML: L1 (else squared) error on corrupted pixels")
+
+
+@dataclass
+class XrayTrainConfig:
+    out_dir: str = opt("runs/xray", "output folder: logs, PNG grids, checkpoints, resolved config")
+    steps: int = opt(1000, "optimizer steps")
+    batch_size: int = opt(8, "images per step per process (micro-batch)")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr: float = opt(1.5e-4, "peak learning rate (AdamW)")
+    min_lr: float = opt(0.0, "final learning rate of the cosine schedule")
+    warmup_steps: int = opt(50, "linear warm-up steps")
+    weight_decay: float = opt(0.05, "AdamW weight decay")
+    betas: list[float] = opt([0.9, 0.95], "AdamW betas")
+    grad_clip: float = opt(1.0, "gradient norm clip (0 = off)")
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "training precision (bf16/fp16 need a GPU)")
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage (0, 1, 2)")
+    deepspeed_config: str | None = opt(None, "DeepSpeed JSON to start from (keys set here override it)")
+    seed: int = opt(0, "random seed (data order, masks, init)")
+    log_every: int = opt(10, "log the loss every N steps")
+    vis_every: int = opt(100, "write a PNG grid (original / masked / reconstruction) every N steps (0 = off)")
+    ckpt_every: int = opt(500, "save a checkpoint every N steps and at the end (0 = end only)")
+    resume: bool = opt(True, "resume from the latest checkpoint in out_dir if there is one")
+
+
+@dataclass
+class XrayProbeConfig:
+    labels: str | None = opt(None, "CSV of labelled images for a frozen-feature linear probe after training")
+    label_column: str = opt("finding_labels", "column with '|'-separated findings (NIH style); "
+                                              "or 'columns' for one 0/1 column per label")
+    min_positives: int = opt(2, "probe only labels with at least this many positives and negatives")
+    folds: int = opt(0, "cross-validation folds (0 = leave-one-out)")
+    pool: Literal["mean", "cls"] = opt("mean", "feature readout: mean of patch tokens or the class token")
+
+
+@dataclass
+class XrayPretrainConfig:
+    data: XrayDataConfig = opt(XrayDataConfig(), "radiographs")
+    model: XrayModelConfig = opt(XrayModelConfig(), "encoder and MAE decoder")
+    mask: XrayMaskConfig = opt(XrayMaskConfig(), "masking strategy and loss")
+    train: XrayTrainConfig = opt(XrayTrainConfig(), "optimisation, logging, checkpoints")
+    probe: XrayProbeConfig = opt(XrayProbeConfig(), "linear probe on frozen features")
+
+    def __post_init__(self):
+        d, m, k, t = self.data, self.model, self.mask, self.train
+        if not 32 <= d.size <= 4096:
+            raise ConfigError(f"config key 'data.size' must be in 32..4096, got {d.size}")
+        if m.patch_size < 2 or d.size % m.patch_size:
+            raise ConfigError(f"config key 'data.size' ({d.size}) must be divisible by 'model.patch_size' "
+                              f"({m.patch_size})")
+        for key in ("ratio", "ratio_inside", "ratio_outside"):
+            v = getattr(k, key)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"config key 'mask.{key}' must be in [0, 1), got {v}")
+        if not 0.0 < k.gmml_fraction < 1.0:
+            raise ConfigError(f"config key 'mask.gmml_fraction' must be in (0, 1), got {k.gmml_fraction}")
+        if len(k.box_frac) != 2 or len(k.box_center) != 2:
+            raise ConfigError("config keys 'mask.box_frac' and 'mask.box_center' need two values (row, col)")
+        if t.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"config key 'train.zero_stage' must be 0, 1 or 2, got {t.zero_stage}")
+        if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
+            raise ConfigError("config keys 'train.steps', 'train.batch_size' and 'train.grad_accum' must be >= 1")
