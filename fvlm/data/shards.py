@@ -158,16 +158,16 @@ def write_shard(path: str | os.PathLike, layout: ShardLayout, records: Iterable[
         if layout.whole_shape:
             ws = tuple(int(s) for s in layout.whole_shape)
             dsets["volume"] = f.create_dataset("volume", (n, *ws), dtype="i2", chunks=(1, *ws),
-                                               fillvalue=AIR_HU, track_times=False, **fk)
+                                               maxshape=(None, *ws), fillvalue=AIR_HU, track_times=False, **fk)
             dsets["label_map"] = f.create_dataset("label_map", (n, *ws), dtype="u1", chunks=(1, *ws),
-                                                  fillvalue=0, track_times=False, **fk)
+                                                  maxshape=(None, *ws), fillvalue=0, track_times=False, **fk)
         gc = f.create_group("crops", track_order=False)
         gm = f.create_group("crop_masks", track_order=False)
         for a in layout.anatomies:
             cs = tuple(int(s) for s in layout.crop_shapes[a])
-            gc.create_dataset(a, (n, *cs), dtype="i2", chunks=(1, *cs), fillvalue=AIR_HU,
-                              track_times=False, **fk)
-            gm.create_dataset(a, (n, *cs), dtype="u1", chunks=(1, *cs), fillvalue=0,
+            gc.create_dataset(a, (n, *cs), dtype="i2", chunks=(1, *cs), maxshape=(None, *cs),
+                              fillvalue=AIR_HU, track_times=False, **fk)
+            gm.create_dataset(a, (n, *cs), dtype="u1", chunks=(1, *cs), maxshape=(None, *cs), fillvalue=0,
                               track_times=False, **fk)
         i = -1
         for i, rec in enumerate(records):

@@ -1,0 +1,379 @@
+"""The preprocessing job: plan, process (parallel, restartable), assemble shards, index, summary.
+
+Restart model. Every case result is first written atomically to a staging file
+(``.state/cases/<id>.npz``; failures to ``.state/errors/<id>.json``). A shard is
+assembled from the staged cases of its slot once all of them are resolved, into
+``<shard>.tmp`` and renamed; then its staging files go. A re-run skips shards that
+exist, skips staged cases, and re-assembles any shard left half-written. Shard contents
+depend only on the plan (manifest order, ``--shard-index/--num-shards``,
+``samples_per_shard``), never on worker timing, so an interrupted + resumed run
+produces the same bytes as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fvlm.anatomy import AnatomySet, load_anatomy_set
+from fvlm.data.shards import (CaseRecord, ShardLayout, read_index, write_dataset_info, write_index, write_shard,
+                              DATASET_INFO_NAME, INDEX_NAME)
+from fvlm.errors import FvlmError
+
+from .case import HU_HIST_EDGES, crop_shapes, process_case
+from .config import PreprocessConfig
+from .errors import CaseError
+from .inputs import CaseSpec
+from .qc import montage, qc_sample, write_summary
+
+__all__ = ["run_preprocess", "merge_parts", "build_layout", "plan_shards", "make_labeler"]
+
+log = logging.getLogger("fvlm.preprocess")
+
+
+def build_layout(cfg: PreprocessConfig, aset: AnatomySet) -> ShardLayout:
+    comp = None if cfg.shards.compression == "none" else cfg.shards.compression
+    return ShardLayout(anatomies=aset.ids, crop_shapes=crop_shapes(cfg, aset),
+                       whole_shape=tuple(cfg.whole.shape) if cfg.whole.enabled else None,
+                       compression=comp, compression_level=cfg.shards.compression_level, shuffle=True)
+
+
+def part_tag(i: int, n: int) -> str:
+    return f"{i:03d}-of-{n:03d}"
+
+
+def plan_shards(specs: list[CaseSpec], shard_index: int, num_shards: int, per_shard: int):
+    """This job's cases (every ``num_shards``-th, starting at ``shard_index``) in shard slots."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise FvlmError(f"--shard-index must be in 0..{num_shards - 1} (got {shard_index}, --num-shards {num_shards})")
+    mine = specs[shard_index::num_shards]
+    return [(f"shards/{shard_index:03d}-{k:05d}.h5", mine[s:s + per_shard])
+            for k, s in enumerate(range(0, len(mine), per_shard))]
+
+
+def make_labeler(cfg: PreprocessConfig):
+    """The report labeler when enabled and importable, else None (logged once)."""
+    if not cfg.reports.labeler:
+        return None
+    try:
+        from preprocess.reports import ReportLabeler
+    except ImportError as e:
+        log.info("report labeler not available (%s); shards get report text without silver labels", e)
+        return None
+    return ReportLabeler(cfg.reports.taxonomy)
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def _stage_paths(out: Path, case_id: str) -> tuple[Path, Path]:
+    return out / ".state" / "cases" / f"{case_id}.npz", out / ".state" / "errors" / f"{case_id}.json"
+
+
+def _save_staged(path: Path, rec: CaseRecord) -> None:
+    arrays = {}
+    if rec.volume is not None:
+        arrays["volume"] = rec.volume
+        arrays["label_map"] = rec.label_map
+    for a, c in rec.crops.items():
+        arrays[f"crop__{a}"] = c
+        arrays[f"mask__{a}"] = rec.crop_masks[a]
+    head = {"case_id": rec.case_id, "patient_id": rec.patient_id, "split": rec.split,
+            "spacing_mm": list(rec.spacing_mm), "present": rec.present, "report": rec.report,
+            "anatomy_text": rec.anatomy_text, "labels": rec.labels, "meta": rec.meta,
+            "bbox": {k: list(v) for k, v in rec.bbox.items() if v is not None}}
+    arrays["head"] = np.frombuffer(json.dumps(head, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_staged(path: Path) -> CaseRecord:
+    with np.load(path) as z:
+        head = json.loads(bytes(z["head"]).decode("utf-8"))
+        rec = CaseRecord(case_id=head["case_id"], patient_id=head["patient_id"], split=head["split"],
+                         spacing_mm=tuple(head["spacing_mm"]), present=head["present"], report=head["report"],
+                         anatomy_text=head["anatomy_text"], labels=head["labels"], meta=head["meta"],
+                         bbox={k: tuple(v) for k, v in head["bbox"].items()})
+        if "volume" in z.files:
+            rec.volume, rec.label_map = z["volume"], z["label_map"]
+        for k in z.files:
+            if k.startswith("crop__"):
+                a = k[6:]
+                rec.crops[a], rec.crop_masks[a] = z[k], z[f"mask__{a}"]
+    return rec
+
+
+def _write_error(path: Path, case_id: str, stage: str, reason: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"case_id": case_id, "stage": stage, "reason": reason}, ensure_ascii=False) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- workers
+
+_CTX: dict = {}
+
+
+def _init_worker(cfg: PreprocessConfig, out: str, qc_ids: set, threads: int | None) -> None:
+    if threads:
+        try:
+            import torch
+
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
+    _CTX.update(cfg=cfg, out=Path(out), aset=load_anatomy_set(cfg.anatomy_set), qc=qc_ids, labeler=None,
+                labeler_ready=False)
+
+
+def _work(spec: CaseSpec) -> tuple[str, str, str, float]:
+    cfg, out, aset = _CTX["cfg"], _CTX["out"], _CTX["aset"]
+    if not _CTX["labeler_ready"]:
+        _CTX["labeler"] = make_labeler(cfg)
+        _CTX["labeler_ready"] = True
+    staged, errp = _stage_paths(out, spec.case_id)
+    t0 = time.perf_counter()
+    try:
+        rec = process_case(spec, cfg, aset, _CTX["labeler"])
+    except CaseError as e:
+        _write_error(errp, spec.case_id, e.stage, e.reason)
+        return spec.case_id, "error", f"[{e.stage}] {e.reason}", time.perf_counter() - t0
+    except MemoryError:
+        _write_error(errp, spec.case_id, "load", "out of memory")
+        return spec.case_id, "error", "[load] out of memory", time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - one unexpected failure must not stop a corpus-wide job
+        log.exception("%s: unexpected error", spec.case_id)
+        _write_error(errp, spec.case_id, "write" if isinstance(e, OSError) else "crop",
+                     f"unexpected {type(e).__name__}: {e}")
+        return spec.case_id, "error", f"unexpected {type(e).__name__}: {e}", time.perf_counter() - t0
+    try:
+        _save_staged(staged, rec)
+    except OSError as e:
+        _write_error(errp, spec.case_id, "write", f"cannot write staging file: {e}")
+        return spec.case_id, "error", f"[write] {e}", time.perf_counter() - t0
+    if errp.exists():
+        errp.unlink()
+    if spec.case_id in _CTX["qc"]:
+        try:
+            montage(rec, aset.ids, out / "qc" / f"{spec.case_id}.png", window=tuple(cfg.window), dpi=cfg.qc.dpi)
+        except Exception as e:  # noqa: BLE001 - QC is best effort; the case itself is fine
+            log.warning("%s: QC montage failed: %s", spec.case_id, e)
+    return spec.case_id, "ok", "", time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- job
+
+
+@dataclass
+class _Slot:
+    rel: str
+    specs: list
+
+
+def _slot_resolved(out: Path, slot: _Slot) -> bool:
+    return all(any(p.exists() for p in _stage_paths(out, s.case_id)) for s in slot.specs)
+
+
+def _assemble(out: Path, slot: _Slot, layout: ShardLayout, attrs: dict) -> None:
+    ok = [s for s in slot.specs if _stage_paths(out, s.case_id)[0].exists()]
+    write_shard(out / slot.rel, layout, (_load_staged(_stage_paths(out, s.case_id)[0]) for s in ok), n=len(ok),
+                attrs=attrs)
+    for s in ok:
+        _stage_paths(out, s.case_id)[0].unlink()
+    log.info("wrote %s (%d cases)", slot.rel, len(ok))
+
+
+def _shard_rows(out: Path, rel: str, anatomies: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    import h5py
+
+    rows, metas, present = [], [], []
+    with h5py.File(out / rel, "r") as f:
+        n = int(f.attrs["n_cases"])
+        if n == 0:
+            return rows, metas, present
+        ids = f["case_id"].asstr()[:]
+        pids = f["patient_id"].asstr()[:]
+        splits = f["split"].asstr()[:]
+        pres = f["present"][:]
+        mt = f["meta"].asstr()[:]
+    for i in range(n):
+        p = {a: bool(pres[i, j]) for j, a in enumerate(anatomies)}
+        rows.append({"case_id": ids[i], "patient_id": pids[i], "split": splits[i], "shard": rel, "row": i,
+                     "anatomies": [a for a in anatomies if p[a]]})
+        metas.append(json.loads(mt[i]))
+        present.append(p)
+    return rows, metas, present
+
+
+def _check_dataset_info(out: Path, info_extra: dict, layout: ShardLayout) -> None:
+    p = out / DATASET_INFO_NAME
+    if p.is_file():
+        old = json.loads(p.read_text(encoding="utf-8"))
+        new = {"layout": layout.to_dict(), **info_extra}
+        diff = [k for k in new if json.dumps(old.get(k), sort_keys=True) != json.dumps(new[k], sort_keys=True)]
+        if diff:
+            raise FvlmError(f"{out} holds shards written with different settings ({', '.join(diff)}); "
+                            "use a new --out directory or the same config")
+
+
+def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path, num_workers: int = 1,
+                   shard_index: int = 0, num_shards: int = 1) -> dict:
+    """Process this job's part of ``specs`` into ``out``; returns the summary dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    aset = load_anatomy_set(cfg.anatomy_set)
+    layout = build_layout(cfg, aset)
+    if cfg.masks.class_map not in aset.class_maps:
+        raise FvlmError(f"anatomy set {aset.name!r} has no class names for TotalSegmentator map "
+                        f"{cfg.masks.class_map!r} (it has {', '.join(aset.class_maps)})")
+    labeler = make_labeler(cfg)  # fail early on a bad taxonomy name
+    info_extra = {"anatomy_set": aset.name, "anatomy_set_def": aset.to_dict(), "class_map": cfg.masks.class_map,
+                  "target_spacing_mm": list(cfg.target_spacing_mm),
+                  "whole_spacing_mm": list(cfg.whole.spacing_mm or cfg.target_spacing_mm),
+                  "orientation": cfg.orientation.upper(), "window_default": list(cfg.window),
+                  "crop_oversize": cfg.crop.oversize}
+    _check_dataset_info(out, info_extra, layout)
+    write_dataset_info(out, layout, info_extra)
+    attrs = {"anatomy_set": aset.name, "class_map": cfg.masks.class_map,
+             "target_spacing_mm": list(cfg.target_spacing_mm)}
+    slots = [_Slot(rel, ss) for rel, ss in plan_shards(specs, shard_index, num_shards, cfg.shards.samples_per_shard)]
+    for sl in slots:  # a crash mid-assembly leaves <shard>.tmp: discard, it is rebuilt from staging
+        tmp = out / (sl.rel + ".tmp")
+        if tmp.exists():
+            tmp.unlink()
+    done_slots = [sl for sl in slots if (out / sl.rel).exists()]
+    for sl in slots:  # failed cases of unfinished shards are retried
+        if not (out / sl.rel).exists():
+            for s in sl.specs:
+                ep = _stage_paths(out, s.case_id)[1]
+                if ep.exists():
+                    ep.unlink()
+    todo = [s for sl in slots if not (out / sl.rel).exists() for s in sl.specs
+            if not _stage_paths(out, s.case_id)[0].exists()]
+    n_mine = sum(len(sl.specs) for sl in slots)
+    qc_ids = qc_sample([s.case_id for sl in slots for s in sl.specs], cfg.qc.num_cases)
+    qc_ids = {c for c in qc_ids if not (out / "qc" / f"{c}.png").exists()}
+    log.info("%d cases in this part (%d shard slots, %d already final); %d to process with %d worker(s)",
+             n_mine, len(slots), len(done_slots), len(todo), num_workers)
+    run = {"processed_ok": 0, "failed": 0, "reused": n_mine - len(todo)}
+    pending = [sl for sl in slots if not (out / sl.rel).exists()]
+
+    def flush():
+        for sl in list(pending):
+            if _slot_resolved(out, sl):
+                _assemble(out, sl, layout, attrs)
+                pending.remove(sl)
+
+    from fvlm.progress import progress
+
+    flush()
+    t0 = time.perf_counter()
+    workers = max(1, int(num_workers))
+    del labeler
+    if workers == 1 or len(todo) <= 1:
+        _init_worker(cfg, str(out), qc_ids, None)
+        results = map(_work, todo)
+        pool = None
+    else:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                            initargs=(cfg, str(out), qc_ids, threads), maxtasksperchild=50)
+        results = pool.imap_unordered(_work, todo)
+    try:
+        for cid, status, msg, secs in progress(results, desc="preprocess", total=len(todo), unit="case"):
+            if status == "ok":
+                run["processed_ok"] += 1
+                log.info("%s: ok (%.1f s)", cid, secs)
+            else:
+                run["failed"] += 1
+                log.warning("%s: failed %s", cid, msg)
+            flush()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    flush()
+    run["seconds"] = round(time.perf_counter() - t0, 1)
+    return finish_part(out, slots, aset.ids, shard_index, num_shards, cfg, run)
+
+
+def _errors_for(out: Path, specs) -> list[dict]:
+    errs = []
+    for s in specs:
+        p = _stage_paths(out, s.case_id)[1]
+        if p.exists():
+            errs.append(json.loads(p.read_text(encoding="utf-8")))
+    return errs
+
+
+def finish_part(out: Path, slots, anatomies, shard_index, num_shards, cfg, run) -> dict:
+    rows, metas, present = [], [], []
+    for sl in slots:
+        if (out / sl.rel).exists():
+            r, m, p = _shard_rows(out, sl.rel, anatomies)
+            rows += r
+            metas += m
+            present += p
+    errors = _errors_for(out, [s for sl in slots for s in sl.specs])
+    # an error file of a case that finally made it into a shard is stale
+    ok_ids = {r["case_id"] for r in rows}
+    errors = [e for e in errors if e["case_id"] not in ok_ids]
+    single = num_shards == 1
+    tag = "" if single else "-" + part_tag(shard_index, num_shards)
+    write_index(out / (INDEX_NAME if single else f"index{tag}.jsonl"), rows)
+    write_index(out / f"errors{tag}.jsonl", errors)
+    summary = write_summary(out, metas, present, errors, run, anatomies, HU_HIST_EDGES, suffix=tag)
+    return summary
+
+
+def merge_parts(out: str | Path, expect: int | None = None) -> dict:
+    """Merge ``index-III-of-NNN.jsonl`` / ``errors-...`` / summaries of all parts into the final files."""
+    out = Path(out)
+    parts = sorted(out.glob("index-*-of-*.jsonl"))
+    if not parts:
+        raise FvlmError(f"{out}: no index-III-of-NNN.jsonl part files to merge")
+    totals = {int(p.stem.split("-of-")[1]) for p in parts}
+    if len(totals) != 1:
+        raise FvlmError(f"{out}: part files from different --num-shards values: {sorted(totals)}")
+    n = totals.pop()
+    if expect is not None and expect != n:
+        raise FvlmError(f"{out}: parts say --num-shards {n}, expected {expect}")
+    have = {int(p.stem.split("-")[1]) for p in parts}
+    missing = sorted(set(range(n)) - have)
+    if missing:
+        raise FvlmError(f"{out}: parts {missing} of {n} have not finished (no index-{missing[0]:03d}-of-{n:03d}.jsonl)")
+    rows, errors, seen = [], [], set()
+    for i in range(n):
+        for r in read_index(out / f"index-{part_tag(i, n)}.jsonl"):
+            if r["case_id"] in seen:
+                raise FvlmError(f"{out}: case {r['case_id']!r} appears in two parts")
+            seen.add(r["case_id"])
+            rows.append(r)
+        ep = out / f"errors-{part_tag(i, n)}.jsonl"
+        if ep.exists():
+            errors += read_index(ep)
+    write_index(out / INDEX_NAME, rows)
+    write_index(out / "errors.jsonl", errors)
+    info = json.loads((out / DATASET_INFO_NAME).read_text(encoding="utf-8"))
+    anatomies = info["layout"]["anatomies"]
+    metas, present = [], []
+    for rel in sorted({r["shard"] for r in rows}):
+        _, m, p = _shard_rows(out, rel, anatomies)
+        metas += m
+        present += p
+    run = {"parts": n}
+    return write_summary(out, metas, present, errors, run, anatomies, HU_HIST_EDGES)
