@@ -147,6 +147,7 @@ def _radial_warp(case: Case, centre, scale, r_in: float, r_out: float, axes=(0, 
     if box is None:
         box = tuple(slice(max(int(c - r_out), 0), min(int(c + r_out) + 1, s))
                     for c, s in zip(centre, shape))
+    box = tuple(slice(max(b.start, 0), min(b.stop, s)) for b, s in zip(box, shape))
     g = np.meshgrid(*[np.arange(b.start, b.stop, dtype=np.float32) for b in box], indexing="ij")
     d = [g[i] - centre[i] if i in axes else np.zeros_like(g[i]) for i in range(3)]
     r = np.sqrt(sum(di ** 2 for di in d)) + 1e-6
@@ -540,9 +541,11 @@ def liver_mass(case: Case, rng, size, hu):
 
 
 def renal_cyst(case: Case, rng, size, hu):
-    """Cortical renal cyst: a round lesion of ``size`` mm (default 15-30 mm) at ``hu`` HU
-    (default 0-10; kidney about 30 HU unenhanced), centred near the cortex so it may bulge
-    into the perirenal fat. Its voxels get TotalSegmentator's kidney_cyst_<side> id."""
+    """Cortical renal cyst: a round lesion of ``size`` mm (default 20-35 mm) at ``hu`` HU
+    (default 0-10), centred near the renal surface so it bulges into the perirenal fat
+    (the sample kidney is only 10-20 HU unenhanced, so the exophytic contour and the
+    fat it displaces carry most of the contrast). Its voxels get TotalSegmentator's
+    kidney_cyst_<side> id."""
     side = "left" if rng.random() < 0.5 else "right"
     kid = case.labels == TS[f"kidney_{side}"]
     if kid.sum() < 200:
@@ -552,7 +555,7 @@ def renal_cyst(case: Case, rng, size, hu):
             return None
     d = _u(rng, size)
     r = d / 2 / case.spacing
-    c = _place(kid & case.free(), max(r * 0.4, 1.0), rng, max_depth=max(r * 0.8, 1.5)) \
+    c = _place(kid & case.free(), 1.0, rng, max_depth=max(r * 0.5, 1.5)) \
         or _place(kid & case.free(), 1.0, rng)
     if c is None:
         return None
@@ -661,7 +664,7 @@ FINDINGS: dict[str, FindingType] = {f.id: f for f in [
                 arterial_wall_calcification, (3, 9), (500, 1000)),
     FindingType("hepatic_cyst", "liver", ("abdomen",), 3, hepatic_cyst, (15, 30), (0, 10)),
     FindingType("liver_mass", "liver", ("abdomen",), 3, liver_mass, (25, 45), (10, 25)),
-    FindingType("renal_cyst", "kidney", ("abdomen",), 3, renal_cyst, (15, 30), (0, 10)),
+    FindingType("renal_cyst", "kidney", ("abdomen",), 3, renal_cyst, (20, 35), (0, 10)),
     FindingType("nephrolithiasis", "kidney", ("abdomen",), 3, nephrolithiasis, (5, 12), (400, 1200)),
     FindingType("gallstones", "gallbladder", ("abdomen",), 3, gallstones, (5, 15), (200, 600)),
 ]}
