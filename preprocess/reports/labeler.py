@@ -1,0 +1,477 @@
+"""The report labeler: sections -> sentences -> clauses -> anatomies, diagnosis labels, statuses.
+
+    lab = ReportLabeler("fvlm54")                 # or "ctrate18", a path, or a Taxonomy
+    out = lab.label(findings="...", impressions="...")   # or text="FINDINGS: ... IMPRESSION: ..."
+    out.labels        # {diagnosis_id: 1 | 0 | -1}   (every diagnosis of the taxonomy)
+    out.anatomies     # {anatomy_id: AnatomyText(status, sentences)}  (every anatomy of the set)
+    out.global_sentences, out.other_sentences, out.to_json(), out.explain()
+
+Rules (also in docs/FORMATS.md):
+
+- A clause goes to the anatomies it names (lexicon terms, or the anatomy of a diagnosis it
+  names); a clause naming none (and no structure outside the set, like "thyroid") takes the
+  anatomies of the clause before it in the same sentence ("Liver: 2 cm lesion; likely a cyst").
+  A clause naming two or more anatomies is cut at commas and conjunctions into parts that
+  each have their own statement ("The liver is enlarged, the spleen is normal"); a list of
+  organs sharing one statement stays whole ("Liver, spleen and pancreas are normal").
+- A diagnosis mention is 0 inside a negation scope or with a per-diagnosis negation phrase,
+  -1 inside an uncertainty scope, 1 otherwise; generic words ("nodule", "cyst") count only
+  for a diagnosis whose anatomy (or context term) the clause names, and are also negated by
+  a "normal" cue in their comma segment.
+- Per anatomy: ``abnormal`` if any clause about it holds an affirmed or uncertain finding
+  (a taxonomy diagnosis or a generic abnormality word), else ``normal`` if some clause is
+  about it, else ``not_mentioned``.
+- Labels: per section 1 if any mention is 1, else -1 if any is -1, else 0 (not mentioned
+  is 0). Findings and impression are combined by ``disagreement``: ``positive_wins`` (the
+  same rule over both) or ``impression_wins`` (the impression's value wherever it mentions
+  the diagnosis, else the findings').
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from fvlm.errors import FvlmError
+from fvlm.taxonomy import GLOBAL, Taxonomy, load_taxonomy
+
+from .lexicon import TOKEN_RE, PhraseMatcher, canonical, _plurals
+from .negation import Cue, scope
+from .sections import LABELLED, Section, split_sections
+from .sentences import SentenceSplitter
+
+__all__ = ["ReportLabeler", "LabelResult", "AnatomyText", "Mention", "ClauseResult", "STATUSES",
+           "DISAGREEMENT_RULES"]
+
+STATUSES = ("abnormal", "normal", "not_mentioned")
+DISAGREEMENT_RULES = ("positive_wins", "impression_wins")
+_CUE_KINDS = {"npre": (0, True, False), "npost": (0, False, True), "upre": (-1, True, False),
+              "upost": (-1, False, True)}
+_PRED_KINDS = frozenset({"npre", "npost", "upre", "upost", "normal", "dneg", "dunc"})
+_SPLIT_WORDS = ("and", "while", "whereas", "but", "however", "also")
+# cut before a conjunction word or at a comma; the conjunction stays with the right part
+_SPLIT_RE = re.compile(r",\s*|\s+(?=(?:" + "|".join(_SPLIT_WORDS) + r")\s)", re.I)
+
+
+@dataclass
+class AnatomyText:
+    status: str = "not_mentioned"
+    sentences: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "sentences": list(self.sentences)}
+
+
+@dataclass
+class Mention:
+    """One diagnosis mention in a clause and why it got its value."""
+    diagnosis: str           # diagnosis id
+    value: int               # 1, 0, -1
+    phrase: str              # the words that named it
+    cue: str | None          # the negation/uncertainty/normal cue that decided, or None (affirmed)
+    kind: str                # "synonym", "context", "negation phrase", "uncertainty phrase"
+
+
+@dataclass
+class ClauseResult:
+    section: str
+    sentence: str
+    text: str
+    anatomies: list[str]
+    status: dict[str, str]
+    mentions: list[Mention]
+
+
+@dataclass
+class LabelResult:
+    labels: dict[str, int]
+    anatomies: dict[str, AnatomyText]
+    global_sentences: list[str]
+    other_sentences: list[str]
+    clauses: list[ClauseResult]
+    taxonomy: Taxonomy
+    section_labels: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def labels_by_name(self) -> dict[str, int]:
+        return {self.taxonomy.diagnosis(k).name: v for k, v in self.labels.items()}
+
+    def to_json(self, keys: str = "name") -> dict:
+        """The LABELS.jsonl record body (without ``id``); labels keyed by diagnosis ``name`` or ``id``."""
+        if keys not in ("name", "id"):
+            raise FvlmError(f"label keys must be 'name' or 'id', got {keys!r}")
+        return {
+            "labels": self.labels_by_name() if keys == "name" else dict(self.labels),
+            "anatomies": {a: t.to_json() for a, t in self.anatomies.items()},
+            "global_sentences": list(self.global_sentences),
+        }
+
+    def explain(self) -> dict:
+        """Per clause: section, text, anatomies, statuses and each label with the cue that decided it."""
+        return {
+            "taxonomy": self.taxonomy.name,
+            "clauses": [{
+                "section": c.section, "sentence": c.sentence, "clause": c.text, "anatomies": c.anatomies,
+                "status": c.status,
+                "labels": [{"diagnosis": m.diagnosis, "name": self.taxonomy.diagnosis(m.diagnosis).name,
+                            "value": m.value, "phrase": m.phrase, "kind": m.kind, "cue": m.cue}
+                           for m in c.mentions],
+            } for c in self.clauses],
+            "labels": {k: v for k, v in self.labels.items() if v != 0},
+            "section_labels": {s: {k: v for k, v in lab.items() if v != 0} for s, lab in self.section_labels.items()},
+        }
+
+
+class _Analysis:
+    __slots__ = ("assign", "anats", "pred", "mentions", "abnormal", "has_none")
+
+
+class ReportLabeler:
+    """Label radiology reports with a taxonomy's diagnoses and per-anatomy text and status.
+
+    Args:
+        taxonomy: ``"fvlm54"``, ``"ctrate18"``, a YAML path or a loaded :class:`Taxonomy`.
+        anatomy_set: anatomies that receive sentences (default: the taxonomy's); with
+            ``"ctrate4"`` sentences about other anatomies go to the whole-report text.
+        disagreement: how findings and impression combine (see module doc).
+        uncertain: ``keep`` (-1 stays), ``positive`` or ``negative`` (-1 written as 1 / 0).
+        abbreviations: extra abbreviations for the sentence splitter.
+    """
+
+    def __init__(self, taxonomy="fvlm54", anatomy_set: str | None = None,
+                 disagreement: str = "positive_wins", uncertain: str = "keep", abbreviations=()):
+        self.taxonomy = load_taxonomy(taxonomy)
+        if disagreement not in DISAGREEMENT_RULES:
+            raise FvlmError(f"disagreement must be one of {', '.join(DISAGREEMENT_RULES)}, got {disagreement!r}")
+        if uncertain not in ("keep", "positive", "negative"):
+            raise FvlmError(f"uncertain must be keep, positive or negative, got {uncertain!r}")
+        self.disagreement = disagreement
+        self.uncertain = uncertain
+        if anatomy_set and anatomy_set != self.taxonomy.anatomy_set:
+            from fvlm.taxonomy import _load_anatomy_set
+            self.anatomy_ids = [a.id for a in _load_anatomy_set(anatomy_set)]
+        else:
+            self.anatomy_ids = self.taxonomy.anatomy_ids
+        self.anatomy_set = anatomy_set or self.taxonomy.anatomy_set
+        self._in_set = frozenset(self.anatomy_ids)
+        self.splitter = SentenceSplitter(abbreviations=abbreviations)
+        self._diag = {d.id: d for d in self.taxonomy.diagnoses}
+        self._build()
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        m = PhraseMatcher()
+        lex = self.taxonomy.lexicon.get("terms", {}) if self.taxonomy.lexicon else {}
+        if not lex:
+            raise FvlmError(f"taxonomy '{self.taxonomy.name}' has no anatomy lexicon (set 'lexicon:')")
+        for anat, terms in lex.items():
+            for t in terms or ():
+                m.add(str(t), "none" if anat == "_none" else "anat", None if anat == "_none" else anat)
+        cues = self.taxonomy.cues or {}
+        for key, kind in (("negation_pre", "npre"), ("negation_post", "npost"), ("uncertainty_pre", "upre"),
+                          ("uncertainty_post", "upost"), ("normal", "normal"), ("scope_break", "break"),
+                          ("abnormal", "abn")):
+            for p in cues.get(key, ()) or ():
+                m.add(str(p), kind, None, plurals=(kind == "abn"))
+        self._verbs = frozenset(canonical(v) for v in cues.get("verbs", ()) or ())
+        # a per-diagnosis negation phrase that opens/closes like a cue ("no pleural effusion")
+        # also scopes like one: "No pleural effusion, pneumothorax or consolidation"
+        self._neg_first = frozenset(canonical(p).split()[0] for p in cues.get("negation_pre", ()) or ()
+                                    if canonical(p))
+        self._neg_last = frozenset(canonical(p).split()[-1] for p in cues.get("negation_post", ()) or ()
+                                   if canonical(p))
+        for d in self.taxonomy.diagnoses:
+            for p in d.synonyms:
+                m.add(p, "syn", d.id)
+            for p in d.context_synonyms:
+                m.add(p, "ctx", d.id)
+            for p in d.negation:
+                m.add(p, "dneg", d.id, plurals=False)
+            for p in d.uncertainty:
+                m.add(p, "dunc", d.id, plurals=False)
+            for p in d.exclude:
+                m.add(p, "excl", d.id)
+            for p in d.context_terms:
+                m.add(p, "term", None)
+        self._matcher = m
+        # context terms as the canonical phrases the matcher reports
+        self._ctx_terms: dict[str, frozenset] = {}
+        for d in self.taxonomy.diagnoses:
+            if d.context_terms:
+                canon = set()
+                for p in d.context_terms:
+                    toks = canonical(p).split()
+                    for v in [toks] + [toks[:-1] + [q] for q in _plurals(toks[-1])]:
+                        c = self._canon_of(v)
+                        if c:
+                            canon.add(c)
+                self._ctx_terms[d.id] = frozenset(canon)
+
+    def _canon_of(self, toks: list[str]) -> str | None:
+        node = self._matcher._root
+        for t in toks:
+            node = node.get(t)
+            if node is None:
+                return None
+        e = node.get("\0")
+        return e[0] if e else None
+
+    # ------------------------------------------------------------------ one clause
+    def _analyze(self, text: str, inherited: frozenset = frozenset()) -> _Analysis:
+        toks: list[str] = []
+        seg_of: list[int] = []
+        seg_verb: list[bool] = []
+        seg_first: list[str] = []
+        verbs = self._verbs
+        findall = TOKEN_RE.findall
+        for si, part in enumerate(text.lower().split(",")):
+            ts = findall(part)
+            toks.extend(ts)
+            seg_of.extend([si] * len(ts))
+            seg_first.append(ts[0] if ts else "")
+            seg_verb.append(not verbs.isdisjoint(ts))
+        matches = self._matcher.match(toks)
+
+        anats: set = set()
+        seg_anats: dict[int, set] = {}
+        implied: set = set()
+        has_none = False
+        pred = True in seg_verb
+        cues: list[Cue] = []
+        breaks: list[int] = []
+        normal_segs: set = set()
+        phrases: set = set()
+        diag_hits = []      # (match, kind, diag_id)
+        abn_hits = []
+        diag = self._diag
+        for mt in matches:
+            pl = mt.payloads
+            phrases.add(mt.phrase)
+            excluded = any(k == "excl" for k, _ in pl)
+            cue_val = None
+            pre = post = False
+            for kind, val in pl:
+                if kind == "anat":
+                    anats.add(val)
+                    seg_anats.setdefault(seg_of[mt.start], set()).add(val)
+                elif kind == "none":
+                    has_none = True
+                elif kind in ("syn", "ctx", "dneg", "dunc"):
+                    if excluded and kind in ("syn", "ctx"):
+                        continue
+                    diag_hits.append((mt, kind, val))
+                    if kind != "ctx":
+                        a = diag[val].anatomy
+                        if a != GLOBAL:
+                            implied.add(a)
+                            seg_anats.setdefault(seg_of[mt.start], set()).add(a)
+                    if kind in ("dneg", "dunc"):
+                        pred = True
+                        if kind == "dneg":
+                            words = mt.phrase.split()
+                            p, q = words[0] in self._neg_first, words[-1] in self._neg_last
+                            if p or q:
+                                cue_val, pre, post = 0, pre or p, post or q
+                elif kind in _CUE_KINDS:
+                    v, p, q = _CUE_KINDS[kind]
+                    cue_val = v if cue_val is None else min(cue_val, v)   # uncertainty wins a tie
+                    pre, post = pre or p, post or q
+                    pred = True
+                elif kind == "normal":
+                    normal_segs.add(seg_of[mt.start])
+                    pred = True
+                elif kind == "break":
+                    breaks.append(mt.start)
+                elif kind == "abn" and not excluded:
+                    abn_hits.append(mt)
+            if cue_val is not None:
+                cues.append(Cue(mt.start, mt.end, cue_val, pre, post, mt.phrase))
+
+        assign = anats | implied
+        if not assign and not has_none and inherited:
+            assign = set(inherited)
+        ctx_anats = assign
+        scopes = scope(len(toks), seg_of, seg_verb, seg_first, cues, breaks) if cues else None
+
+        mentions: list[Mention] = []
+        for mt, kind, did in diag_hits:
+            d = diag[did]
+            if kind == "ctx":
+                terms = self._ctx_terms.get(did)
+                if terms is not None:
+                    if not (terms & phrases):
+                        continue
+                elif d.anatomy not in ctx_anats:
+                    if not (d.context_default and not ctx_anats and not has_none):
+                        continue
+            if kind == "dneg":
+                mentions.append(Mention(did, 0, mt.phrase, mt.phrase, "negation phrase"))
+                continue
+            if kind == "dunc":
+                mentions.append(Mention(did, -1, mt.phrase, mt.phrase, "uncertainty phrase"))
+                continue
+            sc = scopes[mt.start] if scopes else None
+            if sc is not None:
+                mentions.append(Mention(did, sc[1].value, mt.phrase, sc[1].phrase,
+                                        "synonym" if kind == "syn" else "context"))
+            elif kind == "ctx" and seg_of[mt.start] in normal_segs:
+                mentions.append(Mention(did, 0, mt.phrase, "normal", "context"))
+            else:
+                mentions.append(Mention(did, 1, mt.phrase, None, "synonym" if kind == "syn" else "context"))
+
+        abnormal: set = set()
+        for m in mentions:
+            if m.value != 0:
+                a = diag[m.diagnosis].anatomy
+                if a in assign:
+                    abnormal.add(a)
+        for mt in abn_hits:
+            s = seg_of[mt.start]
+            if s in normal_segs:
+                continue
+            sc = scopes[mt.start] if scopes else None
+            if sc is not None and sc[1].value == 0:
+                continue
+            abnormal |= seg_anats.get(s) or assign
+
+        res = _Analysis()
+        res.assign, res.anats, res.pred, res.mentions = assign, anats | implied, pred, mentions
+        res.abnormal, res.has_none = abnormal, has_none
+        return res
+
+    def _split_multi(self, clause: str) -> list[str]:
+        """Cut a clause about several anatomies into parts that each carry their own statement."""
+        pieces = [p for p in _SPLIT_RE.split(clause) if p and p.strip(" ,")]
+        if len(pieces) < 2:
+            return [clause]
+        infos = [(p, self._analyze(p)) for p in pieces]
+        groups: list[list] = []         # [texts, has_anatomy, has_pred]
+        cur = None
+        for text, a in infos:
+            has_anat = bool(a.anats)
+            if cur is None:
+                cur = [[text], has_anat, a.pred]
+                continue
+            if has_anat and cur[1] and cur[2]:
+                groups.append(cur)
+                cur = [[text], has_anat, a.pred]
+            else:
+                cur[0].append(text)
+                cur[1] = cur[1] or has_anat
+                cur[2] = cur[2] or a.pred
+        groups.append(cur)
+        # a trailing list of organs without its own statement belongs to the previous part
+        while len(groups) > 1 and not groups[-1][2]:
+            last = groups.pop()
+            groups[-1][0].extend(last[0])
+        if len(groups) < 2 or any(not g[1] for g in groups):
+            return [clause]
+        return [_join(g[0]) for g in groups]
+
+    # ------------------------------------------------------------------ reports
+    def clauses(self, text: str, section: str = "findings") -> list[ClauseResult]:
+        """Analyse one section's text into clause results."""
+        out = []
+        for sent in self.splitter.sentences(text):
+            prev: frozenset = frozenset()
+            for cl in self.splitter.clauses(sent):
+                a = self._analyze(cl, prev)
+                parts = [(cl, a)]
+                if len(a.assign) >= 2:
+                    texts = self._split_multi(cl)
+                    if len(texts) > 1:
+                        parts = []
+                        p_prev = prev
+                        for t in texts:
+                            pa = self._analyze(t, p_prev)
+                            parts.append((t, pa))
+                            p_prev = frozenset(pa.assign)
+                for t, pa in parts:
+                    assign = [x for x in self.anatomy_ids if x in pa.assign]
+                    status = {x: ("abnormal" if x in pa.abnormal else "normal") for x in assign}
+                    out.append(ClauseResult(section, sent, t, assign, status, pa.mentions))
+                    prev = frozenset(pa.assign)
+        return out
+
+    def label(self, findings: str | None = None, impressions: str | None = None,
+              text: str | None = None) -> LabelResult:
+        """Label one report given as separate ``findings``/``impressions`` fields and/or free ``text``.
+
+        Free text is split into sections by its headers; with no header it counts as findings.
+        """
+        sections: list[Section] = []
+        if findings and str(findings).strip():
+            sections.append(Section("findings", "", str(findings)))
+        if impressions and str(impressions).strip():
+            sections.append(Section("impression", "", str(impressions)))
+        if text and str(text).strip():
+            sections.extend(split_sections(str(text)))
+        clauses: list[ClauseResult] = []
+        other: list[str] = []
+        for sec in sections:
+            if sec.kind in LABELLED:
+                clauses.extend(self.clauses(sec.text, sec.kind))
+            else:
+                other.extend(self.splitter.sentences(sec.text))
+        return self._aggregate(clauses, other)
+
+    def _aggregate(self, clauses: list[ClauseResult], other: list[str]) -> LabelResult:
+        per_section: dict[str, dict[str, int]] = {}
+        for c in clauses:
+            lab = per_section.setdefault(c.section, {})
+            for m in c.mentions:
+                lab[m.diagnosis] = _combine(lab.get(m.diagnosis), m.value)
+        labels = {d.id: 0 for d in self.taxonomy.diagnoses}
+        if self.disagreement == "impression_wins" and "impression" in per_section:
+            imp = per_section["impression"]
+            for did, v in per_section.get("findings", {}).items():
+                labels[did] = v
+            for did, v in imp.items():
+                labels[did] = v
+        else:
+            for lab in per_section.values():
+                for did, v in lab.items():
+                    labels[did] = _combine(labels[did] if labels[did] != 0 else None, v)
+        if self.uncertain != "keep":
+            rep = 1 if self.uncertain == "positive" else 0
+            labels = {k: (rep if v == -1 else v) for k, v in labels.items()}
+        anatomies = {a: AnatomyText() for a in self.anatomy_ids}
+        global_sentences: list[str] = []
+        for c in clauses:
+            if not c.anatomies:
+                if c.text not in global_sentences:
+                    global_sentences.append(c.text)
+                continue
+            for a in c.anatomies:
+                at = anatomies[a]
+                if c.text not in at.sentences:
+                    at.sentences.append(c.text)
+                if c.status[a] == "abnormal" or at.status == "abnormal":
+                    at.status = "abnormal"
+                else:
+                    at.status = "normal"
+        return LabelResult(labels, anatomies, global_sentences, other, clauses, self.taxonomy, per_section)
+
+
+def _combine(old: int | None, new: int) -> int:
+    """1 beats -1 beats 0."""
+    if old is None:
+        return new
+    if old == 1 or new == 1:
+        return 1
+    if old == -1 or new == -1:
+        return -1
+    return 0
+
+
+def _join(parts: list[str]) -> str:
+    out = ""
+    for p in parts:
+        p = p.strip()
+        if not p:
+            continue
+        if not out:
+            out = p
+        elif p.split(" ", 1)[0].lower() in _SPLIT_WORDS:
+            out += " " + p
+        else:
+            out += ", " + p
+    return out.strip(" ,")
