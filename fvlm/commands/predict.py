@@ -66,6 +66,8 @@ def run(args) -> int:
         tax_name = tax_name.get("name") or "fvlm54"
     tax = loading.load_taxonomy(tax_name)
     pcfg, pcfg_src = _preprocess_config(args, meta)
+    if pcfg_src == "defaults" and meta.get("anatomy_set"):
+        pcfg.anatomy_set = str(meta["anatomy_set"])  # label-map order must match the model's anatomies
     if set(getattr(model, "names", []) or []) == {"global"} and not (args.mask or args.mask_dir):
         pcfg.masks.source = "none"  # a global-only model needs no anatomy masks
     rec = preprocess_in_memory(args.image, args.mask, args.mask_dir, pcfg)

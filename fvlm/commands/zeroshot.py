@@ -93,7 +93,8 @@ def run(args) -> int:
         "fvlm_version": __version__,
         "command": " ".join(["fvlm", *sys.argv[1:]]),
         "checkpoint": {"path": str(cfg.checkpoint), "sha256": ck_hash,
-                       "meta": {k: meta[k] for k in ("step", "epoch", "model", "name", "created") if k in meta}},
+                       "meta": {k: meta[k] for k in ("step", "epoch", "model_name", "taxonomy", "anatomy_set", "created",
+                                                      "fvlm_version") if k in meta}},
         "data": {"path": str(cfg.data), "hash": data_hash, "hash_method": "fvlm.eval.embed.data_fingerprint",
                  "n_cases": len(ds.case_ids())},
     }
