@@ -126,7 +126,7 @@ def positive_sentence(rec: dict, pick) -> tuple[str, str]:
         if side == "bilateral":
             s = pick([f"{sev.capitalize()} bilateral pleural effusions.",
                       f"Bilateral {sev} pleural effusions, up to {mm} thick."])
-            return s, f"Bilateral pleural effusions."
+            return s, "Bilateral pleural effusions."
         return pick([f"{sev.capitalize()} {side} pleural effusion.",
                      f"There is a {sev} {side} pleural effusion measuring up to {mm}.",
                      f"{side.capitalize()}-sided pleural effusion, {mm} in depth."]), \
@@ -149,7 +149,7 @@ def positive_sentence(rec: dict, pick) -> tuple[str, str]:
         return pick([f"Calcified atherosclerotic plaques along the {seg} aorta.",
                      f"Extensive atherosclerotic calcification of the {seg} aorta.",
                      f"Scattered calcified atheroma plaques in the {seg} aorta."]), \
-            f"Aortic atherosclerosis."
+            "Aortic atherosclerosis."
     if f == "aortic_aneurysm":
         seg = rec["segment"]
         if seg == "ascending":
