@@ -292,6 +292,7 @@ class ReportLabeler:
         scopes = scope(len(toks), seg_of, seg_verb, seg_first, cues, breaks) if cues else None
 
         mentions: list[Mention] = []
+        default_anats: set = set()
         for mt, kind, did in diag_hits:
             d = diag[did]
             if kind == "ctx":
@@ -302,6 +303,7 @@ class ReportLabeler:
                 elif d.anatomy not in ctx_anats:
                     if not (d.context_default and not ctx_anats and not has_none):
                         continue
+                    default_anats.add(d.anatomy)
             if kind == "dneg":
                 mentions.append(Mention(did, 0, mt.phrase, mt.phrase, "negation phrase"))
                 continue
@@ -317,6 +319,9 @@ class ReportLabeler:
             else:
                 mentions.append(Mention(did, 1, mt.phrase, None, "synonym" if kind == "syn" else "context"))
 
+        if default_anats:
+            # "Millimetric nodules." in a chest report: the default anatomy of the generic word
+            assign = assign | default_anats
         abnormal: set = set()
         for m in mentions:
             if m.value != 0:

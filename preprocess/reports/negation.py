@@ -5,7 +5,8 @@ forward to the end of its segment and on through the following segments that are
 part of the same list: segments with no verb of their own ("No effusion, pneumothorax or
 consolidation"), or that start with "or"/"nor". A *post* cue ("was not observed",
 "cannot be excluded") reaches back to the start of its segment and through earlier
-verb-less segments ("Pleural effusion, pneumothorax were not observed"). A segment that
+verb-less segments ("Pleural effusion, pneumothorax were not observed"); a post
+*uncertainty* cue stays in its own segment. A segment that
 starts with a severity or determiner word ("mild", "a", "there") starts a new statement
 and ends a scope, as do scope-break words ("but", "however", "which"). When several cues
 reach a token, the nearest one decides.
@@ -73,7 +74,9 @@ def scope(n_tokens: int, seg_of: list[int], seg_verb: list[bool], seg_first: lis
         if cue.post:
             s = seg_of[cue.start] if cue.start < n_tokens else n_seg - 1
             first_seg = s
-            while first_seg > 0 and not seg_verb[first_seg - 1] and seg_first[first_seg - 1] not in AFFIRM_STARTS:
+            # only negation lists run back over commas ("Effusion, pneumothorax were not seen");
+            # a hedge qualifies its own segment ("Opacity in the RLL, pneumonia cannot be excluded")
+            while cue.value == 0 and first_seg > 0 and not seg_verb[first_seg - 1] and seg_first[first_seg - 1] not in AFFIRM_STARTS:
                 first_seg -= 1
             for t in range(cue.start - 1, -1, -1):
                 if seg_of[t] < first_seg or t in break_set:
