@@ -297,13 +297,13 @@ class CTStream(torch.utils.data.IterableDataset):
 
     def __init__(self, source, case_ids: Sequence[str], opts: SampleOptions, batch_size: int, rank: int = 0,
                  world: int = 1, seed: int = 0, start: int = 0, augment: AugmentConfig | None = None,
-                 source_anatomies: Sequence[str] | None = None, load_volume: bool = True, load_crops: bool = False):
+                 source_anatomies: Sequence[str] | None = None):
         super().__init__()
         self.source, self.ids, self.opts = source, list(case_ids), opts
         self.batch_size, self.rank, self.world, self.seed, self.start = int(batch_size), rank, world, seed, int(start)
         self.augment = augment
         self.source_anatomies = list(source_anatomies) if source_anatomies is not None else None
-        self.load_volume, self.load_crops = load_volume, load_crops
+        self.load_volume, self.load_crops = opts.volume_size is not None, opts.crop_size is not None
         self.batches_per_epoch = len(self.ids) // (self.batch_size * self.world)
         if self.batches_per_epoch == 0:
             raise FvlmError(f"{len(self.ids)} training cases are fewer than one global batch "

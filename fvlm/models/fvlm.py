@@ -199,15 +199,25 @@ class FVLM(nn.Module):
         if tc.freeze:
             for p in self.text_encoder.parameters():
                 p.requires_grad_(False)
+            self.text_encoder.eval()
         D = self.text_encoder.embed_dim
         self.text_proj = _Heads(K if tc.projection == "per_anatomy" else 1, D, cfg.embed_dim, cfg.proj_hidden)
         self.text_center = _MaskedCenter(K, D, tc.center_momentum) if tc.center else None
         self._text_cache: dict[str, torch.Tensor] = {}
 
         init = math.log(1.0 / cfg.temperature_init)
-        self.logit_scale = nn.Parameter(torch.tensor(init), requires_grad=cfg.learn_temperature)
-        self.logit_bias = (nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
+        # shape (1,), not (): DeepSpeed broadcasts parameters as byte views, impossible for 0-d tensors
+        self.logit_scale = nn.Parameter(torch.full((1,), init), requires_grad=cfg.learn_temperature)
+        self.logit_bias = (nn.Parameter(torch.full((1,), float(cfg.logit_bias_init)))
                            if cfg.logit_bias_init is not None else None)
+
+    def train(self, mode: bool = True):
+        """A frozen text encoder stays in eval mode (no dropout), so its features are a
+        deterministic function of the text and can be cached."""
+        super().train(mode)
+        if self.cfg.text.freeze:
+            self.text_encoder.eval()
+        return self
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -221,7 +231,7 @@ class FVLM(nn.Module):
         return self.image_encoder.patch_embed.proj.weight.device
 
     def get_logit_scale(self) -> torch.Tensor:
-        return self.logit_scale.float().clamp(max=math.log(1.0 / self.cfg.temperature_min)).exp()
+        return self.logit_scale.float().clamp(max=math.log(1.0 / self.cfg.temperature_min)).exp().squeeze(0)
 
     def _token_masks(self, label_map: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """``label_map (B, X, Y, Z)`` -> ``(B, A, N)`` bool: token overlaps anatomy ``a`` (> threshold)."""
@@ -235,7 +245,13 @@ class FVLM(nn.Module):
         return torch.stack(out, dim=1)
 
     def _encode_levels(self, x: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, ...]]:
-        maps = self.image_encoder.forward_intermediates(x.to(self._dtype()), indices=self.levels)
+        dt = self._dtype()
+        # DeepSpeed's bf16/fp16 casts parameters but not buffers (the encoder's sin-cos position
+        # table), and a float32 buffer would silently promote the tokens back to float32
+        for buf in self.image_encoder.buffers():
+            if buf.is_floating_point() and buf.dtype != dt:
+                buf.data = buf.data.to(dt)
+        maps = self.image_encoder.forward_intermediates(x.to(dt), indices=self.levels)
         grid = tuple(maps[0].shape[2:])
         return [m.flatten(2).transpose(1, 2) for m in maps], grid  # L x (B, N, C)
 
@@ -404,7 +420,7 @@ class FVLM(nn.Module):
             out["valid"][n] = ivalid[:, k] & tvalid[:, k]
             out["text_ref"][n] = raw[:, k]
         if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias.float()
+            out["logit_bias"] = self.logit_bias.float().squeeze(0)
         return out
 
     def param_groups_hint(self) -> dict[str, str]:

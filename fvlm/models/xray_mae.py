@@ -42,8 +42,12 @@ class XrayMAE(nn.Module):
                  decoder_depth: int = 4, decoder_heads: int = 8, grad_checkpointing: bool = False,
                  pixel_mean: float = 0.5, pixel_std: float = 0.25, encoder_kwargs: dict | None = None):
         super().__init__()
-        from ..encoders import create_encoder, sincos_pos_embed
+        from ..encoders import create_encoder, encoder_defaults, list_encoders, sincos_pos_embed
         from ..encoders.vit import Block
+        from ..errors import FvlmError
+
+        if encoder in list_encoders() and encoder_defaults(encoder).get("spatial_dims", 2) != 2:
+            raise FvlmError(f"encoder '{encoder}' is not 2D; the X-ray MAE needs a 2D encoder (a vit2d_* name)")
 
         img = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
         patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
@@ -52,8 +56,6 @@ class XrayMAE(nn.Module):
         self.encoder = create_encoder(encoder, img_size=img, patch_size=patch, in_chans=in_chans,
                                       grad_checkpointing=grad_checkpointing, **self.encoder_kwargs)
         if self.encoder.spatial_dims != 2:
-            from ..errors import FvlmError
-
             raise FvlmError(f"encoder '{encoder}' is {self.encoder.spatial_dims}D; the X-ray MAE needs a 2D "
                             "encoder (a vit2d_* name)")
         self.config: dict[str, Any] = dict(encoder=encoder, img_size=list(img), patch_size=list(patch),

@@ -1,0 +1,1 @@
+"""The DeepSpeed training program (``python -m fvlm.train`` = ``fvlm pretrain``) and its generic engine."""

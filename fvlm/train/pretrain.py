@@ -1,0 +1,203 @@
+"""The ``fvlm pretrain`` program: config -> data stream, model, loss, DeepSpeed engine -> checkpoints.
+
+Launch (same config everywhere)::
+
+    fvlm pretrain --config my.yaml                              # one process (CPU gloo / one GPU)
+    torchrun --nproc_per_node 4 -m fvlm.train --config my.yaml  # N processes
+    deepspeed --num_gpus 4 -m fvlm.train --config my.yaml
+
+Outputs in ``out_dir``: ``config.yaml`` (resolved), ``pretrain.log``, ``metrics.csv``, ``tb/``,
+``checkpoints/`` (resumable), ``model.pt`` (consolidated, latest) and ``best.pt`` (best
+validation metric).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import dump_config, opt
+from ..data.ct import CTDataConfig
+from ..errors import FvlmError
+from ..losses.contrastive import LossConfig
+from ..models.fvlm import FVLMConfig
+from .engine import TrainConfig
+
+__all__ = ["PretrainConfig", "run", "build_source", "prepare"]
+
+
+@dataclass
+class ValConfig:
+    enabled: bool = opt(True, "validate during training (retrieval recall + quick zero-shot AUC)")
+    max_cases: int = opt(256, "validation cases used (first N of the split)")
+    batch_size: int = opt(16, "validation batch size")
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = opt("runs/pretrain", "output directory (checkpoints, logs, model.pt)")
+    model_name: str = opt("fvlm", "model registry name: fvlm (fine-grained) or clip (global-only baseline)")
+    model: FVLMConfig = opt(FVLMConfig(), "the model")
+    loss: LossConfig = opt(LossConfig(), "the contrastive loss")
+    data: CTDataConfig = opt(CTDataConfig(), "training data")
+    train: TrainConfig = opt(TrainConfig(), "optimisation, precision, DeepSpeed, checkpoints, logging")
+    val: ValConfig = opt(ValConfig(), "validation during training")
+
+
+def build_source(cfg: CTDataConfig):
+    """The case source: a ShardDataset, or the synthetic generator when ``data.shards`` is null."""
+    if cfg.shards:
+        from ..data.shards import ShardDataset
+
+        if not Path(cfg.shards).is_dir():
+            raise FvlmError(f"data.shards: {cfg.shards} is not a directory (run `fvlm preprocess` first)")
+        return ShardDataset(cfg.shards)
+    from ..data.synthetic_ct import SyntheticCTSource
+
+    try:
+        return SyntheticCTSource(**cfg.synthetic)
+    except (TypeError, ValueError) as e:
+        raise FvlmError(f"data.synthetic: {e}") from None
+
+
+def _diagnoses(cfg: PretrainConfig, source) -> tuple[list[str], list, dict[str, str]]:
+    """Diagnosis ids carried as labels, their prompt records, anatomy display names."""
+    diags, names = [], {}
+    if cfg.data.taxonomy:
+        from ..taxonomy import load_taxonomy
+
+        tax = load_taxonomy(cfg.data.taxonomy)
+        diags = list(tax.diagnoses)
+        names = {a.id: a.name for a in tax.anatomies}
+    elif hasattr(source, "diagnoses"):
+        diags = list(source.diagnoses)
+    ids = list(cfg.data.diagnoses) or [d["id"] if isinstance(d, dict) else d.id for d in diags]
+    return ids, diags, names
+
+
+def prepare(cfg: PretrainConfig):
+    """Build everything but the engine: ``(source, opts, model, loss, diagnoses)``."""
+    import torch
+
+    from ..data.ct import SampleOptions
+    from ..losses import build_loss
+    from ..models import create_model
+
+    source = build_source(cfg.data)
+    src_anats = list(source.anatomies)
+    anats = list(cfg.data.anatomies) or list(cfg.model.anatomies) or src_anats
+    bad = [a for a in anats if a not in src_anats]
+    if bad:
+        raise FvlmError(f"anatomy {bad[0]!r} is not in the data (it has {', '.join(src_anats)})")
+    if cfg.model.mode == "global" or cfg.model_name == "clip":
+        anats = []
+    cfg.model.anatomies = anats
+    if cfg.model.mode == "crop":
+        cfg.data.load_crops = True
+        if list(cfg.model.image.img_size) != list(cfg.data.crop_size):
+            raise FvlmError(f"crop mode: model.image.img_size {cfg.model.image.img_size} must equal "
+                            f"data.crop_size {cfg.data.crop_size}")
+        cfg.data.load_volume = cfg.model.use_global
+    elif list(cfg.model.image.img_size) != list(cfg.data.volume_size):
+        raise FvlmError(f"model.image.img_size {cfg.model.image.img_size} must equal data.volume_size "
+                        f"{cfg.data.volume_size} in {cfg.model.mode} mode")
+    if cfg.loss.kind == "sigmoid" and cfg.model.logit_bias_init is None:
+        cfg.model.logit_bias_init = -10.0
+    diag_ids, diags, names = _diagnoses(cfg, source)
+    opts = SampleOptions.from_config(cfg.data, anats, diag_ids, names)
+    torch.manual_seed(cfg.train.seed)
+    model = create_model(cfg.model_name, cfg.model)
+    groups: dict[str, list[int]] = {}
+    for d in diags:
+        did = d["id"] if isinstance(d, dict) else d.id
+        an = d["anatomy"] if isinstance(d, dict) else d.anatomy
+        if did in diag_ids:
+            groups.setdefault(an, []).append(diag_ids.index(did))
+    groups.setdefault("global", list(range(len(diag_ids))))
+    for a in anats:
+        groups.setdefault(a, [])
+    loss = build_loss(cfg.loss, anats, groups)
+    return source, opts, model, loss, diags
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Train (all ranks call this). Returns the trainer's summary."""
+    import torch
+
+    from ..data.ct import CTStream
+    from ..logs import setup_logging
+    from ..models.checkpoint import save_consolidated
+    from .engine import Trainer, init_distributed
+    from .validate import quick_validate
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    rank, world, _ = init_distributed()
+    out = Path(cfg.out_dir)
+    log = setup_logging(out if rank == 0 else None, "pretrain", quiet=rank != 0)
+    source, opts, model, loss_fn, diags = prepare(cfg)
+    if rank == 0:
+        dump_config(cfg, out / "config.yaml")
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model %s (%s mode): %d anatomies, %.2fM trainable parameters; %d process(es)",
+                 cfg.model_name, cfg.model.mode, len(model.anatomies), n_train / 1e6, world)
+    train_ids = source.case_ids(cfg.data.train_split)
+    if not train_ids:
+        raise FvlmError(f"no cases in split '{cfg.data.train_split}' of the data")
+    val_ids = source.case_ids(cfg.data.val_split)[:cfg.val.max_cases] if cfg.val.enabled else []
+    src_anats = list(source.anatomies)
+
+    def make_loader(start: int):
+        ds = CTStream(source, train_ids, opts, cfg.data.batch_size, rank=rank, world=world, seed=cfg.train.seed,
+                      start=start, augment=cfg.data.augment, source_anatomies=src_anats)
+        nw = cfg.data.num_workers
+        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, persistent_workers=False,
+                                           prefetch_factor=cfg.data.prefetch_factor if nw else None)
+
+    meta = {"data": opts.to_dict(), "hu_window": list(cfg.data.window), "model_name": cfg.model_name,
+            "loss": {"kind": cfg.loss.kind, "calibration": list(cfg.loss.calibration)},
+            "anatomy_set": getattr(source, "info", {}).get("anatomy_set") if hasattr(source, "info") else None,
+            "taxonomy": cfg.data.taxonomy}
+
+    def save_model(path, module, step, state_dict=None):
+        save_consolidated(path, module, {**meta, "step": step}, model_name=cfg.model_name, state_dict=state_dict)
+
+    validate = None
+    if val_ids:
+        def validate(module, step):  # noqa: ARG001
+            if rank != 0:
+                return {}
+            return quick_validate(module, source, val_ids, opts, diags, batch_size=cfg.val.batch_size,
+                                  source_anatomies=src_anats)
+
+    trainer = Trainer(model, loss_fn, make_loader, cfg.train, out, micro_batch=cfg.data.batch_size,
+                      save_model=save_model, validate=validate)
+    summary = trainer.fit()
+    if rank == 0:
+        log.info("done at step %d; model: %s", summary["step"], out / "model.pt")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fvlm.train`` (what torchrun / the deepspeed launcher start)."""
+    import argparse
+    import sys
+
+    from ..config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m fvlm.train", description="fvlm pretraining (one rank)")
+    p.add_argument("--config", action="append", default=[], help="config file(s), merged in order")
+    p.add_argument("--set", action="append", default=[], help="override KEY=VALUE")
+    p.add_argument("--out", default=None, help="output directory (config key out_dir)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = p.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(PretrainConfig, files=args.config, sets=args.set, base="train/default.yaml",
+                          extra={"out_dir": args.out} if args.out else None)
+        summary = run(cfg)
+    except FvlmError as e:
+        print(f"fvlm.train: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if not summary.get("interrupted") else 3

@@ -1,0 +1,107 @@
+"""Quick validation during pretraining: retrieval recall and zero-shot AUC on the validation split.
+
+Uses the evaluation suite's metric code (:mod:`fvlm.eval.metrics`); the full suite
+(thresholds, bootstrap, probes) is ``fvlm zeroshot`` on a saved model.
+
+Metrics (all means over names / diagnoses that can be scored):
+
+- ``val/R@1_<name>``, ``val/R@5_<name>``, ``val/recall@1_mean``: image->text retrieval among the
+  validation cases where the anatomy is present and has text (a text identical to the
+  query's own counts as correct, so repeated "X is normal." does not penalise);
+- ``val/auc_<diagnosis>``, ``val/auc_mean``: zero-shot score = mean similarity to the positive
+  prompts minus mean similarity to the negative prompts, on the diagnosis' own anatomy
+  embedding (global for whole-scan diagnoses or a global-only model); rows with an absent
+  anatomy or an uncertain label (-1) are left out.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..data.ct import SampleOptions, collate, record_to_sample
+
+__all__ = ["quick_validate", "diagnosis_prompts"]
+
+
+def _attr(d: Any, k: str, default=None):
+    return d.get(k, default) if isinstance(d, dict) else getattr(d, k, default)
+
+
+def diagnosis_prompts(diagnoses: Sequence[Any]) -> list[dict]:
+    """Normalise taxonomy diagnoses / dicts to ``{id, anatomy, pos: [...], neg: [...]}`` with prompts."""
+    out = []
+    for d in diagnoses:
+        pos, neg = list(_attr(d, "prompts_positive", []) or []), list(_attr(d, "prompts_negative", []) or [])
+        if pos and neg:
+            out.append({"id": _attr(d, "id"), "anatomy": _attr(d, "anatomy", "global"), "pos": pos, "neg": neg})
+    return out
+
+
+@torch.no_grad()
+def quick_validate(model, source, case_ids: Sequence[str], opts: SampleOptions, diagnoses: Sequence[Any] = (),
+                   batch_size: int = 16, source_anatomies: Sequence[str] | None = None) -> dict[str, float]:
+    """Encode the validation cases once and compute the metrics above."""
+    from ..eval.metrics import recall_at_k, roc_auc
+
+    names = list(model.names)
+    embs: dict[str, list] = {n: [] for n in names}
+    txts: dict[str, list] = {n: [] for n in names}
+    valid: dict[str, list] = {n: [] for n in names}
+    labels = []
+    for i in range(0, len(case_ids), batch_size):
+        recs = [source.get(c, volume=opts.volume_size is not None, crops=opts.crop_size is not None)
+                for c in case_ids[i:i + batch_size]]
+        batch = collate([record_to_sample(r, opts, source_anatomies=source_anatomies) for r in recs])
+        out = model(batch)
+        for n in names:
+            embs[n].append(out["image"][n].float().cpu())
+            txts[n].append(out["text"][n].float().cpu())
+            valid[n].append(out["valid"][n].cpu())
+        labels.append(batch["labels"])
+    if not labels:
+        return {}
+    metrics: dict[str, float] = {}
+    img = {n: torch.cat(embs[n]) for n in names}
+    vmask = {n: torch.cat(valid[n]) for n in names}
+    r1 = []
+    for n in names:
+        v = vmask[n]
+        if int(v.sum()) < 2:
+            continue
+        i_, t_ = img[n][v].numpy(), torch.cat(txts[n])[v].numpy()
+        sim = i_ @ t_.T
+        pos = np.isclose(t_ @ t_.T, (t_ * t_).sum(1)[:, None], atol=1e-5) | np.eye(len(t_), dtype=bool)
+        r = recall_at_k(sim, ks=(1, 5), positives=pos)
+        metrics[f"val/R@1_{n}"], metrics[f"val/R@5_{n}"] = r["R@1"], r["R@5"]
+        r1.append(r["R@1"])
+    if r1:
+        metrics["val/recall@1_mean"] = float(np.mean(r1))
+    y_all = torch.cat(labels).numpy()
+    aucs = []
+    present = torch.ones(len(y_all), dtype=torch.bool)
+    for d in diagnosis_prompts(diagnoses):
+        if d["id"] not in opts.diagnoses:
+            continue
+        name = d["anatomy"] if d["anatomy"] in names else ("global" if "global" in names else None)
+        if name is None:
+            continue
+        pe = model.encode_text(d["pos"], anatomy=None if name == "global" else name).float().cpu().mean(0)
+        ne = model.encode_text(d["neg"], anatomy=None if name == "global" else name).float().cpu().mean(0)
+        s = (img[name] @ (pe - ne)).numpy()
+        y = y_all[:, opts.diagnoses.index(d["id"])]
+        keep = (y >= 0) & (present.numpy() if name == "global" else _img_present(vmask, name, img))
+        a = roc_auc(y[keep] > 0, s[keep]) if keep.sum() > 1 else float("nan")
+        if np.isfinite(a):
+            metrics[f"val/auc_{d['id']}"] = a
+            aucs.append(a)
+    if aucs:
+        metrics["val/auc_mean"] = float(np.mean(aucs))
+    return metrics
+
+
+def _img_present(vmask, name, img) -> np.ndarray:
+    # validity in the forward pass requires text too; for scoring, image presence is what matters,
+    # and an anatomy with no text is normal under unmentioned: normal, so vmask is a good proxy
+    return vmask[name].numpy()

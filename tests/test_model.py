@@ -1,0 +1,147 @@
+"""The fVLM model, its data transform and the consolidated checkpoint (no DeepSpeed)."""
+import itertools
+
+import pytest
+import torch
+
+from fvlm.data.ct import CTStream, SampleOptions, collate, make_batch_fn, record_to_sample
+from fvlm.data.synthetic_ct import SyntheticCTSource
+from fvlm.errors import FormatError, FvlmError
+from fvlm.losses import FineGrainedContrastiveLoss, LossConfig
+from fvlm.models import create_model
+from fvlm.models.checkpoint import (IMAGE_ENCODER_PREFIX, image_encoder_state_dict, load_consolidated,
+                                    save_consolidated)
+
+ANATS = ["lung", "heart", "liver", "kidney"]
+
+
+@pytest.fixture(scope="module")
+def source():
+    return SyntheticCTSource(24, anatomies=ANATS, shape=(32, 32, 16), crop_shape=(16, 16, 8))
+
+
+def _cfg(mode="volume", **kw):
+    img = [16, 16, 8] if mode == "crop" else [32, 32, 16]
+    cfg = {"mode": mode, "anatomies": ANATS, "embed_dim": 16, "center_image": True,
+           "image": {"encoder": "vit3d_nano", "img_size": img, "patch_size": [8, 8, 4], "levels": [0, 1],
+                     "encoder_args": {"depth": 2, "embed_dim": 32, "num_heads": 2}},
+           "text": {"model_dir": "tiny-random", "center": True}}
+    cfg.update(kw)
+    return cfg
+
+
+def _opts(source, mode="volume"):
+    return SampleOptions(anatomies=ANATS, volume_size=[32, 32, 16], crop_size=[16, 16, 8] if mode == "crop" else None,
+                         diagnoses=[d["id"] for d in source.diagnoses])
+
+
+@pytest.mark.parametrize("mode", ["volume", "crop", "global"])
+def test_forward_shapes_and_loss(source, mode):
+    torch.manual_seed(0)
+    model = create_model("clip" if mode == "global" else "fvlm", _cfg(mode))
+    b = make_batch_fn(_opts(source, mode))([source.get(c) for c in source.case_ids()[:6]])
+    out = model(b)
+    names = ["global"] if mode == "global" else ANATS + ["global"]
+    assert list(out["image"]) == names
+    for n in names:
+        assert out["image"][n].shape == (6, 16) and out["valid"][n].shape == (6,)
+        assert torch.allclose(out["image"][n].norm(dim=-1), torch.ones(6), atol=1e-4)
+    loss, logs = FineGrainedContrastiveLoss(LossConfig(), [] if mode == "global" else ANATS)(out, b)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.image_encoder.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.text_encoder.parameters())   # frozen
+
+
+def test_absent_anatomy_is_invalid(source):
+    model = create_model("fvlm", _cfg())
+    rec = source.get(source.case_ids()[0])
+    rec.present["heart"] = False
+    rec.label_map[rec.label_map == 2] = 0
+    out = model(make_batch_fn(_opts(source))([rec]))
+    assert not out["valid"]["heart"][0] and out["valid"]["lung"][0]
+
+
+def test_text_cache_encodes_each_sentence_once(source):
+    model = create_model("fvlm", _cfg())
+    calls = []
+    orig = model._text_forward
+    model._text_forward = lambda texts: calls.append(len(texts)) or orig(texts)
+    b = make_batch_fn(_opts(source))([source.get(c) for c in source.case_ids()[:8]])
+    model(b)
+    n_unique = len({t for row in b["texts"] for t in row if t} | set(b["global_text"]))
+    model(b)
+    assert calls == [n_unique]
+
+
+def test_record_to_sample_text_rules(source):
+    rec = source.get(source.case_ids()[0])
+    rec.anatomy_text["liver"] = {"status": "not_mentioned", "sentences": []}
+    rec.anatomy_text["lung"] = {"status": "abnormal", "sentences": ["a.", "b.", "c."]}
+    o = _opts(source)
+    s = record_to_sample(rec, o)
+    assert s["texts"][2] == "The liver is normal." and s["status"][2] == 1
+    assert s["texts"][0] == "a. b. c." and s["status"][0] == 2
+    o.unmentioned, o.max_sentences = "skip", 2
+    s = record_to_sample(rec, o)
+    assert s["texts"][2] == "" and not s["has_text"][2] and s["texts"][0] == "a. b."
+    assert s["volume"].shape == (1, 32, 32, 16) and 0 <= float(s["volume"].min()) and float(s["volume"].max()) <= 1
+    assert set(s["label_map"].unique().tolist()) <= {0, 1, 2, 3, 4}
+
+
+def test_stream_deterministic_with_workers_and_resume(source):
+    o = _opts(source)
+    o.volume_size = None       # ids only: skip building volumes
+    ids = source.case_ids("train")
+
+    def ids_of(nw, start, n):
+        ds = CTStream(source, ids, o, 4, seed=3, start=start)
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw)
+        return [b["case_id"] for b in itertools.islice(iter(dl), n)]
+
+    ref = ids_of(0, 0, 6)
+    assert ids_of(2, 0, 6) == ref
+    assert ids_of(2, 3, 3) == ref[3:]
+    r0 = CTStream(source, ids, o, 2, rank=0, world=2, seed=3)
+    r1 = CTStream(source, ids, o, 2, rank=1, world=2, seed=3)
+    assert not set(r0.batch_ids(0)) & set(r1.batch_ids(0))
+
+
+def test_consolidated_roundtrip(source, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("fvlm", _cfg()).eval()
+    opts = _opts(source)
+    p = save_consolidated(tmp_path / "m.pt", model, {"data": opts.to_dict(), "step": 7})
+    raw = torch.load(p, weights_only=True)
+    assert raw["format"] == "fvlm-model" and raw["version"] == 1
+    assert any(k.startswith(IMAGE_ENCODER_PREFIX) for k in raw["state_dict"])
+    enc = image_encoder_state_dict(p)
+    assert "patch_embed.proj.weight" in enc
+    m2, meta = load_consolidated(p)
+    assert meta["step"] == 7 and meta["anatomies"] == ANATS
+    b = make_batch_fn(meta["data"])([source.get(c) for c in source.case_ids()[:3]])
+    with torch.no_grad():
+        e1, e2 = model.encode_image(b), m2.encode_image(b)
+        for n in e1:
+            assert torch.allclose(e1[n], e2[n], atol=1e-5)
+        t1, t2 = model.encode_text(["The liver is normal."], "liver"), m2.encode_text(["The liver is normal."], "liver")
+    assert torch.allclose(t1, t2, atol=1e-5) and t1.shape == (1, 16)
+
+
+def test_bad_inputs(source, tmp_path):
+    with pytest.raises(FvlmError, match="unknown model"):
+        create_model("fvlmm")
+    model = create_model("fvlm", _cfg())
+    with pytest.raises(FvlmError, match="unknown anatomy 'pancreas'"):
+        model.encode_text(["x"], "pancreas")
+    with pytest.raises(FvlmError, match="anatomies is empty"):
+        create_model("fvlm", _cfg(anatomies=[]))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FormatError, match="not a loadable"):
+        load_consolidated(tmp_path / "bad.pt")
+    torch.save({"format": "fvlm-model", "version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(FormatError, match="version 99"):
+        load_consolidated(tmp_path / "v99.pt")
+    with pytest.raises(FvlmError, match="not found"):
+        load_consolidated(tmp_path / "missing.pt")
