@@ -120,6 +120,10 @@ class LabelResult:
         }
 
 
+class _Entry:
+    __slots__ = ("anats", "implied", "none", "diags", "cue", "normal", "brk", "abn", "pred")
+
+
 class _Analysis:
     __slots__ = ("assign", "anats", "pred", "mentions", "abnormal", "has_none")
 
@@ -191,6 +195,7 @@ class ReportLabeler:
                 m.add(p, "excl", d.id)
             for p in d.context_terms:
                 m.add(p, "term", None)
+        m.compile(self._compile)
         self._matcher = m
         # context terms as the canonical phrases the matcher reports
         self._ctx_terms: dict[str, frozenset] = {}
@@ -204,6 +209,35 @@ class ReportLabeler:
                         if c:
                             canon.add(c)
                 self._ctx_terms[d.id] = frozenset(canon)
+
+    def _compile(self, phrase: str, payloads: list) -> "_Entry":
+        """Fold a phrase's payloads into what _analyze needs, once, at load time."""
+        e = _Entry()
+        kinds = {k for k, _ in payloads}
+        excluded = "excl" in kinds
+        e.anats = tuple(v for k, v in payloads if k == "anat")
+        e.none = "none" in kinds
+        e.diags = tuple((k, v) for k, v in payloads
+                        if k in ("dneg", "dunc") or (k in ("syn", "ctx") and not excluded))
+        e.implied = tuple(sorted({self._diag[v].anatomy for k, v in e.diags
+                                  if k != "ctx" and self._diag[v].anatomy != GLOBAL}))
+        cue_val, pre, post = None, False, False
+        for k, _ in payloads:
+            if k in _CUE_KINDS:
+                v, p, q = _CUE_KINDS[k]
+                cue_val = v if cue_val is None else min(cue_val, v)     # uncertainty wins a tie
+                pre, post = pre or p, post or q
+        if cue_val is None and "dneg" in kinds:
+            words = phrase.split()
+            p, q = words[0] in self._neg_first, words[-1] in self._neg_last
+            if p or q:
+                cue_val, pre, post = 0, p, q
+        e.cue = (cue_val, pre, post) if cue_val is not None else None
+        e.normal = "normal" in kinds
+        e.brk = "break" in kinds
+        e.abn = "abn" in kinds and not excluded
+        e.pred = bool(kinds & _PRED_KINDS)
+        return e
 
     def _canon_of(self, toks: list[str]) -> str | None:
         node = self._matcher._root
@@ -243,47 +277,29 @@ class ReportLabeler:
         abn_hits = []
         diag = self._diag
         for mt in matches:
-            pl = mt.payloads
+            e = mt.payloads                 # an _Entry (see _compile)
             phrases.add(mt.phrase)
-            excluded = any(k == "excl" for k, _ in pl)
-            cue_val = None
-            pre = post = False
-            for kind, val in pl:
-                if kind == "anat":
-                    anats.add(val)
-                    seg_anats.setdefault(seg_of[mt.start], set()).add(val)
-                elif kind == "none":
-                    has_none = True
-                elif kind in ("syn", "ctx", "dneg", "dunc"):
-                    if excluded and kind in ("syn", "ctx"):
-                        continue
-                    diag_hits.append((mt, kind, val))
-                    if kind != "ctx":
-                        a = diag[val].anatomy
-                        if a != GLOBAL:
-                            implied.add(a)
-                            seg_anats.setdefault(seg_of[mt.start], set()).add(a)
-                    if kind in ("dneg", "dunc"):
-                        pred = True
-                        if kind == "dneg":
-                            words = mt.phrase.split()
-                            p, q = words[0] in self._neg_first, words[-1] in self._neg_last
-                            if p or q:
-                                cue_val, pre, post = 0, pre or p, post or q
-                elif kind in _CUE_KINDS:
-                    v, p, q = _CUE_KINDS[kind]
-                    cue_val = v if cue_val is None else min(cue_val, v)   # uncertainty wins a tie
-                    pre, post = pre or p, post or q
-                    pred = True
-                elif kind == "normal":
-                    normal_segs.add(seg_of[mt.start])
-                    pred = True
-                elif kind == "break":
-                    breaks.append(mt.start)
-                elif kind == "abn" and not excluded:
-                    abn_hits.append(mt)
-            if cue_val is not None:
-                cues.append(Cue(mt.start, mt.end, cue_val, pre, post, mt.phrase))
+            si = seg_of[mt.start]
+            if e.anats:
+                anats.update(e.anats)
+                seg_anats.setdefault(si, set()).update(e.anats)
+            if e.implied:
+                implied.update(e.implied)
+                seg_anats.setdefault(si, set()).update(e.implied)
+            if e.none:
+                has_none = True
+            for kind, val in e.diags:
+                diag_hits.append((mt, kind, val))
+            if e.pred:
+                pred = True
+            if e.cue is not None:
+                cues.append(Cue(mt.start, mt.end, e.cue[0], e.cue[1], e.cue[2], mt.phrase))
+            if e.normal:
+                normal_segs.add(si)
+            if e.brk:
+                breaks.append(mt.start)
+            if e.abn:
+                abn_hits.append(mt)
 
         assign = anats | implied
         if not assign and not has_none and inherited:

@@ -46,7 +46,7 @@ def _plurals(word: str) -> list[str]:
 class Match(NamedTuple):
     start: int          # first token index
     end: int            # one past the last token index
-    payloads: list      # [(kind, value), ...] (shared with the trie: do not modify)
+    payloads: object    # [(kind, value), ...], or what compile() made of them (shared: do not modify)
     phrase: str         # the canonical phrase that matched
 
 
@@ -75,6 +75,17 @@ class PhraseMatcher:
                 self.size += 1
             if (kind, value) not in entry[1]:
                 entry[1].append((kind, value))
+
+    def compile(self, fn) -> None:
+        """Replace every phrase's payload list by ``fn(canonical_phrase, payloads)`` (done once after loading)."""
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            for k, v in node.items():
+                if k == _END:
+                    v[1] = fn(v[0], v[1])
+                else:
+                    stack.append(v)
 
     def match(self, tokens: list[str]) -> list[Match]:
         out = []

@@ -173,6 +173,9 @@ class SentenceSplitter:
     # ------------------------------------------------------------------ clauses
     def clauses(self, sentence: str) -> list[str]:
         """Split a sentence at semicolons, and at colons that follow more than a short label."""
+        if ";" not in sentence and ":" not in sentence:
+            c = sentence.strip(" ,")
+            return [c] if c and not _EMPTY.match(c) else []
         out = []
         for part in _SEMI.split(sentence):
             part = part.strip()
