@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ class TextSegHead(nn.Module):
     def __init__(self, spatial_dims: int, embed_dim: int, patch_size: Sequence[int], num_levels: int,
                  text_dim: int, cost_dim: int = 64, agg_dim: int = 32, agg_blocks: int = 2, guide_dim: int = 32,
                  text_guide_dim: int = 32, templates: int = 1, heads: int = 2, min_channels: int = 8,
-                 in_chans: int = 1, stem_channels: int = 8):
+                 in_chans: int = 1, stem_channels: int = 8, learned_stages: int | None = 2):
         super().__init__()
         self.sd = spatial_dims
         self.num_levels = num_levels
@@ -139,12 +140,19 @@ class TextSegHead(nn.Module):
         self.txt_guide = nn.Linear(text_dim, text_guide_dim)
         self.spatial = nn.ModuleList([SpatialAggregation(spatial_dims, agg_dim, guide_dim) for _ in range(agg_blocks)])
         self.classwise = nn.ModuleList([ClassAggregation(agg_dim, text_guide_dim, heads) for _ in range(agg_blocks)])
-        self.plan = upsample_plan(patch_size)
-        n = len(self.plan)
+        full = upsample_plan(patch_size)
+        # per-prompt decoding is K times the work of a plain head: only the first
+        # `learned_stages` upsamplings are learned (with guidance); the rest is interpolation
+        n = len(full) if learned_stages is None else max(1, min(learned_stages, len(full)))
+        self.plan = full[:n]
+        self.final_scale = None if n == len(full) else tuple(
+            int(np.prod([f[a] for f in full[n:]])) for a in range(spatial_dims))
         ch = stage_channels(n, agg_dim, min_channels)
         # guidance skips are narrower than the per-prompt path: they are repeated K times
         gch = [max(4, c // 2) for c in ch]
-        self.pyramid = SkipPyramid(spatial_dims, embed_dim, patch_size, num_levels, gch, in_chans, stem_channels)
+        partial = [int(np.prod([f[a] for f in self.plan])) for a in range(spatial_dims)]
+        self.pyramid = SkipPyramid(spatial_dims, embed_dim, partial, num_levels, gch, in_chans,
+                                   stem_channels, full_patch=patch_size)
         self.ups = nn.ModuleList([convT(ch[s], ch[s + 1], kernel_size=f, stride=f) for s, f in enumerate(self.plan)])
         self.blocks = nn.ModuleList([ConvBlock(spatial_dims, ch[s + 1] + self.pyramid.out_channels[s + 1], ch[s + 1])
                                      for s in range(n)])
@@ -179,4 +187,8 @@ class TextSegHead(nn.Module):
             if skip is not None:
                 z = torch.cat([z, skip.repeat_interleave(k, dim=0)], 1)
             z = block(z)
-        return self.out(z).reshape(b, k, *z.shape[2:])
+        z = self.out(z)
+        if self.final_scale is not None:
+            z = F.interpolate(z, size=tuple(image.shape[2:]), mode="trilinear" if self.sd == 3 else "bilinear",
+                              align_corners=False)
+        return z.reshape(b, k, *z.shape[2:])

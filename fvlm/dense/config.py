@@ -33,6 +33,8 @@ class ModelConfig:
     agg_blocks: int = opt(2, "text head: (spatial, class) aggregation block pairs")
     guide_dim: int = opt(32, "text head: width of the image/text guidance")
     heads: int = opt(2, "text head: attention heads of class aggregation")
+    learned_stages: int = opt(2, "text head: learned x2 upsampling stages per prompt; the rest is interpolated "
+                                 "(0 = all learned)")
 
 
 @dataclass

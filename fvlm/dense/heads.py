@@ -78,10 +78,14 @@ class SkipPyramid(nn.Module):
     """
 
     def __init__(self, spatial_dims: int, embed_dim: int, patch_size: Sequence[int], num_levels: int,
-                 channels: Sequence[int], in_chans: int = 1, stem_channels: int = 16):
+                 channels: Sequence[int], in_chans: int = 1, stem_channels: int = 16,
+                 full_patch: Sequence[int] | None = None):
         super().__init__()
         self.sd = spatial_dims
         self.plan = upsample_plan(patch_size)
+        # decoding stops short of the input resolution: the image stem is pooled down to it
+        self.pool = None if full_patch is None or tuple(full_patch) == tuple(patch_size) else tuple(
+            int(f) // int(p) for f, p in zip(full_patch, patch_size))
         n = len(self.plan)
         if n == 0:
             raise ValueError("patch size 1 needs no upsampling head")
@@ -110,6 +114,9 @@ class SkipPyramid(nn.Module):
         for j, (proj, s) in enumerate(zip(self.projs, self.assign)):
             per_stage[s].append(proj(skips[j]))
         if self.stem is not None:
+            if self.pool is not None:
+                pool = nn.functional.avg_pool3d if self.sd == 3 else nn.functional.avg_pool2d
+                image = pool(image, self.pool, self.pool)
             per_stage[n].append(self.stem(image))
         return [torch.cat(p, 1) if p else None for p in per_stage[1:]]
 

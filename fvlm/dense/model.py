@@ -104,7 +104,8 @@ def build_dense_model(cfg: ModelConfig, class_names: Sequence[str], text_dim: in
                            agg_dim=cfg.agg_dim, agg_blocks=cfg.agg_blocks, guide_dim=cfg.guide_dim,
                            text_guide_dim=cfg.guide_dim, templates=len(cfg.templates), heads=cfg.heads,
                            min_channels=max(4, cfg.min_channels // 2), in_chans=cfg.in_chans,
-                           stem_channels=max(4, cfg.stem_channels // 2) if cfg.stem_channels else 0)
+                           stem_channels=max(4, cfg.stem_channels // 2) if cfg.stem_channels else 0,
+                           learned_stages=cfg.learned_stages or None)
     if cfg.pretrained:
         load_pretrained_encoder(enc, cfg.pretrained)
     return DenseModel(enc, head, levels, cfg.head, class_names, cfg.freeze_encoder)

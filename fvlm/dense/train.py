@@ -203,7 +203,9 @@ def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_
     Every sample of the batch gets the same number of prompts ``K``: a shuffled subset of
     the seen class phrases (shared), then one finding slot per sample filled with its own
     finding (a full mask) or, if it has none in the crop, with a finding text of another
-    sample (whose absence here is known: a negative with an all-zero mask).
+    sample (whose absence here is known: a negative with an all-zero mask), then one
+    image-level slot: a diagnosis phrase labelled absent for the case (absent from the
+    image means absent from every crop; image-level *positives* say nothing about a crop).
     """
     import torch
 
@@ -221,9 +223,10 @@ def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]
     pool = [t for c in crops for t, m in c["findings"]]
     has_findings = bool(pool)
+    has_labels = any(0 in c["case"].labels.values() for c in crops)
     b = len(crops)
     shape = crops[0]["image"].shape
-    k = len(chosen) + (1 if has_findings else 0)
+    k = len(chosen) + int(has_findings) + int(has_labels)
     mask = np.zeros((b, k, *shape), np.float32)
     weight = np.ones((b, k, *shape), np.float32)
     full = np.ones((b, k), bool)
@@ -254,5 +257,16 @@ def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_
                     weight[bi, -1] = 0.0
                     label[bi, -1] = -1.0
             prompts.append(t)
+        if has_labels:
+            # image-level supervision: a diagnosis absent from the whole image is absent from the crop
+            neg = [p for p, v in c["case"].labels.items() if v == 0]
+            j = k - 1
+            if neg:
+                prompts.append(neg[rng.integers(len(neg))])
+            else:  # nothing known to be absent here: the slot carries no loss
+                prompts.append(next(p for cc in crops for p, v in cc["case"].labels.items() if v == 0))
+                weight[bi, j] = 0.0
+                full[bi, j] = False
+                label[bi, j] = -1.0
     return {"prompts": prompts, "k": k, "mask": torch.from_numpy(mask), "weight": torch.from_numpy(weight),
             "full": torch.from_numpy(full), "label": torch.from_numpy(label)}

@@ -1,0 +1,263 @@
+"""Dense heads: shapes (2D/3D), metrics against hand-computed cases, losses, prompt-order
+invariance of the class aggregation, checkpoints, and the bad-input paths."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fvlm.dense.aggregation import ClassAggregation, TextSegHead
+from fvlm.dense.heads import SegHead, upsample_plan
+from fvlm.dense.metrics import (SegmentationMeter, binary_dice_iou, confusion_counts, dice_iou_from_counts,
+                                per_class_dice_iou, pointing_chance, pointing_game)
+from fvlm.encoders import create_encoder
+from fvlm.errors import FvlmError
+
+torch.set_num_threads(2)
+
+CASES = [(2, (32, 32), (8, 8)), (3, (32, 32, 16), (8, 8, 4)), (2, (32, 48), (16, 8))]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_dice_iou_hand_computed():
+    # class 1: pred 3 voxels, target 2, overlap 2 -> Dice 4/5, IoU 2/3
+    # class 2: pred 1, target 2, overlap 1 -> Dice 2/3, IoU 1/2
+    # class 3: absent in both -> undefined
+    t = np.array([[1, 1, 2, 2], [0, 0, 0, 0]])
+    p = np.array([[1, 1, 2, 1], [0, 0, 0, 0]])
+    d, i = per_class_dice_iou(p, t, 4)
+    assert d[0] == pytest.approx(0.8) and i[0] == pytest.approx(2 / 3)
+    assert d[1] == pytest.approx(2 / 3) and i[1] == pytest.approx(0.5)
+    assert np.isnan(d[2]) and np.isnan(i[2])
+    c = confusion_counts(p, t, 4)
+    assert c[1].tolist() == [2, 1, 0] and c[2].tolist() == [1, 0, 1]
+
+
+def test_binary_dice_false_positive_only_is_zero():
+    t = np.zeros((4, 4), bool)
+    p = np.zeros((4, 4), bool)
+    p[0, 0] = True
+    assert binary_dice_iou(p, t) == (0.0, 0.0)
+    d, i = binary_dice_iou(t, t)
+    assert np.isnan(d) and np.isnan(i)
+
+
+def test_meter_per_case_vs_pooled():
+    m = SegmentationMeter(["a"])
+    m.update(np.array([1, 1, 1, 1, 0, 0]), np.array([1, 1, 1, 1, 0, 0]), "c1")  # Dice 1
+    m.update(np.array([1, 0, 0, 0]), np.array([0, 1, 1, 1]), "c2")  # Dice 0
+    s = m.summary()
+    assert s["per_class"]["a"]["dice"] == pytest.approx(0.5)  # mean over cases
+    # pooled: tp 4, fp 1, fn 3 -> 8 / 12; IoU 4 / 8
+    assert s["per_class"]["a"]["dice_global"] == pytest.approx(2 / 3, abs=1e-6)
+    assert s["per_class"]["a"]["iou_global"] == pytest.approx(0.5, abs=1e-6)
+    assert s["n_cases"] == 2
+    json.dumps(s)  # JSON-safe (no nan)
+
+
+def test_pointing_game_and_chance():
+    h = np.zeros((5, 5))
+    m = np.zeros((5, 5), bool)
+    m[1:3, 1:3] = True
+    h[2, 2] = 1.0
+    assert pointing_game(h, m)
+    h2 = np.zeros((5, 5))
+    h2[4, 4] = 1.0
+    assert not pointing_game(h2, m)
+    h3 = np.zeros((5, 5))
+    h3[3, 2] = 1.0
+    assert not pointing_game(h3, m) and pointing_game(h3, m, tolerance=1)
+    assert pointing_chance(m) == pytest.approx(4 / 25)
+    body = np.zeros((5, 5), bool)
+    body[:, :2] = True  # 10 voxels, 2 of them in the mask
+    assert pointing_chance(m, candidates=body) == pytest.approx(0.2)
+    # the maximum outside the candidates is ignored
+    h4 = np.zeros((5, 5))
+    h4[4, 4], h4[1, 1] = 1.0, 0.5
+    assert pointing_game(h4, m, candidates=body)
+
+
+def test_metric_bad_inputs():
+    with pytest.raises(ValueError, match="differs"):
+        per_class_dice_iou(np.zeros((2, 2)), np.zeros((2, 3)), 2)
+    with pytest.raises(ValueError, match="label ids"):
+        confusion_counts(np.array([0, 3]), np.array([0, 1]), 2)
+    with pytest.raises(ValueError, match="non-empty"):
+        pointing_game(np.zeros((3, 3)), np.zeros((3, 3), bool))
+
+
+def test_dice_from_counts_nan_only_when_empty():
+    d, i = dice_iou_from_counts(np.array([[0, 0, 0], [0, 2, 0], [0, 0, 3]]))
+    assert np.isnan(d[0]) and d[1] == 0 and d[2] == 0
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def test_upsample_plan():
+    assert upsample_plan((8, 8, 4)) == [(2, 2, 2), (2, 2, 2), (2, 2, 1)]
+    assert upsample_plan((16, 16)) == [(2, 2)] * 4
+    assert upsample_plan((32, 16, 16))[-1] == (2, 1, 1)
+    assert upsample_plan((12, 4)) == [(2, 2), (2, 2), (3, 1)]
+
+
+@pytest.mark.parametrize("sd,img,patch", CASES)
+def test_seg_head_shapes(sd, img, patch):
+    enc = create_encoder(f"vit{sd}d_nano", img_size=img, patch_size=patch)
+    x = torch.randn(2, 1, *img)
+    feats = enc.forward_intermediates(x, [0, 1, 3])
+    head = SegHead(sd, enc.embed_dim, patch, 3, num_classes=5, base_channels=16, min_channels=8, stem_channels=4)
+    out = head(feats, x)
+    assert out.shape == (2, 5, *img)
+    out.sum().backward()  # gradients reach the encoder
+    assert enc.patch_embed.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("sd,img,patch", CASES[:2])
+def test_text_head_shapes_and_prompt_order_invariance(sd, img, patch):
+    torch.manual_seed(0)
+    enc = create_encoder(f"vit{sd}d_nano", img_size=img, patch_size=patch).eval()
+    head = TextSegHead(sd, enc.embed_dim, patch, 2, text_dim=24, cost_dim=16, agg_dim=8, guide_dim=8,
+                       text_guide_dim=8, templates=2, min_channels=4, stem_channels=4).eval()
+    x = torch.randn(2, 1, *img)
+    text = torch.randn(5, 2, 24)
+    with torch.no_grad():
+        feats = enc.forward_intermediates(x, [1, 3])
+        out = head(feats, x, text)
+        perm = torch.tensor([3, 0, 4, 2, 1])
+        out_p = head(feats, x, text[perm])
+        out_sub = head(feats, x, text[:3])  # a different number of prompts works too
+    assert out.shape == (2, 5, *img)
+    assert out_sub.shape == (2, 3, *img)
+    torch.testing.assert_close(out_p, out[:, perm], atol=1e-5, rtol=1e-4)
+
+
+def test_class_aggregation_is_permutation_equivariant():
+    torch.manual_seed(0)
+    agg = ClassAggregation(8, 4, heads=2).eval()
+    x = torch.randn(2, 6, 8, 3, 3)
+    t = torch.randn(2, 6, 4)
+    perm = torch.randperm(6)
+    with torch.no_grad():
+        torch.testing.assert_close(agg(x, t)[:, perm], agg(x[:, perm], t[:, perm]), atol=1e-5, rtol=1e-4)
+
+
+def test_text_head_rejects_bad_prompt_tensor():
+    head = TextSegHead(2, 96, (8, 8), 1, text_dim=24, templates=1)
+    enc = create_encoder("vit2d_nano", img_size=(32, 32), patch_size=(8, 8))
+    x = torch.randn(1, 1, 32, 32)
+    feats = enc.forward_intermediates(x, [3])
+    with pytest.raises(ValueError, match="template"):
+        head(feats, x, torch.randn(3, 2, 24))
+    with pytest.raises(ValueError, match="text embeddings"):
+        head(feats, x, torch.randn(2, 3, 1, 24))  # batch 2 != 1
+    with pytest.raises(ValueError, match="encoder levels"):
+        head(feats * 2, x, torch.randn(3, 24))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_losses_behave():
+    from fvlm.losses.dense import DiceCELoss, MixedSupervisionLoss, SoftmaxDiceLoss, pooled_logit
+
+    y = torch.randint(0, 3, (2, 8, 8))
+    perfect = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float() * 20
+    assert SoftmaxDiceLoss()(perfect, y) < 1e-3
+    assert DiceCELoss(focal_gamma=2.0)(perfect, y) < 1e-3
+    assert DiceCELoss()(torch.zeros(2, 3, 8, 8), y) > 0.5
+    # ignore_index: voxels marked 255 do not count
+    y2 = y.clone()
+    y2[:, :4] = 255
+    wrong = perfect.clone()
+    wrong[:, :, :4] = -perfect[:, :, :4]
+    assert DiceCELoss(ignore_index=255)(wrong, y2) < 1e-3
+    # mixed supervision: unknown voxels (weight 0) and unknown labels (-1) add nothing
+    logits = torch.zeros(1, 2, 4, 4, requires_grad=True)
+    mask = torch.zeros(1, 2, 4, 4)
+    w = torch.zeros(1, 2, 4, 4)
+    out = MixedSupervisionLoss()(logits, mask, w, torch.zeros(1, 2, dtype=torch.bool), -torch.ones(1, 2))
+    assert float(out["loss"].detach()) == 0.0
+    s = pooled_logit(torch.full((1, 1, 4, 4), -3.0))
+    assert float(s) == pytest.approx(-3.0, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- model, checkpoint, CLI errors
+
+
+def _cfg(**model):
+    from fvlm.config import build
+    from fvlm.dense.config import DenseConfig
+
+    base = {"encoder": "vit2d_nano", "img_size": [32, 32], "patch_size": [8, 8], "base_channels": 16,
+            "min_channels": 8, "stem_channels": 4}
+    return build(DenseConfig, {"model": {**base, **model}})
+
+
+def test_dense_checkpoint_roundtrip(tmp_path):
+    from fvlm.dense.model import build_dense_model, load_dense, save_dense
+
+    cfg = _cfg()
+    m = build_dense_model(cfg.model, ["liver", "spleen"]).eval()
+    p = save_dense(tmp_path / "d.pt", m, cfg.model)
+    m2, info = load_dense(p)
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m2(x))
+    assert info["class_names"] == ["liver", "spleen"] and info["task"] == "seg"
+
+
+def test_load_pretrained_encoder_from_consolidated(tmp_path):
+    """Encoder weights under 'image_encoder.' (the consolidated checkpoint layout) load; a freeze keeps them."""
+    from fvlm.dense.model import build_dense_model
+
+    src = create_encoder("vit2d_nano", img_size=(32, 32), patch_size=(8, 8))
+    sd = {f"image_encoder.{k}": v for k, v in src.state_dict().items()}
+    sd["text_proj.weight"] = torch.zeros(2, 2)
+    torch.save({"format": "fvlm-checkpoint", "version": 1, "state_dict": sd}, tmp_path / "pre.pt")
+    cfg = _cfg(pretrained=str(tmp_path / "pre.pt"), freeze_encoder=True)
+    m = build_dense_model(cfg.model, ["liver"])
+    torch.testing.assert_close(m.encoder.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    assert not any(p.requires_grad for p in m.encoder.parameters())
+    m.train()
+    assert not m.encoder.training and m.head.training
+
+
+def test_load_pretrained_errors(tmp_path):
+    from fvlm.dense.model import build_dense_model, load_dense
+    from fvlm.errors import FormatError
+
+    torch.save({"state_dict": {"text.w": torch.zeros(1)}}, tmp_path / "x.pt")
+    with pytest.raises(FormatError, match="image_encoder"):
+        build_dense_model(_cfg(pretrained=str(tmp_path / "x.pt")).model, ["liver"])
+    with pytest.raises(FvlmError, match="not found"):
+        build_dense_model(_cfg(pretrained=str(tmp_path / "missing.pt")).model, ["liver"])
+    with pytest.raises(FormatError, match="not a dense checkpoint"):
+        load_dense(tmp_path / "x.pt")
+    with pytest.raises(FvlmError, match="text_dim"):
+        build_dense_model(_cfg(head="text").model, ["liver"])
+
+
+def test_cli_errors(tmp_path, capsys):
+    from fvlm.cli import main
+
+    assert main(["dense", "eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "dense checkpoint not found" in capsys.readouterr().err
+    assert main(["dense", "train", "--out", str(tmp_path / "o"), "--set", "data.classes=[livr]"]) == 2
+    assert "not in anatomy set" in capsys.readouterr().err
+    assert main(["dense", "train", "--out", str(tmp_path / "o"), "--set", "model.encoder=vit2d_nano"]) == 2
+    assert "2 values" in capsys.readouterr().err
+    assert main(["dense", "train", "--out", str(tmp_path / "o"), "--data", "shards"]) == 2
+    assert "data.root" in capsys.readouterr().err
+
+
+def test_ground_rejects_seg_checkpoint_and_bad_image(tmp_path, capsys):
+    from fvlm.cli import main
+    from fvlm.dense.model import build_dense_model, save_dense
+
+    cfg = _cfg()
+    p = save_dense(tmp_path / "d.pt", build_dense_model(cfg.model, ["liver"]), cfg.model)
+    assert main(["dense", "ground", "--checkpoint", str(p), "--image", "x.png", "--text", "liver"]) == 2
+    assert "grounding needs model.head=text" in capsys.readouterr().err
