@@ -21,11 +21,12 @@ def label_boxes(lab: np.ndarray, n_labels: int) -> tuple[dict, np.ndarray]:
     """Bounding boxes ``{label: (x0, y0, z0, x1, y1, z1)}`` (end exclusive) and voxel counts of labels 1..n."""
     from scipy import ndimage
 
-    counts = np.bincount(lab.ravel(), minlength=n_labels + 1)[: n_labels + 1]
+    counts = np.zeros(n_labels + 1, dtype=np.int64)
     boxes = {}
     for k, sl in enumerate(ndimage.find_objects(lab, max_label=n_labels), start=1):
-        if sl is not None:
+        if sl is not None:  # count inside the box only (a bincount would widen the whole map to int64)
             boxes[k] = (sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop)
+            counts[k] = int(np.count_nonzero(lab[sl] == k))
     return boxes, counts
 
 

@@ -226,7 +226,8 @@ def test_sigkill_and_resume_gives_identical_shards(ct_samples, tmp_path):
     cmd = [sys.executable, "-m", "fvlm.cli", "preprocess", "--manifest", man, *SMALL, "--samples-per-shard", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(cmd + ["--out", str(full)], check=True, env=env, timeout=300)
+    # the reference run uses 2 workers: shard bytes must not depend on worker timing either
+    subprocess.run(cmd + ["--out", str(full), "--num-workers", "2"], check=True, env=env, timeout=300)
     p = subprocess.Popen(cmd + ["--out", str(killed)], env=env)
     t0 = time.time()
     while time.time() - t0 < 120:  # kill once the first shard is final and more work is staged
@@ -256,3 +257,34 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["preprocess", "merge", str(tmp_path)]) == 2
     assert main(["preprocess", "--manifest", str(tmp_path / "dup.csv"), "--out", str(tmp_path / "o"),
                  "--set", "masks.source=magic"]) == 2
+
+
+def test_totalsegmentator_without_weights(ct_samples, tmp_path, monkeypatch):
+    from preprocess.errors import CaseError
+    from preprocess.masks import run_totalsegmentator, ts_available
+
+    monkeypatch.setenv("TOTALSEG_HOME_DIR", str(tmp_path / "ts_home"))
+    monkeypatch.delenv("TOTALSEG_WEIGHTS_PATH", raising=False)
+    assert not ts_available()
+    with pytest.raises(CaseError, match="totalseg_download_weights"):
+        run_totalsegmentator(np.zeros((4, 4, 4), np.int16), np.eye(4), "total", False, "cpu")
+    man = _manifest(tmp_path / "m.csv", [{"case_id": "a", "image": str(ct_samples / "example_ct_sm.nii.gz")}])
+    assert main(["preprocess", "--manifest", man, "--out", str(tmp_path / "o"), *SMALL,
+                 "--mask-source", "totalsegmentator"]) == 0
+    err = json.loads((tmp_path / "o" / "errors.jsonl").read_text())
+    assert err["stage"] == "mask" and "weights are not installed" in err["reason"]
+
+
+def test_report_labeler_silver_labels(ct_samples, tmp_path):
+    pytest.importorskip("preprocess.reports")
+    man = _manifest(tmp_path / "m.csv", [{
+        "case_id": "a", "image": str(ct_samples / "example_ct_sm.nii.gz"), "mask": str(ct_samples / "example_seg.nii.gz"),
+        "findings": "The liver is normal. There is a small gallstone in the gallbladder.",
+        "impressions": "Cholelithiasis."}])
+    assert main(["preprocess", "--manifest", man, "--out", str(tmp_path / "o"), "--config", "preprocess/small",
+                 "-q"]) == 0
+    rec = ShardDataset(tmp_path / "o").get("a", volume=False, crops=False)
+    assert rec.meta["report_labeler"] == "fvlm54"
+    assert rec.labels.get("gallstones") == 1
+    assert rec.anatomy_text["gallbladder"]["status"] == "abnormal"
+    assert any("gallstone" in t for t in rec.anatomy_text["gallbladder"]["sentences"])
