@@ -18,9 +18,10 @@ DEFAULT_CONFIG = "xray/default.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    shorthand(p, "--data", "data.source", "folder or manifest of radiographs ('samples/...' = shipped samples)")
-    shorthand(p, "--out", "train.out_dir", "output folder")
-    shorthand(p, "--steps", "train.steps", "optimizer steps", type=int)
+    shorthand(p, "--data", "data.source", "folder or manifest of radiographs ('samples/...' = shipped samples)",
+              metavar="PATH")
+    shorthand(p, "--out", "train.out_dir", "output folder", metavar="DIR")
+    shorthand(p, "--steps", "train.steps", "optimizer steps", type=int, metavar="N")
     shorthand(p, "--linear-probe", "probe.labels", "labels CSV for a linear probe on frozen features",
               metavar="LABELS.csv")
     p.add_argument("--probe-only", action="store_true",
