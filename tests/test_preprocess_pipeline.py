@@ -288,3 +288,26 @@ def test_report_labeler_silver_labels(ct_samples, tmp_path):
     assert rec.labels.get("gallstones") == 1
     assert rec.anatomy_text["gallbladder"]["status"] == "abnormal"
     assert any("gallstone" in t for t in rec.anatomy_text["gallbladder"]["sentences"])
+
+
+def test_dicom_folder_with_two_series_is_reported(ct_samples, tmp_path):
+    import shutil
+
+    import pydicom
+
+    from preprocess.errors import CaseError
+    from preprocess.load import load_volume
+
+    d = tmp_path / "two_series"
+    d.mkdir()
+    for i, f in enumerate(sorted((ct_samples / "example_ct_dicom").iterdir())):
+        shutil.copy(f, d / f"a{i:02d}")
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.2.{i}"
+        ds.save_as(d / f"b{i:02d}")
+    with pytest.raises(CaseError, match="holds 2 DICOM series") as e:
+        load_volume(d)
+    assert e.value.stage == "input" and "never merged" in e.value.reason
+    v = load_volume(d, series_uid="1.2.826.0.1.3680043.8.498.1")
+    assert v.array.shape == (512, 512, 20)
