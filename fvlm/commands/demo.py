@@ -26,7 +26,7 @@ DESCRIPTION = HELP + ". " + __doc__.split("\n\n")[1].replace("\n", " ")
 @dataclass
 class DemoConfig:
     out: str = opt("runs/demo", "output directory (corpus/, shards/, train/, results/, summary.md)")
-    corpus: str = opt("demo/default.yaml", "corpus generator preset (a name under configs/ or a YAML path)")
+    corpus: str = opt("default", "corpus generator preset (a name under configs/demo/ or a YAML path)")
     n_cases: int = opt(0, "number of generated volumes (0 = the preset's)")
     seed: int = opt(0, "seed of the corpus generator and of training")
     preprocess_config: str = opt("demo/preprocess.yaml", "config of the preprocess stage")
@@ -113,6 +113,8 @@ def labeler_agreement(shards: Path, labels_csv: Path, split: str | None = None) 
 
 
 def _fmt(v, digits=3):
+    if isinstance(v, dict):  # a results.json metric entry
+        v = v.get("value")
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
