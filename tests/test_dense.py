@@ -225,6 +225,37 @@ def test_load_pretrained_encoder_from_consolidated(tmp_path):
     assert not m.encoder.training and m.head.training
 
 
+def test_pretrained_spec_is_adopted_from_pretrain_and_xray_checkpoints(tmp_path):
+    """`fvlm pretrain` (fvlm-model) and `fvlm pretrain-xray` (fvlm-xray-encoder) checkpoints name their
+    encoder; the dense model takes family, patch size and arguments from them, keeping its img_size."""
+    from fvlm.dense.model import adopt_pretrained_spec, build_dense_model
+
+    src3 = create_encoder("vit3d_nano", img_size=(32, 32, 16), patch_size=(16, 16, 8), depth=2)
+    torch.save({"format": "fvlm-model", "version": 1,
+                "config": {"image": {"encoder": "vit3d_nano", "img_size": [32, 32, 16], "patch_size": [16, 16, 8],
+                                     "encoder_args": {"depth": 2}}},
+                "state_dict": {f"image_encoder.{k}": v for k, v in src3.state_dict().items()}}, tmp_path / "ct.pt")
+    cfg = adopt_pretrained_spec(_cfg(encoder="vit3d_tiny", img_size=[64, 64, 32], patch_size=[8, 8, 4],
+                                     pretrained=str(tmp_path / "ct.pt")).model)
+    assert cfg.encoder == "vit3d_nano" and cfg.patch_size == [16, 16, 8] and cfg.encoder_args == {"depth": 2}
+    m = build_dense_model(cfg, ["liver"])
+    assert m.encoder.depth == 2 and m.encoder.img_size == (64, 64, 32)
+    torch.testing.assert_close(m.encoder.blocks[1].mlp.fc1.weight, src3.blocks[1].mlp.fc1.weight)
+    assert m(torch.rand(1, 1, 64, 64, 32)).shape == (1, 2, 64, 64, 32)
+
+    src2 = create_encoder("vit2d_nano", img_size=(32, 32), patch_size=(8, 8))
+    torch.save({"format": "fvlm-xray-encoder", "version": 1,
+                "encoder_spec": {"name": "vit2d_nano", "img_size": [32, 32], "patch_size": [8, 8], "in_chans": 1,
+                                 "kwargs": {}, "pixel_mean": [0.5], "pixel_std": [0.25]},
+                "state_dict": {f"image_encoder.{k}": v for k, v in src2.state_dict().items()}}, tmp_path / "xr.pt")
+    cfg2 = adopt_pretrained_spec(_cfg(img_size=[64, 64], pretrained=str(tmp_path / "xr.pt")).model)
+    assert cfg2.input_norm == [0.5, 0.25]
+    m2 = build_dense_model(cfg2, ["lung"])
+    assert m2.input_norm == (0.5, 0.25)
+    with pytest.raises(FvlmError, match="divisible"):
+        adopt_pretrained_spec(_cfg(img_size=[36, 36], patch_size=[4, 4], pretrained=str(tmp_path / "xr.pt")).model)
+
+
 def test_load_pretrained_errors(tmp_path):
     from fvlm.dense.model import build_dense_model, load_dense
     from fvlm.errors import FormatError

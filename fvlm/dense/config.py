@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import opt
 
@@ -14,6 +15,10 @@ class ModelConfig:
     img_size: list[int] = opt([64, 64, 32], "encoder input = training crop = sliding-window size, (X, Y, Z) or (H, W)")
     patch_size: list[int] = opt([8, 8, 4], "encoder patch size, same axis order as img_size")
     in_chans: int = opt(1, "input channels")
+    encoder_args: dict[str, Any] = opt({}, "extra encoder arguments (e.g. {depth: 4, embed_dim: 96}); "
+                                           "taken from model.pretrained when it names them")
+    input_norm: list[float] = opt([], "[mean, std] standardising the encoder input (empty = none; "
+                                      "taken from an X-ray encoder checkpoint)")
     encoder_stem: str = opt("linear", "encoder patch-embedding stem", choices=("linear", "conv"))
     levels: list[int] = opt([], "encoder blocks feeding the head, shallow to deep (negative = from the end); "
                                 "empty = 4 evenly spaced incl. the last")

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -22,7 +23,7 @@ from .aggregation import TextSegHead
 from .config import ModelConfig
 from .heads import SegHead
 
-__all__ = ["DenseModel", "build_dense_model", "save_dense", "load_dense", "load_pretrained_encoder",
+__all__ = ["DenseModel", "build_dense_model", "adopt_pretrained_spec", "save_dense", "load_dense", "load_pretrained_encoder",
            "sliding_predict", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "fvlm-dense-checkpoint"
@@ -46,6 +47,7 @@ class DenseModel(nn.Module):
         self.task = task
         self.class_names = list(class_names)
         self.freeze_encoder = freeze_encoder
+        self.input_norm = None
         if freeze_encoder:
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
@@ -61,6 +63,8 @@ class DenseModel(nn.Module):
         return self
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.input_norm is not None:
+            x = (x - self.input_norm[0]) / self.input_norm[1]
         if self.freeze_encoder:
             with torch.no_grad():
                 return self.encoder.forward_intermediates(x, self.levels)
@@ -90,7 +94,7 @@ def build_dense_model(cfg: ModelConfig, class_names: Sequence[str], text_dim: in
     from ..encoders import create_encoder
 
     enc = create_encoder(cfg.encoder, img_size=tuple(cfg.img_size), patch_size=tuple(cfg.patch_size),
-                         in_chans=cfg.in_chans, stem=cfg.encoder_stem)
+                         in_chans=cfg.in_chans, **{"stem": cfg.encoder_stem, **cfg.encoder_args})
     sd = enc.spatial_dims
     levels = _levels(cfg, enc.depth)
     if cfg.head == "seg":
@@ -108,7 +112,67 @@ def build_dense_model(cfg: ModelConfig, class_names: Sequence[str], text_dim: in
                            learned_stages=cfg.learned_stages or None)
     if cfg.pretrained:
         load_pretrained_encoder(enc, cfg.pretrained)
-    return DenseModel(enc, head, levels, cfg.head, class_names, cfg.freeze_encoder)
+    model = DenseModel(enc, head, levels, cfg.head, class_names, cfg.freeze_encoder)
+    if cfg.input_norm:
+        if len(cfg.input_norm) != 2 or cfg.input_norm[1] <= 0:
+            raise FvlmError(f"model.input_norm must be [mean, std > 0], got {cfg.input_norm}")
+        model.input_norm = (float(cfg.input_norm[0]), float(cfg.input_norm[1]))
+    return model
+
+
+def _read_checkpoint(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FvlmError(f"pretrained checkpoint not found: {p}")
+    try:
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FvlmError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
+    if not isinstance(raw, dict):
+        raise FormatError(f"{p}: not a checkpoint dict")
+    return raw
+
+
+def adopt_pretrained_spec(cfg: ModelConfig) -> ModelConfig:
+    """The model config with the encoder family, patch size and arguments of ``cfg.pretrained``.
+
+    Reads the encoder description a pretraining checkpoint carries: ``config.image`` of a
+    ``fvlm-model`` (`fvlm pretrain`), ``encoder_spec`` of a ``fvlm-xray-encoder``
+    (`fvlm pretrain-xray`, including its input standardisation), ``config`` of a dense
+    checkpoint. ``img_size`` stays the dense one (position embeddings are resized).
+    """
+    if not cfg.pretrained:
+        return cfg
+    raw = _read_checkpoint(cfg.pretrained)
+    fmt = raw.get("format")
+    spec: dict = {}
+    if fmt == "fvlm-model" and isinstance(raw.get("config"), dict):
+        im = raw["config"].get("image", {})
+        spec = {"encoder": im.get("encoder"), "patch_size": im.get("patch_size"),
+                "encoder_args": dict(im.get("encoder_args") or {})}
+    elif fmt == "fvlm-xray-encoder" and isinstance(raw.get("encoder_spec"), dict):
+        es = raw["encoder_spec"]
+        spec = {"encoder": es.get("name"), "patch_size": es.get("patch_size"), "in_chans": es.get("in_chans"),
+                "encoder_args": dict(es.get("kwargs") or {})}
+        if es.get("pixel_mean") is not None and es.get("pixel_std") is not None:
+            m, sd = es["pixel_mean"], es["pixel_std"]
+            spec["input_norm"] = [float(np.mean(m)), float(np.mean(sd))]
+    elif fmt == FORMAT_NAME:
+        c = raw["config"]
+        spec = {k: c.get(k) for k in ("encoder", "patch_size", "in_chans", "encoder_args", "input_norm")}
+    spec = {k: v for k, v in spec.items() if v not in (None, [], {})}
+    for k in ("img_size", "in_chans", "spatial_dims", "patch_size", "stem"):
+        spec.get("encoder_args", {}).pop(k, None)
+    if not spec:
+        return cfg
+    new = dataclasses.replace(cfg, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()})
+    if len(new.img_size) != len(new.patch_size) or any(s % p for s, p in zip(new.img_size, new.patch_size)):
+        raise FvlmError(f"{cfg.pretrained}: its encoder uses patch size {list(new.patch_size)}; model.img_size "
+                        f"{list(cfg.img_size)} must have as many values and be divisible by it")
+    changed = {k: v for k, v in spec.items() if getattr(cfg, k) != getattr(new, k)}
+    if changed:
+        log.info("encoder settings taken from %s: %s", cfg.pretrained, changed)
+    return new
 
 
 def load_pretrained_encoder(enc: nn.Module, path: str | os.PathLike) -> dict:
@@ -122,14 +186,7 @@ def load_pretrained_encoder(enc: nn.Module, path: str | os.PathLike) -> dict:
     from ..encoders import load_encoder_weights
 
     p = Path(path)
-    if not p.is_file():
-        raise FvlmError(f"pretrained checkpoint not found: {p}")
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FvlmError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
-    if not isinstance(raw, dict):
-        raise FormatError(f"{p}: not a checkpoint dict")
+    raw = _read_checkpoint(p)
     sd = raw.get("state_dict", raw.get("model", raw))
     if not isinstance(sd, dict):
         raise FormatError(f"{p}: no state dict inside")

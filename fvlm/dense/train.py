@@ -108,8 +108,11 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
 
     from ..config import dump_config
     from ..progress import progress
-    from .model import build_dense_model, save_dense
+    import dataclasses
 
+    from .model import adopt_pretrained_spec, build_dense_model, save_dense
+
+    cfg = dataclasses.replace(cfg, model=adopt_pretrained_spec(cfg.model))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -174,6 +177,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
             row = {"step": step + 1, **{k: round(float(v.detach()), 5) for k, v in parts.items()}}
             history.append(row)
             logf.write(json.dumps(row) + "\n")
+            logf.flush()
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
                 recent = np.mean([h["loss"] for h in history[-cfg.train.log_every:]])
                 log.info("step %d/%d loss %.4f (%.1f s)", step + 1, cfg.train.steps, recent, time.time() - t0)
