@@ -284,6 +284,9 @@ def main() -> None:
               f"{r['write_s']:.2f} | {r['shard_mb']:.1f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"volumes": rows, "read": rt}, indent=1))
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -65,7 +66,23 @@ def _hist(arr: np.ndarray) -> list[int]:
 
 def process_case(spec: CaseSpec, cfg: PreprocessConfig, aset: AnatomySet, labeler=None) -> CaseRecord:
     """Run all steps for one case; raises :class:`CaseError` naming the failing stage."""
-    vol = load_volume(spec.image, spec.series_uid)
+    # a multilabel mask file is read + decompressed in a thread while the image loads (zlib
+    # releases the GIL); errors surface when its result is used, as a mask-stage error
+    mask_future = None
+    if spec.mask and cfg.masks.source in ("auto", "precomputed") and Path(spec.mask).is_file():
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .load import load_nifti
+
+        pool = ThreadPoolExecutor(1)
+        mask_future = pool.submit(load_nifti, spec.mask, False)
+        pool.shutdown(wait=False)
+    try:
+        vol = load_volume(spec.image, spec.series_uid)
+    except BaseException:
+        if mask_future is not None:
+            mask_future.cancel()
+        raise
     sha, fmt = vol.sha256, vol.source_format
     affine = vol.affine
     spacing_note = "header"
@@ -104,8 +121,14 @@ def process_case(spec: CaseSpec, cfg: PreprocessConfig, aset: AnatomySet, labele
                                       cfg.masks.ts_device)
         mask_source, ts_ver = "totalsegmentator", ts_version()
     elif has_pre:
+        pre = None
+        if mask_future is not None:
+            try:
+                pre = mask_future.result()
+            except CaseError as e:
+                raise CaseError("mask", e.reason) from None
         ts_lab = load_precomputed(spec.mask, spec.mask_dir, arr_c.shape, aff_c, cfg.orientation,
-                                  cfg.masks.class_map, cfg.masks.grid_tolerance_mm)
+                                  cfg.masks.class_map, cfg.masks.grid_tolerance_mm, preloaded=pre)
         mask_source = "precomputed"
     else:
         raise CaseError("mask", f"no anatomy mask for this case: {NO_WEIGHTS_HINT}, and the manifest gives no "

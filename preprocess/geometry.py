@@ -111,6 +111,10 @@ def sample_axes(arr: np.ndarray, positions, linear: bool, pad=None, out_dtype=No
         pad: value for positions outside ``[-0.5, n - 0.5]``; None clamps to the border.
         out_dtype: result dtype (rounded when integer); default float32 (linear) / input dtype.
     """
+    if arr.ndim == 3 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous:
+        # NIfTI data are Fortran-ordered: work on the C-ordered transpose (axes reversed), so
+        # every gather reads and writes memory in order, and hand back the transposed view
+        return sample_axes(arr.T, list(positions)[::-1], linear, pad, out_dtype).T
     t = arr
     # shrink first: the axis whose output/input ratio is smallest goes first
     order = sorted((i for i in range(3) if positions[i] is not None),

@@ -6,7 +6,6 @@ DICOM header other than geometry and rescale is kept (no names, ids, dates, site
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import zlib
@@ -39,6 +38,21 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _gunzip(raw: bytes) -> bytes:
+    """Decompress (multi-member) gzip; zlib checks each member's CRC. Raises EOFError when truncated."""
+    parts = []
+    data = raw
+    while data:
+        d = zlib.decompressobj(wbits=31)
+        parts.append(d.decompress(data))
+        if not d.eof:
+            raise EOFError("compressed stream is truncated")
+        data = d.unused_data
+        if data and data[:2] != b"\x1f\x8b":
+            break  # trailing garbage after the last member, as gzip tolerates
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def _as_3d(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
@@ -63,7 +77,7 @@ def load_nifti(path: str | Path, want_hash: bool = True) -> Volume:
     sha = hashlib.sha256(raw).hexdigest() if want_hash else ""
     try:
         if raw[:2] == b"\x1f\x8b":
-            buf = gzip.decompress(raw)
+            buf = _gunzip(raw)
         else:
             buf = raw
         del raw

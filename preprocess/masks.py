@@ -83,10 +83,10 @@ def check_labels(lab: np.ndarray, class_map: str, name: str) -> None:
                                 f"{n} classes{hint}")
 
 
-def _load_label_file(path: Path):
+def _load_label_file(path: Path, preloaded=None):
     from .load import load_nifti
 
-    v = load_nifti(path, want_hash=False)
+    v = preloaded if preloaded is not None else load_nifti(path, want_hash=False)
     a = v.array
     if a.dtype.kind == "f":
         if not np.isfinite(a).all() or not np.array_equal(a, np.rint(a)):
@@ -97,16 +97,15 @@ def _load_label_file(path: Path):
 
 
 def load_precomputed(mask: str | None, mask_dir: str | None, shape_ras, affine_ras, orientation: str,
-                     class_map: str, tol_mm: float) -> np.ndarray:
+                     class_map: str, tol_mm: float, preloaded=None) -> np.ndarray:
     """Read a multilabel NIfTI (TS ids) or a folder of ``<class>.nii.gz`` binary masks onto the image grid."""
     if mask:
         p = Path(mask)
         if not p.exists():
             raise CaseError("mask", f"mask not found: {p.name}")
-        a, aff = _load_label_file(p)
+        a, aff = _load_label_file(p, preloaded)
         lab, aff_c, _ = to_canonical(a, aff, orientation)
         _grid_check(p.name, shape_ras, affine_ras, lab.shape, aff_c, tol_mm)
-        lab = np.ascontiguousarray(lab)
         check_labels(lab, class_map, p.name)
         return lab
     d = Path(mask_dir)
