@@ -145,3 +145,34 @@ def test_bad_inputs(source, tmp_path):
         load_consolidated(tmp_path / "v99.pt")
     with pytest.raises(FvlmError, match="not found"):
         load_consolidated(tmp_path / "missing.pt")
+
+
+def test_shards_feed_the_training_stream(source, tmp_path):
+    """Shards written with the preprocess format -> prepare() -> CTStream -> model -> loss."""
+    from fvlm.config import load_config
+    from fvlm.data import shards
+    from fvlm.train.pretrain import PretrainConfig, prepare
+
+    root = tmp_path / "shards"
+    # the shard stores anatomies in another order than the model uses: label maps must be remapped
+    order = ["kidney", "lung", "heart", "liver"]
+    src = SyntheticCTSource(16, anatomies=order, shape=(32, 32, 16), crop_shape=(16, 16, 8))
+    layout = shards.ShardLayout(anatomies=order, crop_shapes=dict(src.crop_shapes), whole_shape=(32, 32, 16))
+    recs = [src.get(c) for c in src.case_ids()]
+    shards.write_shard(root / "shards" / "000-00000.h5", layout, recs, n=len(recs))
+    shards.write_index(root / "index.jsonl", [
+        {"case_id": r.case_id, "patient_id": r.patient_id, "split": r.split, "shard": "shards/000-00000.h5",
+         "row": i, "anatomies": [a for a in order if r.present.get(a)]} for i, r in enumerate(recs)])
+    shards.write_dataset_info(root, layout)
+    cfg = load_config(PretrainConfig, files=["train/tiny.yaml"], base="train/default.yaml",
+                      sets=[f"data.shards={root}", "data.anatomies=[lung, liver]",
+                            "data.diagnoses=[lung_lesion, liver_lesion]"])
+    ds, opts, model, loss_fn, _ = prepare(cfg)
+    assert model.anatomies == ["lung", "liver"]
+    stream = CTStream(ds, ds.case_ids("train"), opts, 4, source_anatomies=ds.anatomies)
+    b = stream.make(0)
+    rec = ds.get(b["case_id"][0])
+    want = torch.from_numpy((rec.label_map == order.index("liver") + 1).astype("uint8"))
+    assert torch.equal((b["label_map"][0] == 2).to(torch.uint8), want)
+    loss, logs = loss_fn(model(b), b)
+    assert torch.isfinite(loss) and "loss/liver" in logs and "loss/kidney" not in logs

@@ -56,7 +56,7 @@ def test_tiny_zero2_loss_falls_and_checkpoint_loads(tmp_path):
     first = sum(loss[s] for s in range(1, 6)) / 5
     last = sum(loss[s] for s in range(36, 41)) / 5
     assert last < first - 0.3, (first, last)
-    for f in ("config.yaml", "pretrain.log", "metrics.csv", "model.pt", "best.pt", "checkpoints/latest_complete"):
+    for f in ("config.yaml", "pretrain.log", "metrics.csv", "validation.csv", "model.pt", "best.pt", "checkpoints/latest_complete"):
         assert (out / f).exists(), f
     assert list((out / "tb").glob("events.*"))
     header = (out / "metrics.csv").read_text().splitlines()[0]

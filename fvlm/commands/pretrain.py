@@ -16,10 +16,10 @@ DEFAULT_CONFIG = "train/default.yaml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    shorthand(p, "--out", "out_dir", "output directory")
-    shorthand(p, "--shards", "data.shards", "directory written by `fvlm preprocess`")
-    shorthand(p, "--steps", "train.steps", "optimizer steps")
-    shorthand(p, "--resume", "train.resume", "auto, never, or a checkpoint directory")
+    shorthand(p, "--out", "out_dir", "output directory", metavar="DIR")
+    shorthand(p, "--shards", "data.shards", "directory written by `fvlm preprocess`", metavar="DIR")
+    shorthand(p, "--steps", "train.steps", "optimizer steps", metavar="N")
+    shorthand(p, "--resume", "train.resume", "auto, never, or a checkpoint directory", metavar="WHAT")
 
 
 def run(args) -> int:

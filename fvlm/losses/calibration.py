@@ -141,8 +141,9 @@ class TextSimilarityCalibration(CalibrationRule):
     """Pairs whose reference text features have cosine >= ``threshold`` are soft positives.
 
     Weight ``weight`` (``soft=False``) or ``weight * (cos - threshold) / (1 - threshold)``
-    (``soft=True``). Needs ``text_ref`` (the model's frozen text features); without them the
-    rule is a no-op.
+    (``soft=True``). Needs ``text_ref``: the model's text-encoder features before projection,
+    detached (from the frozen encoder; with a trained text encoder, the current one acts as a
+    momentum-0 reference). Without them the rule is a no-op.
     """
 
     name = "text"

@@ -108,8 +108,9 @@ class _Heads(nn.Module):
 class _QueryPool(nn.Module):
     """Learnable queries (one per name and level) attending to masked tokens.
 
-    ``tokens (M, N, C)``, ``mask (M, N)`` bool, ``qid (M,)`` -> ``(M, C)``. A row with an empty
-    mask attends to all tokens (its output is masked out of the loss anyway).
+    ``tokens (B, N, C)``, ``mask (B, Q, N)`` bool, ``qid (B, Q)`` query ids -> ``(B, Q, C)``.
+    Keys and values are computed once per token and shared by all queries. A query with an
+    empty mask attends to all tokens (its output is masked out of the loss anyway).
     """
 
     def __init__(self, n_queries: int, dim: int, heads: int):
@@ -123,17 +124,17 @@ class _QueryPool(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, qid: torch.Tensor) -> torch.Tensor:
-        M, N, C = tokens.shape
+        B, N, C = tokens.shape
         h, d = self.heads, C // self.heads
         t = self.norm(tokens)
-        k = self.k(t).view(M, N, h, d)
-        v = self.v(t).view(M, N, h, d)
-        q = self.q[qid].view(M, h, d)
-        logits = torch.einsum("mhd,mnhd->mhn", q, k) / math.sqrt(d)
-        mask = mask | ~mask.any(dim=1, keepdim=True)
-        logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+        k = self.k(t).view(B, N, h, d)
+        v = self.v(t).view(B, N, h, d)
+        q = self.q[qid].view(B, -1, h, d)
+        logits = torch.einsum("bqhd,bnhd->bqhn", q, k) / math.sqrt(d)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
         attn = logits.softmax(dim=-1)
-        return torch.einsum("mhn,mnhd->mhd", attn, v).reshape(M, C)
+        return torch.einsum("bqhn,bnhd->bqhd", attn, v).reshape(B, -1, C)
 
 
 class _MaskedCenter(nn.Module):
@@ -256,18 +257,20 @@ class FVLM(nn.Module):
         return [m.flatten(2).transpose(1, 2) for m in maps], grid  # L x (B, N, C)
 
     def _pool(self, levels: list[torch.Tensor], masks: torch.Tensor, name_idx: torch.Tensor) -> torch.Tensor:
-        """``levels`` L x (M, N, C), ``masks (M, N)``, ``name_idx (M,)`` -> projected ``(M, E)``."""
+        """``levels`` L x (B, N, C), ``masks (B, Q, N)``, ``name_idx (B, Q)`` -> projected ``(B, Q, E)``."""
         L = len(self.levels)
-        pooled = [self.pool(t, masks, name_idx * L + li) for li, t in enumerate(levels)]
-        return self.image_proj(torch.cat(pooled, dim=-1), name_idx)
+        pooled = torch.cat([self.pool(t, masks, name_idx * L + li) for li, t in enumerate(levels)], dim=-1)
+        B, Q, _ = pooled.shape
+        return self.image_proj(pooled.reshape(B * Q, -1), name_idx.reshape(-1)).view(B, Q, -1)
 
     def _global_from(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        gi = torch.full((levels[0].shape[0],), self.names.index(GLOBAL), dtype=torch.long, device=levels[0].device)
+        B, N = levels[0].shape[:2]
+        dev = levels[0].device
+        gi = torch.full((B, 1), self.names.index(GLOBAL), dtype=torch.long, device=dev)
         if self.cfg.image.global_pool == "mean":
             feats = torch.cat([t.mean(dim=1) for t in levels], dim=-1)
-            return self.image_proj(feats, gi)
-        full = torch.ones(levels[0].shape[:2], dtype=torch.bool, device=levels[0].device)
-        return self._pool(levels, full, gi)
+            return self.image_proj(feats, gi[:, 0])
+        return self._pool(levels, torch.ones(B, 1, N, dtype=torch.bool, device=dev), gi)[:, 0]
 
     # ------------------------------------------------------------------ image
     def image_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,11 +290,8 @@ class FVLM(nn.Module):
         if A and self.cfg.mode == "volume":
             masks = self._token_masks(batch["label_map"].to(dev), grid)          # (B, A, N)
             present = batch["present"].to(dev) & masks.any(-1)
-            N = masks.shape[-1]
-            rows = [t.unsqueeze(1).expand(B, A, N, t.shape[-1]).reshape(B * A, N, -1) for t in vol_levels]
-            idx = torch.arange(A, device=dev).repeat(B)
-            emb = self._pool(rows, masks.reshape(B * A, N), idx).view(B, A, -1)
-            out[:, :A] = emb.float()
+            idx = torch.arange(A, device=dev).expand(B, A)
+            out[:, :A] = self._pool(vol_levels, masks, idx).float()
             valid[:, :A] = present
         elif A and self.cfg.mode == "crop":
             if "crops" not in batch:
@@ -304,7 +304,7 @@ class FVLM(nn.Module):
                 cm = batch["crop_masks"][bi, ai].unsqueeze(1).float()
                 patch = [s // g for s, g in zip(cm.shape[2:], grid)]
                 m = F.avg_pool3d(cm, patch, patch).flatten(1) > self.cfg.image.mask_threshold
-                emb = self._pool(levels, m, ai)
+                emb = self._pool(levels, m[:, None, :], ai[:, None])[:, 0]
                 out[bi, ai] = emb.float()
             valid[:, :A] = present
         if self.use_global:

@@ -180,6 +180,16 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _memory() -> dict[str, float]:
+    """Peak resident memory of this process (MB) and, on GPU, peak allocated device memory (MB)."""
+    import resource
+
+    out = {"mem/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["mem/peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def _scalar(v) -> float:
     return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
 
@@ -304,16 +314,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
     def _open_logs(self):
-        self.csv_path = self.out / "metrics.csv"
         self.tb = None
         if self.rank != 0:
             return
-        if self.csv_path.is_file():   # drop rows beyond the resume point (they will be redone)
-            with open(self.csv_path, newline="") as f:
+        for name in ("metrics.csv", "validation.csv"):
+            path = self.out / name
+            if not path.is_file():
+                continue
+            with open(path, newline="") as f:   # drop rows beyond the resume point (they will be redone)
                 rows = list(csv.DictReader(f))
             keep = [r for r in rows if int(float(r.get("step", 0) or 0)) <= self.step]
             if rows:
-                with open(self.csv_path, "w", newline="") as f:
+                with open(path, "w", newline="") as f:
                     w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
                     w.writeheader()
                     w.writerows(keep)
@@ -325,17 +337,19 @@ class Trainer:
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 log.warning("tensorboard is not installed; logging to CSV only")
 
-    def _write_row(self, row: dict) -> None:
+    def _write_row(self, row: dict, name: str = "metrics.csv") -> None:
+        """Append a row to ``out_dir/<name>`` (columns fixed by the file's first row) and TensorBoard."""
         if self.rank != 0:
             return
-        exists = self.csv_path.is_file() and self.csv_path.stat().st_size > 0
+        path = self.out / name
+        exists = path.is_file() and path.stat().st_size > 0
         fields = None
         if exists:
-            with open(self.csv_path, newline="") as f:
+            with open(path, newline="") as f:
                 fields = next(csv.reader(f), None)
         if not fields:
             fields = list(row.keys())
-        with open(self.csv_path, "a", newline="") as f:
+        with open(path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if not exists:
                 w.writeheader()
@@ -431,10 +445,9 @@ class Trainer:
             if self.step % max(1, cfg.log_every) == 0 or final or stop_now:
                 elapsed = time.perf_counter() - t_window
                 row = {"step": self.step, **self._reduce({**sums, **times}, count)}
-                for k in times:   # per micro-batch seconds
-                    row[k] = row[k]
                 row["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else cfg.lr
                 row["samples_per_s"] = count * self.micro_batch * self.world / max(elapsed, 1e-9)
+                row.update(_memory())
                 self._write_row(row)
                 last_row = row
                 if self.rank == 0:
@@ -445,7 +458,7 @@ class Trainer:
             if self.validate is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or final):
                 val_metrics = self._run_validation()
                 if val_metrics:
-                    self._write_row({"step": self.step, **val_metrics})
+                    self._write_row({"step": self.step, **val_metrics}, "validation.csv")
                     if self.rank == 0:
                         log.info("validation at step %d: %s", self.step, ", ".join(
                             f"{k}={v:.4f}" for k, v in sorted(val_metrics.items())))

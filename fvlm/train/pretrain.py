@@ -6,6 +6,17 @@ Launch (same config everywhere)::
     torchrun --nproc_per_node 4 -m fvlm.train --config my.yaml  # N processes
     deepspeed --num_gpus 4 -m fvlm.train --config my.yaml
 
+Multi-node with SLURM (one torchrun per node; it sets RANK/WORLD_SIZE/LOCAL_RANK)::
+
+    #!/bin/bash
+    #SBATCH --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 --cpus-per-task=64
+    head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    srun torchrun --nnodes "$SLURM_NNODES" --nproc_per_node 8 --rdzv_id "$SLURM_JOB_ID" \
+        --rdzv_backend c10d --rdzv_endpoint "$head:29500" \
+        -m fvlm.train --config configs/train/vitb3d_gpu.yaml --set data.shards=/data/shards --out runs/vitb
+
+Re-submitting the same command resumes from ``out_dir/checkpoints`` (same number of processes).
+
 Outputs in ``out_dir``: ``config.yaml`` (resolved), ``pretrain.log``, ``metrics.csv``, ``tb/``,
 ``checkpoints/`` (resumable), ``model.pt`` (consolidated, latest) and ``best.pt`` (best
 validation metric).
