@@ -176,3 +176,18 @@ def test_shards_feed_the_training_stream(source, tmp_path):
     assert torch.equal((b["label_map"][0] == 2).to(torch.uint8), want)
     loss, logs = loss_fn(model(b), b)
     assert torch.isfinite(loss) and "loss/liver" in logs and "loss/kidney" not in logs
+
+
+def test_augmentation_is_seeded_and_keeps_masks_aligned(source):
+    from fvlm.data.ct import AugmentConfig
+    import numpy as np
+
+    rec = source.get(source.case_ids()[0])
+    o = SampleOptions(anatomies=ANATS, volume_size=[32, 32, 16], crop_size=[16, 16, 8])
+    aug = AugmentConfig(enabled=True, prob=1.0)
+    a = record_to_sample(rec, o, rng=np.random.default_rng(1), augment=aug)
+    b = record_to_sample(rec, o, rng=np.random.default_rng(1), augment=aug)
+    plain = record_to_sample(rec, o)
+    assert torch.equal(a["volume"], b["volume"]) and not torch.equal(a["volume"], plain["volume"])
+    assert a["label_map"].dtype == torch.uint8 and set(a["label_map"].unique().tolist()) <= {0, 1, 2, 3, 4}
+    assert a["crops"].shape == plain["crops"].shape

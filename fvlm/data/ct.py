@@ -222,23 +222,19 @@ def _augment(s: dict, aug: AugmentConfig, rng: np.random.Generator) -> None:
 
     rot = math.radians(aug.rotate_deg)
     seed = int(rng.integers(2**31 - 1))
-    groups = []
     if "volume" in s:
-        groups.append((["volume", "label_map"], lambda d: d))
-    for keys in groups:
-        img, msk = keys[0]
-        d = {img: s[img], msk: s[msk][None]}
+        d = {"volume": s["volume"], "label_map": s["label_map"][None]}
         t = Compose([
-            RandAffined(keys=[img, msk], prob=aug.prob, rotate_range=(rot, rot, rot),
+            RandAffined(keys=["volume", "label_map"], prob=aug.prob, rotate_range=(rot, rot, rot),
                         scale_range=(aug.scale,) * 3, mode=("bilinear", "nearest"), padding_mode="border"),
-            RandScaleIntensityd(keys=[img], factors=aug.intensity_scale, prob=aug.prob),
-            RandShiftIntensityd(keys=[img], offsets=aug.intensity_shift, prob=aug.prob),
-            RandGaussianNoised(keys=[img], std=aug.noise_std, prob=aug.prob),
+            RandScaleIntensityd(keys=["volume"], factors=aug.intensity_scale, prob=aug.prob),
+            RandShiftIntensityd(keys=["volume"], offsets=aug.intensity_shift, prob=aug.prob),
+            RandGaussianNoised(keys=["volume"], std=aug.noise_std, prob=aug.prob),
         ])
         t.set_random_state(seed=seed)
         d = t(d)
-        s[img] = torch.as_tensor(d[img]).float()
-        s[msk] = torch.as_tensor(d[msk])[0].to(torch.uint8)
+        s["volume"] = torch.as_tensor(d["volume"]).float()
+        s["label_map"] = torch.as_tensor(d["label_map"])[0].to(torch.uint8)
     if "crops" in s:
         A = s["crops"].shape[0]
         for k in range(A):
