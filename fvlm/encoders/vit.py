@@ -271,13 +271,14 @@ class VisionTransformer(nn.Module):
         if x.shape[1] != self.in_chans:
             raise ValueError(f"expected {self.in_chans} input channel(s), got {x.shape[1]}")
         grid = self.grid_for(x.shape[2:])
-        t = self.patch_embed(x) + self.pos_embed_for(grid)
+        t = self.patch_embed(x)
+        t = t + self.pos_embed_for(grid).to(t.dtype)  # fixed buffers stay fp32 under bf16 engines
         if keep is not None:
             if keep.ndim != 2 or keep.shape[0] != t.shape[0]:
                 raise ValueError(f"keep must be (B, K) token indices, got {tuple(keep.shape)}")
             t = torch.gather(t, 1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
         if self.cls_token is not None:
-            t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+            t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1).to(t.dtype), t], dim=1)
         return t, grid
 
     def _run_block(self, blk, t):
