@@ -1,4 +1,5 @@
-"""X-ray MAE network on the shared encoder, the DeepSpeed loop on real radiographs, the command."""
+"""X-ray MAE network on the shared encoder, trained by the shared DeepSpeed engine on real radiographs; the command."""
+import csv
 import json
 
 import pytest
@@ -9,7 +10,6 @@ from fvlm.errors import ConfigError, FvlmError
 from fvlm.models.xray_mae import XrayMAE, build_xray_mae, load_encoder, save_encoder
 from fvlm.xray import masking
 from fvlm.xray.config import XrayPretrainConfig
-
 
 
 @pytest.fixture(autouse=True)
@@ -109,48 +109,124 @@ def sample_cache(tmp_path_factory, cxr_samples):
     return p
 
 
+def test_registry_builds_and_rebuilds_the_mae():
+    from fvlm.models import create_model, list_models
+
+    assert "xray_mae" in list_models()
+    cfg = load_config(XrayPretrainConfig, base="xray/tiny_cpu.yaml")
+    m = create_model("xray_mae", cfg.model, img_size=cfg.data.size)
+    assert isinstance(m, XrayMAE) and m.encoder_name == "vit2d_nano" and m.grid_size == (8, 8)
+    again = create_model("xray_mae", m.config)   # the network's own config rebuilds it
+    assert again.config == m.config
+    again.load_state_dict(m.state_dict())
+    assert create_model("xray_mae").grid_size == (14, 14)   # defaults: ViT-tiny at 224
+
+
+def test_train_keys_are_the_shared_ones_and_earlier_spellings_map():
+    from fvlm.config import describe
+    from fvlm.train.engine import TrainConfig
+
+    cfg = load_config(XrayPretrainConfig, sets=["train.min_lr=1.5e-5", "train.grad_clip=0.5", "train.resume=false",
+                                                "train.deepspeed_config=null"])
+    t = cfg.train
+    assert isinstance(t, TrainConfig) and t.lr == pytest.approx(1.5e-4)
+    assert t.min_lr_ratio == pytest.approx(0.1) and t.clip_grad == 0.5 and t.resume == "never"
+    assert t.deepspeed_config == "deepspeed/zero0.json" and t.min_lr is None and t.grad_clip is None
+    assert load_config(XrayPretrainConfig, sets=["train.resume=true"]).train.resume == "auto"
+    for name in ("default", "tiny_cpu", "gmml_512", "mae_context_1280"):
+        load_config(XrayPretrainConfig, base=f"xray/{name}.yaml")
+    assert load_config(XrayPretrainConfig, base="xray/mae_context_1280.yaml").train.zero_stage == 1
+    with pytest.raises(ConfigError, match="no validation"):
+        load_config(XrayPretrainConfig, sets=["train.val_metric=val/auc_mean"])
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_config(XrayPretrainConfig, sets=["train.zero_stage=3"])
+    rows = describe(XrayPretrainConfig)
+    assert all(r[3] for r in rows), [r[0] for r in rows if not r[3]]   # every key documented
+    keys = {r[0] for r in rows}
+    assert {"train.vis_every", "train.batch_size", "train.min_lr_ratio", "train.keep_checkpoints",
+            "train.stop_after", "data.cache", "probe.labels"} <= keys
+
+
+def test_stream_is_deterministic_resumable_and_split_by_rank(sample_cache):
+    from fvlm.xray.batch import XrayCollate, XrayStream
+    from fvlm.xray.data import XrayDataset
+
+    cfg = load_config(XrayPretrainConfig, base="xray/tiny_cpu.yaml")
+    ds = XrayDataset(cache=sample_cache, size=128, flip=True)
+    collate = XrayCollate(cfg.mask, 16)
+    full = XrayStream(ds, collate, 4, seed=3)
+    it = iter(full)
+    ref = [next(it) for _ in range(5)]       # 20 draws of 14 images: crosses an epoch
+    later = iter(XrayStream(ds, collate, 4, seed=3, start=3))
+    for b in ref[3:]:
+        got = next(later)
+        assert torch.equal(got["index"], b["index"]) and torch.equal(got["keep"], b["keep"])
+        assert torch.equal(got["image"], b["image"])
+    first = [int(i) for b in ref[:4] for i in b["index"]][:14]
+    assert sorted(first) == list(range(14))   # an epoch sees every image once
+    r0, r1 = (XrayStream(ds, collate, 4, rank=r, world=2, seed=3).indices(0) for r in (0, 1))
+    assert r0 == full.indices(0) and r1 == full.indices(1)   # ranks take consecutive blocks
+
+
+def _metric_losses(out) -> dict[int, float]:
+    with open(out / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
 @pytest.mark.parametrize("method", ["mae", "gmml"])
 def test_training_on_real_radiographs_loss_falls(tmp_path, sample_cache, method, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/work/.torch_extensions")
-    from fvlm.xray.batch import XrayCollate, XrayPretrainTask
-    from fvlm.xray.data import XrayDataset
-    from fvlm.xray.engine import fit
+    from PIL import Image
+
+    from fvlm.models.xray_mae import load_encoder
+    from fvlm.xray.pretrain import run
 
     sets = [f"data.cache={sample_cache}", "data.size=128", "model.encoder=vit2d_nano", "model.decoder_dim=64",
             "model.decoder_depth=1", "model.decoder_heads=4", f"mask.method={method}", "mask.strategy=context",
             "mask.ratio_inside=0.9", "mask.ratio_outside=0.7", "train.steps=30", "train.batch_size=4",
-            "train.lr=2e-3", "train.warmup_steps=3", "train.log_every=10", "train.vis_every=30",
-            "train.ckpt_every=0", f"train.out_dir={tmp_path}", "mask.gmml_fraction=0.4"]
+            "train.lr=2e-3", "train.warmup_steps=3", "train.log_every=1", "train.vis_every=30",
+            "train.ckpt_every=0", "train.tensorboard=false", f"train.out_dir={tmp_path}", "mask.gmml_fraction=0.4"]
     cfg = load_config(XrayPretrainConfig, sets=sets)
-    torch.manual_seed(0)
-    ds = XrayDataset(cache=sample_cache, size=128)
-    task = XrayPretrainTask(build_xray_mae(cfg.model, 128), cfg.mask)
-    res = fit(task, ds, XrayCollate(cfg.mask, 16), cfg)
-    losses = res["losses"]
-    assert res["steps"] == 30
-    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    print(method, "loss", [round(x, 3) for x in losses])
+    res = run(cfg)
+    losses = _metric_losses(tmp_path)
+    assert res["steps"] == 30 and not res["interrupted"] and sorted(losses) == list(range(1, 31))
+    first = sum(losses[s] for s in range(1, 5)) / 4
+    last = sum(losses[s] for s in range(27, 31)) / 4
+    print(method, "loss", [round(losses[s], 3) for s in sorted(losses)])
     assert last < 0.85 * first, (first, last)
-    assert (tmp_path / "vis" / "step000030.png").is_file()
-    assert (tmp_path / "encoder.pt").is_file() and (tmp_path / "checkpoints" / "latest").is_file()
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0]["step"] == 1 and lines[-1]["step"] == 30
+    with Image.open(tmp_path / "vis" / "step000030.png") as im:   # 4 rows: original | input | reconstruction
+        assert im.size == (3 * 256, 4 * 256)
+    assert (tmp_path / "checkpoints" / "latest_complete").read_text() == "step_00000030"
+    enc, spec = load_encoder(tmp_path / "encoder.pt")
+    assert spec["name"] == "vit2d_nano"
+    assert torch.load(tmp_path / "encoder.pt", weights_only=True)["meta"]["step"] == 30
 
 
-def test_command_trains_resumes_and_probes(tmp_path, sample_cache, monkeypatch, capsys):
+def test_command_trains_resumes_exactly_and_probes(tmp_path, sample_cache, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/work/.torch_extensions")
     from fvlm.cli import main
     from fvlm.resources import samples_dir
 
-    out = tmp_path / "run"
-    args = ["pretrain-xray", "--config", "configs/xray/tiny_cpu.yaml", "--out", str(out), "--steps", "2",
-            "--set", f"data.cache={sample_cache}", "--set", "train.vis_every=0", "--quiet"]
-    assert main(args) == 0
-    assert (out / "config.yaml").is_file() and (out / "pretrain_xray.log").is_file()
-    # resume continues from the checkpoint rather than starting over
-    assert main(args[:6] + ["3"] + args[7:]) == 0
-    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 3 and steps.count(1) == 1
+    def args(out, *sets):
+        a = ["pretrain-xray", "--config", "configs/xray/tiny_cpu.yaml", "--out", str(out), "--steps", "3",
+             "--set", f"data.cache={sample_cache}", "--set", "train.vis_every=0", "--set", "train.log_every=1",
+             "--set", "train.tensorboard=false", "--quiet"]
+        for s in sets:
+            a += ["--set", s]
+        return a
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert main(args(ref)) == 0
+    assert main(args(out, "train.stop_after=2")) == 3            # stopped with a checkpoint
+    assert (out / "checkpoints" / "latest_complete").read_text() == "step_00000002"
+    assert main(args(out)) == 0                                   # resumes at step 2
+    assert (out / "config.yaml").is_file() and "resumed from" in (out / "pretrain_xray.log").read_text()
+    a, b = _metric_losses(ref), _metric_losses(out)
+    assert sorted(b) == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert json.loads((out / "deepspeed.json").read_text())["train_micro_batch_size_per_gpu"] == 4
     assert main(["pretrain-xray", "--config", "configs/xray/tiny_cpu.yaml", "--out", str(out), "--probe-only",
                  "--linear-probe", str(samples_dir() / "cxr" / "labels.csv"), "--set", "probe.folds=3",
                  "--set", "probe.min_positives=2", "--quiet"]) == 0
@@ -158,5 +234,21 @@ def test_command_trains_resumes_and_probes(tmp_path, sample_cache, monkeypatch, 
     assert probe["images"] == 14 and probe["feature_dim"] == 96 and "Emphysema" in probe["labels"]
     assert (out / "probe.md").read_text().startswith("# Linear probe")
     # bad input is one line, exit code 2
+    capsys.readouterr()
     assert main(["pretrain-xray", "--data", str(tmp_path / "nowhere"), "--out", str(out), "--quiet"]) == 2
     assert "data source not found" in capsys.readouterr().err
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "latest").write_text("step5")
+    assert main(args(old)) == 2
+    assert "earlier X-ray loop" in capsys.readouterr().err
+
+
+def test_config_show_documents_pretrain_xray(capsys):
+    from fvlm.cli import main
+
+    assert main(["config", "show", "pretrain-xray", "--config", "configs/xray/gmml_512.yaml"]) == 0
+    text = capsys.readouterr().out
+    for key in ("train.vis_every", "train.min_lr_ratio", "train.clip_grad", "train.deepspeed_config",
+                "mask.gmml_corruption", "data.cache"):
+        assert key in text

@@ -8,11 +8,14 @@ from ..xray.config import XrayPretrainConfig
 
 HELP = "pretrain a 2D ViT on chest radiographs by masked image modelling (MAE, context-aware MAE, GMML)"
 DESCRIPTION = (
-    "Masked image modelling on chest X-rays with the shared encoder (spatial_dims=2), trained with DeepSpeed. "
-    "MAE hides patches from the encoder (random, or context-aware with a higher ratio inside the chest "
-    "contour); GMML corrupts blocks of patches and reconstructs them. Writes metrics.jsonl, PNG grids, "
-    "DeepSpeed checkpoints and encoder.pt (fvlm-xray-encoder) to train.out_dir. With --linear-probe, "
-    "probes frozen features on labelled images (after training, or alone with --probe-only).")
+    "Masked image modelling on chest X-rays with the shared encoder (spatial_dims=2), trained by the "
+    "DeepSpeed engine of `fvlm pretrain` (same train.* keys). MAE hides patches from the encoder (random, "
+    "or context-aware with a higher ratio inside the chest contour); GMML corrupts blocks of patches and "
+    "reconstructs them. Writes metrics.csv, TensorBoard events, PNG grids, resumable checkpoints and "
+    "encoder.pt (fvlm-xray-encoder) to train.out_dir; re-running with the same out_dir resumes "
+    "(train.resume: auto). Several processes: `torchrun --nproc_per_node N -m fvlm.cli pretrain-xray ...` "
+    "(build an h5 cache first with --build-cache). With --linear-probe, probes frozen features on labelled "
+    "images (after training, or alone with --probe-only).")
 SCHEMA = XrayPretrainConfig
 DEFAULT_CONFIG = "xray/default.yaml"
 
@@ -49,24 +52,22 @@ def _resolve_source(src: str) -> str:
 
 
 def run(args) -> int:
-    import json
-    import logging
+    import os
     from pathlib import Path
-
-    import torch
 
     from ..cli import resolve_config
     from ..config import dump_config
     from ..errors import FvlmError
     from ..logs import setup_logging
-    from ..models.xray_mae import build_xray_mae
-    from ..xray.batch import XrayCollate, XrayPretrainTask
-    from ..xray.data import XrayDataset, build_cache
+    from ..xray.data import build_cache
 
     cfg = resolve_config(args)
     out = Path(cfg.train.out_dir)
-    log = setup_logging(out, "pretrain_xray", quiet=getattr(args, "quiet", False))
-    dump_config(cfg, out / "config.yaml")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    quiet = getattr(args, "quiet", False)
+    log = setup_logging(out if rank == 0 else None, "pretrain_xray", quiet=quiet or rank != 0)
+    if rank == 0:
+        dump_config(cfg, out / "config.yaml")
     d = cfg.data
 
     if args.probe_only:
@@ -78,6 +79,8 @@ def run(args) -> int:
     if d.cache and (args.build_cache or not Path(d.cache).is_file()):
         if source is None:
             raise FvlmError(f"cache {d.cache} does not exist; give data.source to build it")
+        if world > 1:
+            raise FvlmError(f"cache {d.cache} does not exist; build it first in one process with --build-cache")
         summary = build_cache(source, d.cache, d.size, d.orientation, d.normalize, d.contour, d.use_window,
                               d.cache_dtype)
         log.info("cache %s: %d images, %d skipped", summary["path"], summary["written"], len(summary["skipped"]))
@@ -86,24 +89,12 @@ def run(args) -> int:
     elif args.build_cache:
         raise FvlmError("--build-cache needs data.cache (a .h5 path)")
 
-    ds = XrayDataset(source, size=d.size, orientation=d.orientation, normalize=d.normalize, contour=d.contour,
-                     use_window=d.use_window, cache=d.cache, flip=d.flip)
-    log.info("%d radiographs at %d px; %s masking (%s)", len(ds), d.size, cfg.mask.method,
-             cfg.mask.strategy if cfg.mask.method == "mae" else cfg.mask.gmml_corruption)
-    torch.manual_seed(cfg.train.seed)
-    model = build_xray_mae(cfg.model, img_size=d.size)
-    task = XrayPretrainTask(model, cfg.mask)
-    from ..xray.engine import fit
+    from ..xray.pretrain import run as run_pretrain
 
-    res = fit(task, ds, XrayCollate(cfg.mask, cfg.model.patch_size), cfg)
-    if ds.bad:
-        log.warning("%d image(s) skipped as unreadable; see the log", len(ds.bad))
-    summary = {"steps": res["steps"], "first_loss": res["losses"][0] if res["losses"] else None,
-               "last_loss": res["losses"][-1] if res["losses"] else None, "skipped": sorted(
-                   str(ds.entries[i].path) for i in ds.bad)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    log.info("done: %s", json.dumps(summary))
-    if cfg.probe.labels:
+    summary = run_pretrain(cfg, source)
+    if summary["interrupted"]:
+        return 3
+    if cfg.probe.labels and rank == 0:
         return _probe(cfg, out / "encoder.pt", log)
     return 0
 

@@ -55,4 +55,16 @@ def _clip(cfg=None, **kw):
     return FVLM(_fvlm_cfg(cfg, mode="global", use_global=True), **kw)
 
 
+@register_model("xray_mae")
+def _xray_mae(cfg=None, **kw):
+    """2D masked image modelling network for radiographs (``fvlm pretrain-xray``).
+
+    ``cfg``: an ``XrayModelConfig``, a mapping of its keys (``XrayMAE.config`` included), or None;
+    ``img_size=`` (the input side, ``data.size``) unless the mapping carries it.
+    """
+    from .xray_mae import build_xray_mae
+
+    return build_xray_mae(cfg if cfg is not None else {}, **kw)
+
+
 __all__ = ["create_model", "list_models", "register_model"]

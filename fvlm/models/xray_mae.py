@@ -149,21 +149,25 @@ def build_xray_mae(cfg, img_size: int | None = None) -> XrayMAE:
                    pixel_std=d.pop("pixel_std", 0.25), encoder_kwargs=d.pop("encoder_kwargs", None))
 
 
-def save_encoder(path: str | os.PathLike, model: XrayMAE, meta: dict | None = None) -> Path:
-    """Write the encoder alone (``fvlm-xray-encoder`` v1), weights under ``image_encoder.``.
+def save_encoder(path: str | os.PathLike, model: XrayMAE, meta: dict | None = None,
+                 state_dict: dict | None = None) -> Path:
+    """Write the encoder alone (``fvlm-xray-encoder`` v1), float32 weights under ``image_encoder.``.
 
-    A plain dict, loadable with ``torch.load(weights_only=True)`` and by
+    ``state_dict``: the encoder's weights (its own key names) to store instead of the module's,
+    e.g. fp32 master weights gathered from a ZeRO checkpoint of a bf16 run. A plain dict,
+    loadable with ``torch.load(weights_only=True)`` and by
     :func:`fvlm.encoders.load_encoder_weights` (path, ``prefix="image_encoder."``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config
+    sd = state_dict if state_dict is not None else model.encoder.state_dict()
     spec = {"name": cfg["encoder"], "img_size": list(cfg["img_size"]), "patch_size": list(cfg["patch_size"]),
             "in_chans": cfg["in_chans"], "kwargs": dict(cfg.get("encoder_kwargs") or {}),
             "pixel_mean": cfg["pixel_mean"], "pixel_std": cfg["pixel_std"]}
     blob = {"format": ENCODER_FORMAT, "version": ENCODER_VERSION, "encoder_spec": spec,
-            "state_dict": {f"image_encoder.{k}": v.detach().cpu().clone()
-                           for k, v in model.encoder.state_dict().items()},
+            "state_dict": {f"image_encoder.{k}": (v.detach().float() if v.is_floating_point() else v.detach()
+                                                  ).cpu().clone() for k, v in sd.items()},
             "meta": dict(meta or {})}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)

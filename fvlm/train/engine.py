@@ -5,12 +5,16 @@ program both drive it::
 
     trainer = Trainer(model, loss_fn, make_loader, cfg, out_dir,
                       save_model=lambda path, module, step: ...,      # consolidated file
-                      validate=lambda module, step: {"val/auc": ...})  # optional
+                      validate=lambda module, step: {"val/auc": ...},  # optional
+                      on_step=lambda step, batch, out: ...)           # optional
     summary = trainer.fit()
 
 ``loss_fn(outputs, batch) -> (loss, logs)``; ``make_loader(start_micro_batch)`` returns an
 iterable of batches that starts at that position of the (deterministic) stream, which is how
-the data position is restored on resume.
+the data position is restored on resume. ``on_step(step, batch, outputs)`` runs on every rank
+after each optimizer step with the last micro-batch and the model's outputs for it (the X-ray
+program draws its reconstruction grids there). ``save_model`` writes ``out_dir/<model_file>``
+(default ``model.pt``) at every checkpoint.
 
 Checkpoints (``out_dir/checkpoints/<tag>/``): DeepSpeed's own files (model, optimizer,
 scheduler; resumable with ZeRO partitioning) plus ``trainer_state_rank<r>.pt`` per rank (step,
@@ -203,7 +207,8 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, make_loader: Callable[[int], Iterable],
                  cfg: TrainConfig, out_dir: str | os.PathLike, micro_batch: int,
                  save_model: Callable[[Path, torch.nn.Module, int], None] | None = None,
-                 validate: Callable[[torch.nn.Module, int], dict] | None = None):
+                 validate: Callable[[torch.nn.Module, int], dict] | None = None,
+                 on_step: Callable[[int, Any, Any], None] | None = None, model_file: str = "model.pt"):
         import deepspeed
 
         self.cfg = cfg
@@ -212,6 +217,8 @@ class Trainer:
         self.make_loader = make_loader
         self.save_model = save_model
         self.validate = validate
+        self.on_step = on_step
+        self.model_file = model_file
         self.micro_batch = int(micro_batch)
         self.rank, self.world, self.local_rank = init_distributed()
         self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -258,7 +265,7 @@ class Trainer:
         if self.save_model is not None:
             sd = self._fp32_state_dict(tag)
             if self.rank == 0:
-                self.save_model(self.out / "model.pt", self.module, self.step, sd)
+                self.save_model(self.out / self.model_file, self.module, self.step, sd)
         dist.barrier()
         return self.ckpt_dir / tag
 
@@ -462,6 +469,8 @@ class Trainer:
                     if self.rank == 0:
                         log.info("validation at step %d: %s", self.step, ", ".join(
                             f"{k}={v:.4f}" for k, v in sorted(val_metrics.items())))
+            if self.on_step is not None:
+                self.on_step(self.step, batch, out)
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final or stop_now:
                 self.save()
             if stop_now:

@@ -1,4 +1,8 @@
-"""Typed config of ``fvlm pretrain-xray`` (defaults in ``configs/xray/default.yaml``)."""
+"""Typed config of ``fvlm pretrain-xray`` (defaults in ``configs/xray/default.yaml``).
+
+``train`` is the shared training config of ``fvlm pretrain`` with X-ray additions, so both
+programs run on the same engine with the same keys.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +10,7 @@ from typing import Literal
 
 from ..config import opt
 from ..errors import ConfigError
+from ..train.engine import TrainConfig
 
 __all__ = ["XrayDataConfig", "XrayModelConfig", "XrayMaskConfig", "XrayTrainConfig", "XrayProbeConfig",
            "XrayPretrainConfig"]
@@ -65,25 +70,46 @@ class XrayMaskConfig:
 
 
 @dataclass
-class XrayTrainConfig:
-    out_dir: str = opt("runs/xray", "output folder: logs, PNG grids, checkpoints, resolved config")
-    steps: int = opt(1000, "optimizer steps")
-    batch_size: int = opt(8, "images per step per process (micro-batch)")
-    grad_accum: int = opt(1, "gradient accumulation steps")
+class XrayTrainConfig(TrainConfig):
+    """The shared :class:`~fvlm.train.engine.TrainConfig` (the engine of ``fvlm pretrain``) with X-ray
+    defaults, the X-ray keys ``out_dir``, ``batch_size``, ``vis_every``, and the spellings of earlier
+    X-ray configs (``min_lr``, ``grad_clip``, ``resume: true/false``, ``deepspeed_config: null``)
+    mapped onto the shared keys."""
+
     lr: float = opt(1.5e-4, "peak learning rate (AdamW)")
-    min_lr: float = opt(0.0, "final learning rate of the cosine schedule")
     warmup_steps: int = opt(50, "linear warm-up steps")
-    weight_decay: float = opt(0.05, "AdamW weight decay")
-    betas: list[float] = opt([0.9, 0.95], "AdamW betas")
-    grad_clip: float = opt(1.0, "gradient norm clip (0 = off)")
-    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "training precision (bf16/fp16 need a GPU)")
-    zero_stage: int = opt(0, "DeepSpeed ZeRO stage (0, 1, 2)")
-    deepspeed_config: str | None = opt(None, "DeepSpeed JSON to start from (keys set here override it)")
-    seed: int = opt(0, "random seed (data order, masks, init)")
-    log_every: int = opt(10, "log the loss every N steps")
-    vis_every: int = opt(100, "write a PNG grid (original / masked / reconstruction) every N steps (0 = off)")
-    ckpt_every: int = opt(500, "save a checkpoint every N steps and at the end (0 = end only)")
-    resume: bool = opt(True, "resume from the latest checkpoint in out_dir if there is one")
+    betas: tuple[float, float] = opt((0.9, 0.95), "AdamW betas")
+    lr_groups: dict[str, float] = opt({}, "learning-rate multipliers by parameter-name prefix of the task, "
+                                      "e.g. {model.encoder.: 0.5} (decoder: model.decoder_)")
+    deepspeed_config: str | None = opt("deepspeed/zero0.json", "DeepSpeed JSON (path or name under configs/); "
+                                       "null = deepspeed/zero0.json")
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage (0, 1, 2); overrides the JSON's")
+    resume: str | bool = opt("auto", "auto (continue from out_dir's latest checkpoint if any), never, or a "
+                             "checkpoint directory; true/false = auto/never")
+    val_every: int = opt(0, "unused: pretrain-xray has no validation step (must stay 0)")
+    val_metric: str = opt("", "unused: pretrain-xray has no validation step (must stay empty)")
+    val_mode: Literal["max", "min"] = opt("max", "unused: pretrain-xray has no validation step")
+    out_dir: str = opt("runs/xray", "output folder: logs, PNG grids, checkpoints, encoder.pt, resolved config")
+    batch_size: int = opt(8, "images per micro-batch per process")
+    vis_every: int = opt(100, "write a PNG grid (original / model input / reconstruction) every N steps and at "
+                              "the end (0 = off)")
+    min_lr: float | None = opt(None, "earlier spelling: final learning rate of the cosine schedule in absolute "
+                                     "terms; sets min_lr_ratio = min_lr / lr")
+    grad_clip: float | None = opt(None, "earlier spelling of clip_grad")
+
+    def __post_init__(self):
+        if self.min_lr is not None:
+            self.min_lr_ratio = self.min_lr / self.lr if self.lr > 0 else 0.0
+            self.min_lr = None
+        if self.grad_clip is not None:
+            self.clip_grad, self.grad_clip = self.grad_clip, None
+        if isinstance(self.resume, bool):
+            self.resume = "auto" if self.resume else "never"
+        if self.deepspeed_config is None:
+            self.deepspeed_config = "deepspeed/zero0.json"
+        if self.val_every or self.val_metric:
+            raise ConfigError("config keys 'train.val_every' and 'train.val_metric' do nothing in pretrain-xray "
+                              "(it has no validation step); leave them unset")
 
 
 @dataclass
@@ -101,7 +127,8 @@ class XrayPretrainConfig:
     data: XrayDataConfig = opt(XrayDataConfig(), "radiographs")
     model: XrayModelConfig = opt(XrayModelConfig(), "encoder and MAE decoder")
     mask: XrayMaskConfig = opt(XrayMaskConfig(), "masking strategy and loss")
-    train: XrayTrainConfig = opt(XrayTrainConfig(), "optimisation, logging, checkpoints")
+    train: XrayTrainConfig = opt(XrayTrainConfig(), "optimisation, precision, DeepSpeed, logging, checkpoints "
+                                                    "(the shared engine of fvlm pretrain)")
     probe: XrayProbeConfig = opt(XrayProbeConfig(), "linear probe on frozen features")
 
     def __post_init__(self):

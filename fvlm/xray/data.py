@@ -422,6 +422,10 @@ class XrayDataset:
                            self.use_window)
 
     def __getitem__(self, index: int) -> dict:
+        return self.sample(index)
+
+    def sample(self, index: int, rng: np.random.Generator | None = None) -> dict:
+        """Sample ``index`` (or the next readable one); ``rng`` draws the flip (None: NumPy's global RNG)."""
         import torch
 
         n = len(self.entries)
@@ -436,7 +440,7 @@ class XrayDataset:
                 log.warning("skipping bad image %s: %s", self.entries[i].path, e)
                 continue
             img, valid, cont = s["image"], s["valid"], s["contour"]
-            if self.flip and np.random.rand() < 0.5:
+            if self.flip and (rng.random() if rng is not None else np.random.rand()) < 0.5:
                 img, valid, cont = img[:, ::-1], valid[:, ::-1], cont[:, ::-1]
             return {"image": torch.from_numpy(np.ascontiguousarray(img))[None],
                     "valid": torch.from_numpy(np.ascontiguousarray(valid)),
@@ -508,7 +512,7 @@ def check_cache(path: str | os.PathLike, size: int | None = None) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FvlmError(f"x-ray cache not found: {path} (build it with data.cache_build: true)")
+        raise FvlmError(f"x-ray cache not found: {path} (build it with `fvlm pretrain-xray --build-cache`)")
     with h5py.File(path, "r") as f:
         fmt, ver = f.attrs.get("format"), f.attrs.get("version")
         if fmt != CACHE_FORMAT:
