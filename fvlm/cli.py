@@ -56,10 +56,14 @@ def available_commands() -> dict[str, Any]:
     return mods
 
 
-def shorthand(parser: argparse.ArgumentParser, flag: str, key: str, help: str, **kw) -> None:
-    """Add a flag that is a shorthand for config key ``key`` (applied after ``--set``)."""
+def shorthand(parser: argparse.ArgumentParser, flag: str | tuple[str, ...], key: str, help: str, **kw) -> None:
+    """Add a flag (or a tuple of alias flags) that is a shorthand for config key ``key``.
+
+    Shorthands are applied after ``--set`` and recorded in the resolved config like any key.
+    """
     dest = "_sh_" + key.replace(".", "__")
-    parser.add_argument(flag, dest=dest, default=None, help=f"{help} (config key: {key})", **kw)
+    flags = (flag,) if isinstance(flag, str) else tuple(flag)
+    parser.add_argument(*flags, dest=dest, default=None, help=f"{help} (config key: {key})", **kw)
 
 
 def _shorthand_overrides(args: argparse.Namespace) -> dict:
