@@ -17,7 +17,7 @@ DEFAULT_CONFIG = "train/default.yaml"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     shorthand(p, "--out", "out_dir", "output directory", metavar="DIR")
-    shorthand(p, "--shards", "data.shards", "directory written by `fvlm preprocess`", metavar="DIR")
+    shorthand(p, ("--data", "--shards"), "data.shards", "directory written by `fvlm preprocess`", metavar="DIR")
     shorthand(p, "--steps", "train.steps", "optimizer steps", metavar="N")
     shorthand(p, "--resume", "train.resume", "auto, never, or a checkpoint directory", metavar="WHAT")
 
