@@ -134,16 +134,15 @@ def process_case(spec: CaseSpec, cfg: PreprocessConfig, aset: AnatomySet, labele
         raise CaseError("mask", f"no anatomy mask for this case: {NO_WEIGHTS_HINT}, and the manifest gives no "
                                 "mask or mask_dir (or set masks.source=none for whole volumes only)")
     A = len(aset)
-    if ts_lab is not None:
-        lab_c = aset.lookup(cfg.masks.class_map)[ts_lab]
-        del ts_lab
-    else:
-        lab_c = np.zeros(arr_c.shape, np.uint8)
+    lut = aset.lookup(cfg.masks.class_map)
+    if ts_lab is None:
+        ts_lab = np.zeros(arr_c.shape, np.uint8)
 
-    # ---- resample to the crop grid
+    # ---- resample to the crop grid (nearest labels commute with the id -> anatomy lookup,
+    # so the lookup runs on the smaller resampled grid)
     tsp = tuple(float(x) for x in cfg.target_spacing_mm)
     vol_t = to_int16_hu(resample(arr_c, sp_c, tsp, linear=True), cfg.hu.clip)
-    lab_t = resample(lab_c, sp_c, tsp, linear=False)
+    lab_t = lut[resample(ts_lab, sp_c, tsp, linear=False)]
     boxes, counts = label_boxes(lab_t, A)
     shapes = crop_shapes(cfg, aset)
     margin = cfg.crop.margin_mm
@@ -170,7 +169,7 @@ def process_case(spec: CaseSpec, cfg: PreprocessConfig, aset: AnatomySet, labele
             vw, lw, wboxes = vol_t, lab_t, boxes
         else:
             vw = to_int16_hu(resample(arr_c, sp_c, wsp, linear=True), cfg.hu.clip)
-            lw = resample(lab_c, sp_c, wsp, linear=False)
+            lw = lut[resample(ts_lab, sp_c, wsp, linear=False)]
             wboxes, _ = label_boxes(lw, A)
         volume, whole_offset = center_fit(vw, cfg.whole.shape, AIR_HU)
         label_map, _ = center_fit(lw, cfg.whole.shape, 0)
@@ -179,7 +178,7 @@ def process_case(spec: CaseSpec, cfg: PreprocessConfig, aset: AnatomySet, labele
                 bbox[a.id] = tuple(int(v + whole_offset[i % 3]) for i, v in enumerate(wboxes[k]))
     else:
         bbox = {a.id: boxes[k] for k, a in enumerate(aset, start=1) if present[a.id]}
-    del arr_c, lab_c
+    del arr_c, ts_lab
 
     # ---- report
     report = {"findings": spec.findings, "impressions": spec.impressions, "report": spec.report}

@@ -4,7 +4,7 @@ from __future__ import annotations
 __all__ = ["CaseError", "STAGES"]
 
 #: the stages a case can fail in (FORMATS.md §2, errors.jsonl)
-STAGES = ("input", "load", "hu", "geometry", "mask", "crop", "report", "write")
+STAGES = ("input", "load", "hu", "geometry", "mask", "crop", "report", "write", "internal")
 
 
 class CaseError(Exception):

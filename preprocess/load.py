@@ -74,7 +74,13 @@ def load_nifti(path: str | Path, want_hash: bool = True) -> Volume:
         raw = path.read_bytes()
     except OSError as e:
         raise CaseError("load", f"cannot read {path.name}: {e.strerror or e}") from None
-    sha = hashlib.sha256(raw).hexdigest() if want_hash else ""
+    sha_future = None
+    if want_hash:  # hashlib and zlib release the GIL: hash while decompressing
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1)
+        sha_future = pool.submit(lambda b: hashlib.sha256(b).hexdigest(), raw)
+        pool.shutdown(wait=False)
     try:
         if raw[:2] == b"\x1f\x8b":
             buf = _gunzip(raw)
@@ -109,6 +115,7 @@ def load_nifti(path: str | Path, want_hash: bool = True) -> Volume:
             nib.spatialimages.HeaderDataError) as e:
         raise CaseError("load", f"cannot read {path.name}: {type(e).__name__}: {e}") from None
     arr = _as_3d(arr, path.name)
+    sha = sha_future.result() if sha_future is not None else ""
     rescale = None
     if slope is not None and (slope != 1.0 or (inter or 0.0) != 0.0):
         inter = float(inter or 0.0)

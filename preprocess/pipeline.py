@@ -155,8 +155,7 @@ def _work(spec: CaseSpec) -> tuple[str, str, str, float]:
         return spec.case_id, "error", "[load] out of memory", time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001 - one unexpected failure must not stop a corpus-wide job
         log.exception("%s: unexpected error", spec.case_id)
-        _write_error(errp, spec.case_id, "write" if isinstance(e, OSError) else "crop",
-                     f"unexpected {type(e).__name__}: {e}")
+        _write_error(errp, spec.case_id, "internal", f"unexpected {type(e).__name__}: {e} (see the log)")
         return spec.case_id, "error", f"unexpected {type(e).__name__}: {e}", time.perf_counter() - t0
     try:
         _save_staged(staged, rec)

@@ -210,7 +210,8 @@ def write_shard(path: str | os.PathLike, layout: ShardLayout, records: Iterable[
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # per-process temporary name: parallel array jobs write the same dataset.json
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
