@@ -1,9 +1,10 @@
 """The preprocessing job: plan, process (parallel, restartable), assemble shards, index, summary.
 
-Restart model. Every case result is first written atomically to a staging file
-(``.state/cases/<id>.npz``; failures to ``.state/errors/<id>.json``). A shard is
-assembled from the staged cases of its slot once all of them are resolved, into
-``<shard>.tmp`` and renamed; then its staging files go. A re-run skips shards that
+Restart model. Every case result is first written atomically by its worker as a
+compressed one-case shard (``.state/cases/<id>.h5``; failures to
+``.state/errors/<id>.json``). A shard is assembled from the staged cases of its slot
+once all of them are resolved, by copying their compressed chunks (no recompression,
+so the serial step is cheap) into ``<shard>.tmp`` and renaming; then its staging files go. A re-run skips shards that
 exist, skips staged cases, and re-assembles any shard left half-written. Shard contents
 depend only on the plan (manifest order, ``--shard-index/--num-shards``,
 ``samples_per_shard``), never on worker timing, so an interrupted + resumed run
@@ -18,11 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from fvlm.anatomy import AnatomySet, load_anatomy_set
-from fvlm.data.shards import (CaseRecord, ShardLayout, read_index, write_dataset_info, write_index, write_shard,
-                              DATASET_INFO_NAME, INDEX_NAME)
+from fvlm.data.shards import (DATASET_INFO_NAME, INDEX_NAME, ShardLayout, concat_shards, read_index,
+                              write_dataset_info, write_index, write_shard)
 from fvlm.errors import FvlmError
 
 from .case import HU_HIST_EDGES, crop_shapes, process_case
@@ -72,45 +72,7 @@ def make_labeler(cfg: PreprocessConfig):
 
 
 def _stage_paths(out: Path, case_id: str) -> tuple[Path, Path]:
-    return out / ".state" / "cases" / f"{case_id}.npz", out / ".state" / "errors" / f"{case_id}.json"
-
-
-def _save_staged(path: Path, rec: CaseRecord) -> None:
-    arrays = {}
-    if rec.volume is not None:
-        arrays["volume"] = rec.volume
-        arrays["label_map"] = rec.label_map
-    for a, c in rec.crops.items():
-        arrays[f"crop__{a}"] = c
-        arrays[f"mask__{a}"] = rec.crop_masks[a]
-    head = {"case_id": rec.case_id, "patient_id": rec.patient_id, "split": rec.split,
-            "spacing_mm": list(rec.spacing_mm), "present": rec.present, "report": rec.report,
-            "anatomy_text": rec.anatomy_text, "labels": rec.labels, "meta": rec.meta,
-            "bbox": {k: list(v) for k, v in rec.bbox.items() if v is not None}}
-    arrays["head"] = np.frombuffer(json.dumps(head, ensure_ascii=False).encode("utf-8"), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load_staged(path: Path) -> CaseRecord:
-    with np.load(path) as z:
-        head = json.loads(bytes(z["head"]).decode("utf-8"))
-        rec = CaseRecord(case_id=head["case_id"], patient_id=head["patient_id"], split=head["split"],
-                         spacing_mm=tuple(head["spacing_mm"]), present=head["present"], report=head["report"],
-                         anatomy_text=head["anatomy_text"], labels=head["labels"], meta=head["meta"],
-                         bbox={k: tuple(v) for k, v in head["bbox"].items()})
-        if "volume" in z.files:
-            rec.volume, rec.label_map = z["volume"], z["label_map"]
-        for k in z.files:
-            if k.startswith("crop__"):
-                a = k[6:]
-                rec.crops[a], rec.crop_masks[a] = z[k], z[f"mask__{a}"]
-    return rec
+    return out / ".state" / "cases" / f"{case_id}.h5", out / ".state" / "errors" / f"{case_id}.json"
 
 
 def _write_error(path: Path, case_id: str, stage: str, reason: str) -> None:
@@ -134,12 +96,13 @@ def _init_worker(cfg: PreprocessConfig, out: str, qc_ids: set, threads: int | No
             torch.set_num_threads(threads)
         except ImportError:
             pass
-    _CTX.update(cfg=cfg, out=Path(out), aset=load_anatomy_set(cfg.anatomy_set), qc=qc_ids, labeler=None,
+    aset = load_anatomy_set(cfg.anatomy_set)
+    _CTX.update(cfg=cfg, out=Path(out), aset=aset, layout=build_layout(cfg, aset), qc=qc_ids, labeler=None,
                 labeler_ready=False)
 
 
 def _work(spec: CaseSpec) -> tuple[str, str, str, float]:
-    cfg, out, aset = _CTX["cfg"], _CTX["out"], _CTX["aset"]
+    cfg, out, aset, layout = _CTX["cfg"], _CTX["out"], _CTX["aset"], _CTX["layout"]
     if not _CTX["labeler_ready"]:
         _CTX["labeler"] = make_labeler(cfg)
         _CTX["labeler_ready"] = True
@@ -157,8 +120,8 @@ def _work(spec: CaseSpec) -> tuple[str, str, str, float]:
         log.exception("%s: unexpected error", spec.case_id)
         _write_error(errp, spec.case_id, "internal", f"unexpected {type(e).__name__}: {e} (see the log)")
         return spec.case_id, "error", f"unexpected {type(e).__name__}: {e}", time.perf_counter() - t0
-    try:
-        _save_staged(staged, rec)
+    try:  # a one-case shard, compressed here in the worker; assembly only copies its chunks
+        write_shard(staged, layout, [rec], n=1)
     except OSError as e:
         _write_error(errp, spec.case_id, "write", f"cannot write staging file: {e}")
         return spec.case_id, "error", f"[write] {e}", time.perf_counter() - t0
@@ -187,8 +150,7 @@ def _slot_resolved(out: Path, slot: _Slot) -> bool:
 
 def _assemble(out: Path, slot: _Slot, layout: ShardLayout, attrs: dict) -> None:
     ok = [s for s in slot.specs if _stage_paths(out, s.case_id)[0].exists()]
-    write_shard(out / slot.rel, layout, (_load_staged(_stage_paths(out, s.case_id)[0]) for s in ok), n=len(ok),
-                attrs=attrs)
+    concat_shards(out / slot.rel, layout, [_stage_paths(out, s.case_id)[0] for s in ok], attrs=attrs)
     for s in ok:
         _stage_paths(out, s.case_id)[0].unlink()
     log.info("wrote %s (%d cases)", slot.rel, len(ok))

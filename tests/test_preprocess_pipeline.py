@@ -231,7 +231,7 @@ def test_sigkill_and_resume_gives_identical_shards(ct_samples, tmp_path):
     p = subprocess.Popen(cmd + ["--out", str(killed)], env=env)
     t0 = time.time()
     while time.time() - t0 < 120:  # kill once the first shard is final and more work is staged
-        if (killed / "shards" / "000-00000.h5").exists() and list((killed / ".state" / "cases").glob("*.npz")):
+        if (killed / "shards" / "000-00000.h5").exists() and list((killed / ".state" / "cases").glob("*.h5")):
             break
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)

@@ -125,3 +125,28 @@ def test_shape_mismatch_rejected(tmp_path):
     with pytest.raises(ValueError, match="crop lung shape"):
         write_shard(tmp_path / "x.h5", LAYOUT, [r], n=1)
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_concat_copies_chunks(tmp_path):
+    from fvlm.data.shards import concat_shards
+
+    parts = []
+    for i in range(3):
+        parts.append(write_shard(tmp_path / f"p{i}.h5", LAYOUT, [_rec(i)], n=1))
+    concat_shards(tmp_path / "root/shards/000-00000.h5", LAYOUT, parts)
+    write_shard(tmp_path / "ref.h5", LAYOUT, [_rec(i) for i in range(3)], n=3)
+    write_index(tmp_path / "root/index.jsonl", [{"case_id": f"c{i}", "shard": "shards/000-00000.h5", "row": i,
+                                                 "anatomies": []} for i in range(3)])
+    write_dataset_info(tmp_path / "root", LAYOUT)
+    ds = ShardDataset(tmp_path / "root")
+    import h5py
+    with h5py.File(tmp_path / "ref.h5") as ref:
+        for i in range(3):
+            r = ds.get(f"c{i}")
+            np.testing.assert_array_equal(r.volume, ref["volume"][i])
+            np.testing.assert_array_equal(r.crops["liver"], ref["crops/liver"][i])
+            assert r.meta == _rec(i).meta and r.present == _rec(i).present
+        with h5py.File(tmp_path / "root/shards/000-00000.h5") as f:
+            # the absent liver of case 1 stays an unwritten chunk
+            assert f["crops/liver"].id.get_chunk_info_by_coord((1, 0, 0, 0)).byte_offset is None
+            assert f["crops/liver"].id.get_chunk_info_by_coord((0, 0, 0, 0)).byte_offset is not None

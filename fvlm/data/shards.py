@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import FormatError, FvlmError
 
-__all__ = ["ShardDataset", "CaseRecord", "ShardLayout", "window", "write_shard", "write_index",
+__all__ = ["ShardDataset", "CaseRecord", "ShardLayout", "window", "write_shard", "concat_shards", "write_index",
            "read_index", "write_dataset_info", "read_dataset_info", "SHARD_FORMAT", "DATASET_FORMAT",
            "SCHEMA_VERSION", "INDEX_NAME", "DATASET_INFO_NAME", "AIR_HU"]
 
@@ -125,6 +125,53 @@ def _json(x: Any) -> str:
 # --------------------------------------------------------------------------- writing
 
 
+def _create(f, layout: ShardLayout, n: int, attrs: dict | None) -> dict:
+    import h5py
+
+    A = len(layout.anatomies)
+    fk = layout.filter_kwargs()
+    str_t = h5py.string_dtype("utf-8")
+    f.attrs["format"] = SHARD_FORMAT
+    f.attrs["version"] = SCHEMA_VERSION
+    f.attrs["n_cases"] = n
+    f.attrs["layout"] = _json(layout.to_dict())
+    for k, v in (attrs or {}).items():
+        f.attrs[k] = _json(v)
+    d: dict = {}
+    for name in _STR_FIELDS:
+        d[name] = f.create_dataset(name, (n,), dtype=str_t, track_times=False)
+    d["spacing_mm"] = f.create_dataset("spacing_mm", (n, 3), dtype="f8", track_times=False)
+    d["present"] = f.create_dataset("present", (n, A), dtype="u1", track_times=False)
+    d["bbox"] = f.create_dataset("bbox", (n, A, 6), dtype="i4", fillvalue=-1, track_times=False)
+    if layout.whole_shape:
+        ws = tuple(int(s) for s in layout.whole_shape)
+        d["volume"] = f.create_dataset("volume", (n, *ws), dtype="i2", chunks=(1, *ws), maxshape=(None, *ws),
+                                       fillvalue=AIR_HU, track_times=False, **fk)
+        d["label_map"] = f.create_dataset("label_map", (n, *ws), dtype="u1", chunks=(1, *ws),
+                                          maxshape=(None, *ws), fillvalue=0, track_times=False, **fk)
+    gc = f.create_group("crops", track_order=False)
+    gm = f.create_group("crop_masks", track_order=False)
+    for a in layout.anatomies:
+        cs = tuple(int(s) for s in layout.crop_shapes[a])
+        d[f"crops/{a}"] = gc.create_dataset(a, (n, *cs), dtype="i2", chunks=(1, *cs), maxshape=(None, *cs),
+                                            fillvalue=AIR_HU, track_times=False, **fk)
+        d[f"crop_masks/{a}"] = gm.create_dataset(a, (n, *cs), dtype="u1", chunks=(1, *cs), maxshape=(None, *cs),
+                                                 fillvalue=0, track_times=False, **fk)
+    return d
+
+
+_STR_FIELDS = ("case_id", "patient_id", "split", "meta", "report", "anatomy_text", "labels")
+_SMALL_FIELDS = _STR_FIELDS + ("spacing_mm", "present", "bbox")
+
+
+def _fresh_tmp(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    return tmp
+
+
 def write_shard(path: str | os.PathLike, layout: ShardLayout, records: Iterable[CaseRecord], n: int,
                 attrs: dict | None = None) -> Path:
     """Write ``n`` records to an HDF5 shard atomically (``<path>.tmp``, then rename).
@@ -135,76 +182,90 @@ def write_shard(path: str | os.PathLike, layout: ShardLayout, records: Iterable[
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
+    tmp = _fresh_tmp(path)
     A = len(layout.anatomies)
-    fk = layout.filter_kwargs()
-    str_t = h5py.string_dtype("utf-8")
     with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
-        f.attrs["format"] = SHARD_FORMAT
-        f.attrs["version"] = SCHEMA_VERSION
-        f.attrs["n_cases"] = n
-        f.attrs["layout"] = _json(layout.to_dict())
-        for k, v in (attrs or {}).items():
-            f.attrs[k] = _json(v)
-        dsets = {}
-        for name in ("case_id", "patient_id", "split", "meta", "report", "anatomy_text", "labels"):
-            dsets[name] = f.create_dataset(name, (n,), dtype=str_t, track_times=False)
-        dsets["spacing_mm"] = f.create_dataset("spacing_mm", (n, 3), dtype="f8", track_times=False)
-        dsets["present"] = f.create_dataset("present", (n, A), dtype="u1", track_times=False)
-        dsets["bbox"] = f.create_dataset("bbox", (n, A, 6), dtype="i4", fillvalue=-1, track_times=False)
-        if layout.whole_shape:
-            ws = tuple(int(s) for s in layout.whole_shape)
-            dsets["volume"] = f.create_dataset("volume", (n, *ws), dtype="i2", chunks=(1, *ws),
-                                               maxshape=(None, *ws), fillvalue=AIR_HU, track_times=False, **fk)
-            dsets["label_map"] = f.create_dataset("label_map", (n, *ws), dtype="u1", chunks=(1, *ws),
-                                                  maxshape=(None, *ws), fillvalue=0, track_times=False, **fk)
-        gc = f.create_group("crops", track_order=False)
-        gm = f.create_group("crop_masks", track_order=False)
-        for a in layout.anatomies:
-            cs = tuple(int(s) for s in layout.crop_shapes[a])
-            gc.create_dataset(a, (n, *cs), dtype="i2", chunks=(1, *cs), maxshape=(None, *cs),
-                              fillvalue=AIR_HU, track_times=False, **fk)
-            gm.create_dataset(a, (n, *cs), dtype="u1", chunks=(1, *cs), maxshape=(None, *cs), fillvalue=0,
-                              track_times=False, **fk)
+        d = _create(f, layout, n, attrs)
         i = -1
         for i, rec in enumerate(records):
             if i >= n:
                 raise ValueError(f"write_shard: more than n={n} records")
-            dsets["case_id"][i] = rec.case_id
-            dsets["patient_id"][i] = rec.patient_id
-            dsets["split"][i] = rec.split
-            dsets["meta"][i] = _json(rec.meta)
-            dsets["report"][i] = _json(rec.report)
-            dsets["anatomy_text"][i] = _json(rec.anatomy_text)
-            dsets["labels"][i] = _json(rec.labels)
-            dsets["spacing_mm"][i] = np.asarray(rec.spacing_mm, dtype=np.float64)
-            dsets["present"][i] = [1 if rec.present.get(a) else 0 for a in layout.anatomies]
+            d["case_id"][i] = rec.case_id
+            d["patient_id"][i] = rec.patient_id
+            d["split"][i] = rec.split
+            d["meta"][i] = _json(rec.meta)
+            d["report"][i] = _json(rec.report)
+            d["anatomy_text"][i] = _json(rec.anatomy_text)
+            d["labels"][i] = _json(rec.labels)
+            d["spacing_mm"][i] = np.asarray(rec.spacing_mm, dtype=np.float64)
+            d["present"][i] = [1 if rec.present.get(a) else 0 for a in layout.anatomies]
             bb = np.full((A, 6), -1, dtype=np.int32)
             for j, a in enumerate(layout.anatomies):
                 if rec.bbox.get(a) is not None:
                     bb[j] = rec.bbox[a]
-            dsets["bbox"][i] = bb
+            d["bbox"][i] = bb
             if layout.whole_shape:
                 if rec.volume is None or tuple(rec.volume.shape) != tuple(layout.whole_shape):
                     raise ValueError(f"{rec.case_id}: volume shape "
                                      f"{None if rec.volume is None else rec.volume.shape} != {layout.whole_shape}")
-                dsets["volume"][i] = rec.volume.astype(np.int16, copy=False)
+                d["volume"][i] = rec.volume.astype(np.int16, copy=False)
                 if rec.label_map is not None:
-                    dsets["label_map"][i] = rec.label_map.astype(np.uint8, copy=False)
+                    d["label_map"][i] = rec.label_map.astype(np.uint8, copy=False)
             for a in layout.anatomies:
                 if not rec.present.get(a) or a not in rec.crops:
                     continue
                 c = rec.crops[a]
                 if tuple(c.shape) != tuple(layout.crop_shapes[a]):
                     raise ValueError(f"{rec.case_id}: crop {a} shape {c.shape} != {layout.crop_shapes[a]}")
-                gc[a][i] = c.astype(np.int16, copy=False)
+                d[f"crops/{a}"][i] = c.astype(np.int16, copy=False)
                 if a in rec.crop_masks:
-                    gm[a][i] = rec.crop_masks[a].astype(np.uint8, copy=False)
+                    d[f"crop_masks/{a}"][i] = rec.crop_masks[a].astype(np.uint8, copy=False)
         if i + 1 != n:
             raise ValueError(f"write_shard: expected {n} records, got {i + 1}")
+    os.replace(tmp, path)
+    return path
+
+
+def concat_shards(path: str | os.PathLike, layout: ShardLayout, parts: Sequence[str | os.PathLike],
+                  attrs: dict | None = None) -> Path:
+    """Concatenate shards of the same layout (e.g. one-case staging shards) into one, atomically.
+
+    Image chunks are copied as stored (``read_direct_chunk``/``write_direct_chunk``): nothing
+    is decompressed or recompressed, and unwritten chunks (absent anatomies) stay unwritten.
+    """
+    import h5py
+
+    path = Path(path)
+    tmp = _fresh_tmp(path)
+    srcs = []
+    try:
+        for p in parts:
+            srcs.append(h5py.File(p, "r"))
+        n = sum(int(s.attrs["n_cases"]) for s in srcs)
+        with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+            d = _create(f, layout, n, attrs)
+            i = 0
+            for s in srcs:
+                if json.loads(s.attrs["layout"]) != json.loads(_json(layout.to_dict())):
+                    raise ValueError(f"{s.filename}: layout differs from the target shard's")
+                k = int(s.attrs["n_cases"])
+                for name in _SMALL_FIELDS:
+                    d[name][i:i + k] = s[name][:]
+                for name, dst in d.items():
+                    if name in _SMALL_FIELDS:
+                        continue
+                    src = s[name]
+                    for j in range(k):
+                        off = (j,) + (0,) * (src.ndim - 1)
+                        info = src.id.get_chunk_info_by_coord(off)
+                        if info.byte_offset is None:  # never written: keep it unallocated
+                            continue
+                        mask, data = src.id.read_direct_chunk(off)
+                        dst.id.write_direct_chunk((i + j,) + off[1:], data, mask)
+                i += k
+    finally:
+        for s in srcs:
+            s.close()
     os.replace(tmp, path)
     return path
 
