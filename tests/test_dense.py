@@ -292,3 +292,34 @@ def test_ground_rejects_seg_checkpoint_and_bad_image(tmp_path, capsys):
     p = save_dense(tmp_path / "d.pt", build_dense_model(cfg.model, ["liver"]), cfg.model)
     assert main(["dense", "ground", "--checkpoint", str(p), "--image", "x.png", "--text", "liver"]) == 2
     assert "grounding needs model.head=text" in capsys.readouterr().err
+
+
+def test_ground_writes_pngs_for_xray_and_ct(tmp_path):
+    """`fvlm dense ground` on a radiograph (2D text model) and a CT volume (3D text model)."""
+    from fvlm.dense.ground import load_image, save_overlays
+    from fvlm.dense.model import build_dense_model
+    from fvlm.resources import samples_dir
+
+    m = build_dense_model(_cfg(head="text", img_size=[32, 32]).model, ["lung"], text_dim=8).eval()
+    png = sorted((samples_dir() / "cxr" / "images").glob("*.png"))[0]
+    img, aff, info = load_image(png, m, {})
+    assert img.shape == (32, 32) and aff is None and info["kind"] == "xray"
+    with torch.no_grad():
+        heat = torch.sigmoid(m(torch.from_numpy(img)[None, None], torch.randn(1, 8)))[0, 0].numpy()
+    r = save_overlays(img, heat, "nodule in the right upper lobe", tmp_path / "x")
+    assert (tmp_path / "x" / r["files"]["overlay_png"]).stat().st_size > 1000
+    assert r["files"]["heatmap_png"] == "nodule_in_the_right_upper_lobe_heatmap.png"
+    ct = (0.3 + 0.5 * np.random.default_rng(0).random((20, 18, 12))).astype(np.float32)
+    ct[0] = 0.0  # air: outside the body, never the peak
+    heat3 = np.zeros_like(ct)
+    heat3[5, 6, 7] = 0.9
+    heat3[0, 1, 1] = 1.0  # higher, but in the air
+    r3 = save_overlays(ct, heat3, "liver", tmp_path / "c", affine=np.diag([3.0, 3.0, 3.0, 1.0]))
+    assert r3["peak_voxel"] == [5, 6, 7] and r3["peak_mm_ras"] == [15.0, 18.0, 21.0]
+    assert (tmp_path / "c" / "liver_heatmap.nii.gz").is_file()
+    with pytest.raises(FvlmError, match="unsupported image type"):
+        load_image(png.with_suffix(".csv") if png.with_suffix(".csv").exists() else samples_dir() / "cxr" / "labels.csv", m, {})
+    m3 = build_dense_model(_cfg(head="text", encoder="vit3d_nano", img_size=[32, 32, 16],
+                                patch_size=[8, 8, 4]).model, ["liver"], text_dim=8)
+    with pytest.raises(FvlmError, match="3D model"):
+        load_image(png, m3, {})

@@ -138,5 +138,5 @@ def _ground(args, cfg) -> int:
     results = [save_overlays(image, h, t, out, affine) for t, h in zip(args.text, heat)]
     write_ground_json(out, args.image, args.checkpoint, iinfo, results)
     for r in results:
-        print(f"{r['text']!r}: peak {r['peak_voxel']} score {r['max']:.3f} -> {out / r['files']['overlay_png']}")
+        print(f"{r['text']!r}: peak {r['peak_voxel']} score {r['peak']:.3f} -> {out / r['files']['overlay_png']}")
     return 0

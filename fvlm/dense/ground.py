@@ -110,7 +110,15 @@ def save_overlays(image: np.ndarray, heat: np.ndarray, text: str, out_dir: Path,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     s = slug(text)
-    peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    # the peak is searched inside the body (CT): padding at the volume edge is no answer
+    if image.ndim == 3:
+        from .evaluate import body_mask
+
+        body = body_mask(image)
+        search = np.where(body, heat, -np.inf) if body.any() else heat
+    else:
+        search = heat
+    peak = np.unravel_index(int(np.argmax(search)), heat.shape)
     files = {}
     if image.ndim == 3:
         import nibabel as nib
@@ -153,7 +161,8 @@ def save_overlays(image: np.ndarray, heat: np.ndarray, text: str, out_dir: Path,
     plt.close(fig2)
     files["overlay_png"] = f"{s}_overlay.png"
     files["heatmap_png"] = f"{s}_heatmap.png"
-    res = {"text": text, "peak_voxel": [int(p) for p in peak], "max": round(float(heat.max()), 6), "files": files}
+    res = {"text": text, "peak_voxel": [int(p) for p in peak], "peak": round(float(heat[peak]), 6),
+           "max": round(float(heat.max()), 6), "files": files}
     if affine is not None:
         res["peak_mm_ras"] = [round(float(v), 2) for v in (affine @ np.array([*peak, 1.0]))[:3]]
     return res
