@@ -88,14 +88,7 @@ def _write_error(path: Path, case_id: str, stage: str, reason: str) -> None:
 _CTX: dict = {}
 
 
-def _init_worker(cfg: PreprocessConfig, out: str, qc_ids: set, threads: int | None) -> None:
-    if threads:
-        try:
-            import torch
-
-            torch.set_num_threads(threads)
-        except ImportError:
-            pass
+def _init_worker(cfg: PreprocessConfig, out: str, qc_ids: set) -> None:
     aset = load_anatomy_set(cfg.anatomy_set)
     _CTX.update(cfg=cfg, out=Path(out), aset=aset, layout=build_layout(cfg, aset), qc=qc_ids, labeler=None,
                 labeler_ready=False)
@@ -244,15 +237,15 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
     workers = max(1, int(num_workers))
     del labeler
     if workers == 1 or len(todo) <= 1:
-        _init_worker(cfg, str(out), qc_ids, None)
+        _init_worker(cfg, str(out), qc_ids)
         results = map(_work, todo)
         pool = None
     else:
         import multiprocessing as mp
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                            initargs=(cfg, str(out), qc_ids, threads), maxtasksperchild=50)
+        # spawn, not fork: the parent may hold HDF5 handles or threads
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg, str(out), qc_ids),
+                                            maxtasksperchild=50)
         results = pool.imap_unordered(_work, todo)
     try:
         for cid, status, msg, secs in progress(results, desc="preprocess", total=len(todo), unit="case"):
