@@ -26,8 +26,9 @@ class HUConfig:
 
 @dataclass
 class MaskConfig:
-    source: str = opt("auto", "anatomy masks: auto (TotalSegmentator if its weights are local, else the "
-                      "manifest's precomputed mask), totalsegmentator, precomputed, none (whole volume only)",
+    source: str = opt("auto", "anatomy masks: auto (the manifest's precomputed mask when it gives one, else "
+                      "TotalSegmentator when its weights are local, else a per-case error), totalsegmentator, "
+                      "precomputed, none (whole volume only, every anatomy absent)",
                       choices=("auto", "totalsegmentator", "precomputed", "none"))
     class_map: str = opt("v2", "TotalSegmentator class-map version of the masks (v2: 117 classes, v1: 104)",
                          choices=("v2", "v1"))
