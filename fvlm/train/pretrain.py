@@ -200,13 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", default=[], help="config file(s), merged in order")
     p.add_argument("--set", action="append", default=[], help="override KEY=VALUE")
     p.add_argument("--out", default=None, help="output directory (config key out_dir)")
+    p.add_argument("--data", "--shards", default=None, help="shard directory (config key data.shards)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     args = p.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(PretrainConfig, files=args.config, sets=args.set, base="train/default.yaml",
-                          extra={"out_dir": args.out} if args.out else None)
+                          extra={**({"out_dir": args.out} if args.out else {}),
+                                 **({"data": {"shards": args.data}} if args.data else {})} or None)
         summary = run(cfg)
     except FvlmError as e:
         print(f"fvlm.train: error: {e}", file=sys.stderr)
