@@ -63,6 +63,8 @@ def shorthand(parser: argparse.ArgumentParser, flag: str | tuple[str, ...], key:
     """
     dest = "_sh_" + key.replace(".", "__")
     flags = (flag,) if isinstance(flag, str) else tuple(flag)
+    if kw.get("action") not in ("store_const", "store_true", "store_false"):
+        kw.setdefault("metavar", key.split(".")[-1].upper())
     parser.add_argument(*flags, dest=dest, default=None, help=f"{help} (config key: {key})", **kw)
 
 
