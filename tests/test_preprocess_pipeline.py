@@ -311,3 +311,29 @@ def test_dicom_folder_with_two_series_is_reported(ct_samples, tmp_path):
     assert e.value.stage == "input" and "never merged" in e.value.reason
     v = load_volume(d, series_uid="1.2.826.0.1.3680043.8.498.1")
     assert v.array.shape == (512, 512, 20)
+
+
+def test_mask_dir_and_class_map_check(ct_samples, tmp_path):
+    seg = nib.load(ct_samples / "example_seg.nii.gz")
+    s = np.asarray(seg.dataobj)
+    md = tmp_path / "masks"
+    md.mkdir()
+    for name, i in (("liver", 5), ("spleen", 1)):
+        _nii(md / f"{name}.nii.gz", (s == i).astype(np.uint8), seg.affine)
+    bad = tmp_path / "bad_masks"
+    bad.mkdir()
+    _nii(bad / "livr.nii.gz", (s == 5).astype(np.uint8), seg.affine)
+    img = str(ct_samples / "example_ct_sm.nii.gz")
+    man = _manifest(tmp_path / "m.csv", [{"case_id": "dir", "image": img, "mask_dir": str(md)},
+                                         {"case_id": "baddir", "image": img, "mask_dir": str(bad)}])
+    assert main(["preprocess", "--manifest", man, "--out", str(tmp_path / "o"), *SMALL]) == 0
+    r = ShardDataset(tmp_path / "o").get("dir", volume=False)
+    assert [a for a, p in r.present.items() if p] == ["liver", "spleen"]
+    err = json.loads((tmp_path / "o" / "errors.jsonl").read_text())
+    assert err["case_id"] == "baddir" and "livr.nii.gz" in err["reason"]
+    # v2 labels (up to 117) declared as v1 (104 classes): caught, with the fix named
+    man2 = _manifest(tmp_path / "m2.csv", [{"case_id": "v1", "image": img, "mask": str(ct_samples / "example_seg.nii.gz")}])
+    assert main(["preprocess", "--manifest", man2, "--out", str(tmp_path / "o2"), *SMALL,
+                 "--set", "masks.class_map=v1"]) == 0
+    err = json.loads((tmp_path / "o2" / "errors.jsonl").read_text())
+    assert err["stage"] == "mask" and "masks.class_map=v2" in err["reason"]
