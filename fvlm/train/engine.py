@@ -85,6 +85,14 @@ class TrainConfig:
 # --------------------------------------------------------------------------- setup helpers
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Initialise the process group once (gloo on CPU, nccl on GPU) -> ``(rank, world, local_rank)``.
 
@@ -92,17 +100,21 @@ def init_distributed() -> tuple[int, int, int]:
     """
     import deepspeed
 
-    if "WORLD_SIZE" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+    own_port = "WORLD_SIZE" not in os.environ
+    if own_port:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        for attempt in range(5):
+            if own_port:
+                os.environ["MASTER_PORT"] = str(_free_port())
+            try:
+                deepspeed.init_distributed(dist_backend=backend, verbose=False)
+                break
+            except dist.DistNetworkError:
+                # another job on this machine took the probed port before we bound it: probe again
+                if not own_port or attempt == 4:
+                    raise
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
