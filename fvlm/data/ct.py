@@ -63,6 +63,8 @@ class CTDataConfig:
     val_split: str = opt("valid", "split used for validation during training")
     anatomies: list[str] = opt([], "anatomy ids to train on ([] = all of the dataset, in its order)")
     window: tuple[float, float] = opt((-1150.0, 350.0), "HU window [lo, hi] mapped to [0, 1] at load")
+    anatomy_windows: dict[str, tuple[float, float]] = opt(
+        {}, "per-anatomy HU windows for crops, e.g. {lung: [-1000, 0], liver: [-150, 250]} (others use window)")
     volume_size: list[int] = opt([64, 64, 32], "whole volume resized to this [X, Y, Z] (volume mode, global)")
     crop_size: list[int] = opt([32, 32, 16], "every anatomy crop resized to this [x, y, z] (crop mode)")
     load_volume: bool = opt(True, "read whole volumes + label maps (volume mode and the global embedding)")
@@ -82,12 +84,19 @@ class CTDataConfig:
     prefetch_factor: int = opt(2, "batches prefetched per worker")
     augment: AugmentConfig = opt(AugmentConfig(), "training augmentation")
 
+    def __post_init__(self):
+        for name, (lo, hi) in [("window", self.window), *((f"anatomy_windows.{a}", w)
+                                                         for a, w in self.anatomy_windows.items())]:
+            if not lo < hi:
+                raise ValueError(f"data.{name} must be [lo, hi] with lo < hi (HU), got [{lo}, {hi}]")
+
 
 @dataclass
 class SampleOptions:
     """The part of the data config a model needs at inference (embedded in checkpoints)."""
     anatomies: list[str]
     window: tuple[float, float] = (-1150.0, 350.0)
+    anatomy_windows: dict[str, tuple[float, float]] = field(default_factory=dict)
     volume_size: list[int] | None = field(default_factory=lambda: [64, 64, 32])
     crop_size: list[int] | None = None
     sentences: str = "all"
@@ -102,6 +111,7 @@ class SampleOptions:
     def from_config(cls, cfg: CTDataConfig, anatomies: Sequence[str], diagnoses: Sequence[str],
                     anatomy_names: dict | None = None) -> "SampleOptions":
         return cls(anatomies=list(anatomies), window=tuple(cfg.window),
+                   anatomy_windows={a: tuple(w) for a, w in cfg.anatomy_windows.items()},
                    volume_size=list(cfg.volume_size) if cfg.load_volume else None,
                    crop_size=list(cfg.crop_size) if cfg.load_crops else None, sentences=cfg.sentences,
                    max_sentences=cfg.max_sentences, unmentioned=cfg.unmentioned,
@@ -109,12 +119,15 @@ class SampleOptions:
                    diagnoses=list(diagnoses), anatomy_names=dict(anatomy_names or {}))
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+        d["anatomy_windows"] = {a: list(w) for a, w in self.anatomy_windows.items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SampleOptions":
         d = dict(d)
         d["window"] = tuple(d.get("window", (-1150.0, 350.0)))
+        d["anatomy_windows"] = {a: tuple(w) for a, w in (d.get("anatomy_windows") or {}).items()}
         return cls(**d)
 
 
@@ -185,7 +198,8 @@ def record_to_sample(rec, opts: SampleOptions | CTDataConfig, rng: np.random.Gen
         masks = torch.zeros(A, *opts.crop_size, dtype=torch.uint8)
         for k, a in enumerate(anats):
             if a in rec.crops and rec.present.get(a, False):
-                c = torch.from_numpy(np.ascontiguousarray(window(rec.crops[a], lo, hi)))[None]
+                alo, ahi = opts.anatomy_windows.get(a, (lo, hi))
+                c = torch.from_numpy(np.ascontiguousarray(window(rec.crops[a], alo, ahi)))[None]
                 crops[k] = _resize(c, opts.crop_size, "trilinear")
                 m = torch.from_numpy(np.asarray(rec.crop_masks[a], dtype=np.uint8))[None]
                 masks[k] = _resize(m, opts.crop_size, "nearest")[0]
