@@ -142,13 +142,18 @@ def summarize(out: Path, agreement: dict, results: dict[str, dict]) -> str:
             sup = e["support"]
             lines.append(f"| {d} | {e['anatomy']} | {_auc_line(e)} | {_fmt(e['sensitivity']['value'], 2)} "
                          f"| {_fmt(e['specificity']['value'], 2)} | {sup['positives']}/{sup['negatives']} |")
-        nocol = [s for s in zs.get("skipped", []) if "no column" in s["reason"]]
+        folded = {"no column": "the demo generates no finding of this kind, so the ground truth has no column",
+                  "produces no": "the model has no embedding for this anatomy (not trained in the demo)"}
+        counts = dict.fromkeys(folded, 0)
         for s in zs.get("skipped", []):
-            if s not in nocol:
+            key = next((k for k in folded if k in s["reason"]), None)
+            if key:
+                counts[key] += 1
+            else:
                 lines.append(f"| {s['id']} | {s.get('anatomy', '')} | skipped: {s['reason']} | | | |")
-        if nocol:
-            lines.append(f"| ({len(nocol)} more) | | skipped: the demo generates no finding of this kind, so the "
-                         "ground truth has no column | | | |")
+        for key, n in counts.items():
+            if n:
+                lines.append(f"| ({n} diagnoses) | | skipped: {folded[key]} | | | |")
     if results:
         lines += ["", "| model | macro AUC [95% CI] | macro balanced acc. | weighted F1 | diagnoses |",
                   "|---|---|---|---|---|"]
