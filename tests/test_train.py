@@ -19,7 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _env():
     env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", "/work/.torch_extensions")
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -33,6 +32,9 @@ def _cmd(out, *sets, launcher=None):
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(29500 + os.getpid() % 1000)] + args
+    if launcher == "deepspeed":  # the launcher appends --local_rank; on CPU --num_gpus sets the process count
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                str(30500 + os.getpid() % 1000), "--module"] + args[1:]
     return [sys.executable] + args
 
 
@@ -105,6 +107,17 @@ def test_bf16_zero1_and_two_processes(tmp_path):
     _train(out2, "train.steps=4", "val.enabled=false", launcher="torchrun")
     assert max(_losses(out2)) == 4
     assert (out2 / "checkpoints" / "step_00000004" / "trainer_state_rank1.pt").is_file()
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_cpu_processes(tmp_path):
+    out = tmp_path / "ds"
+    _train(out, "train.steps=4", "train.zero_stage=2", "val.enabled=false", launcher="deepspeed")
+    assert max(_losses(out)) == 4
+    assert "2 process(es)" in (out / "pretrain.log").read_text()
+    assert (out / "checkpoints" / "step_00000004" / "trainer_state_rank1.pt").is_file()
+    model, _ = load_consolidated(out / "model.pt")
+    assert model.anatomies
 
 
 def test_deepspeed_config_from_train_config():

@@ -9,7 +9,7 @@ from ..train.pretrain import PretrainConfig
 HELP = "anatomy-level vision-language pretraining on preprocessed shards (DeepSpeed)"
 DESCRIPTION = (HELP + ". Runs one process (CPU with gloo, or one GPU). For several processes start the same "
                "config with `torchrun --nproc_per_node N -m fvlm.train --config FILE` or "
-               "`deepspeed --num_gpus N -m fvlm.train --config FILE`. Re-running with the same out_dir "
+               "`deepspeed --num_gpus N --module fvlm.train --config FILE`. Re-running with the same out_dir "
                "resumes from its latest checkpoint (train.resume: auto).")
 SCHEMA = PretrainConfig
 DEFAULT_CONFIG = "train/default.yaml"

@@ -4,7 +4,7 @@ Launch (same config everywhere)::
 
     fvlm pretrain --config my.yaml                              # one process (CPU gloo / one GPU)
     torchrun --nproc_per_node 4 -m fvlm.train --config my.yaml  # N processes
-    deepspeed --num_gpus 4 -m fvlm.train --config my.yaml
+    deepspeed --num_gpus 4 --module fvlm.train --config my.yaml
 
 Multi-node with SLURM (one torchrun per node; it sets RANK/WORLD_SIZE/LOCAL_RANK)::
 
