@@ -65,26 +65,3 @@ def test_cli_train_eval_writes_json_and_markdown(tmp_path):
     assert "baselines" in doc and doc["data"]["holdout_z"] == [88, 90]
     md = (tmp_path / "run" / "eval" / "dense_eval.md").read_text()
     assert "| liver |" in md and "Dice" in md
-
-
-@pytest.mark.slow
-def test_grounding_on_demo_beats_chance(tmp_path):
-    from fvlm.config import load_config
-    from fvlm.demo.generate import generate_corpus
-    from fvlm.dense.data import load_cases
-    from fvlm.dense.evaluate import evaluate_model
-    from fvlm.dense.model import load_dense
-    from fvlm.dense.train import train_dense
-    from fvlm.encoders import TextEncoder
-
-    torch.set_num_threads(2)
-    generate_corpus(tmp_path / "demo", preset="quick")
-    cfg = load_config(DenseConfig, files=["dense/ground_demo"], sets=[f"data.root={tmp_path / 'demo'}",
-                                                                     "train.steps=150"])
-    te = TextEncoder()
-    res = train_dense(cfg, tmp_path / "run", text_encoder=te)
-    model, info = load_dense(res["checkpoint"])
-    out = evaluate_model(model, info, load_cases(cfg.data, model.class_names, "eval"), cfg.eval, text_encoder=te)
-    g = out["grounding"]
-    assert g["n_findings"] >= 5
-    assert g["pointing_game"] > g["chance_body"], g
