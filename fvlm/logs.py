@@ -9,9 +9,13 @@ _FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(out_dir: str | Path | None = None, name: str = "fvlm", quiet: bool = False) -> logging.Logger:
-    """Configure the ``fvlm`` logger: stderr (WARNING if quiet, else INFO) and ``out_dir/<name>.log``."""
+    """Configure the ``fvlm`` logger: stderr (WARNING if quiet, else INFO) and ``out_dir/<name>.log``.
+
+    The file also keeps DEBUG records (e.g. one line per preprocessed case) that would
+    only clutter the terminal next to a progress bar.
+    """
     log = logging.getLogger("fvlm")
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG)
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
@@ -23,6 +27,7 @@ def setup_logging(out_dir: str | Path | None = None, name: str = "fvlm", quiet: 
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(Path(out_dir) / f"{name}.log")
+        fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter(_FMT))
         log.addHandler(fh)
     return log
