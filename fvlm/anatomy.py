@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import FormatError, FvlmError
+from .errors import FormatError, FvlmError, check_format
 from .resources import config_path, samples_dir
 
 __all__ = ["Anatomy", "AnatomySet", "load_anatomy_set", "load_class_map", "CLASS_MAP_VERSIONS",
@@ -171,9 +171,7 @@ def _load(path: str) -> AnatomySet:
         raise FormatError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise FormatError(f"{p}: not an anatomy set (expected 'format: {FORMAT_NAME}')")
-    if data.get("version") != FORMAT_VERSION:
-        raise FormatError(f"{p}: anatomy set version {data.get('version')!r} is not supported "
-                          f"(this fvlm reads version {FORMAT_VERSION})")
+    check_format(data, FORMAT_NAME, FORMAT_VERSION, p)
     seg = data.get("segmenter") or {}
     default_map = str(seg.get("class_map", "v2"))
     maps = tuple(str(m) for m in data.get("class_maps", [default_map]))

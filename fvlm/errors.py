@@ -17,3 +17,14 @@ class ConfigError(FvlmError):
 
 class FormatError(FvlmError):
     """A file exchanged between stages has the wrong format or schema version."""
+
+
+def check_format(doc, name: str, version: int, where) -> dict:
+    """Check a loaded document's ``format`` and ``version`` fields; return it or raise :class:`FormatError`."""
+    found = doc.get("format") if isinstance(doc, dict) else None
+    if found != name:
+        raise FormatError(f"{where}: not a {name} file (format: {found!r})")
+    if doc.get("version") != version:
+        raise FormatError(f"{where}: {name} version {doc.get('version')!r} is not supported "
+                          f"(this fvlm reads version {version})")
+    return doc

@@ -102,7 +102,7 @@ def test_compare_errors(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "something-else"}))
     assert main(["compare", str(bad), str(bad)]) == 2
-    assert "not an fvlm-zeroshot-results document" in capsys.readouterr().err
+    assert "not a fvlm-zeroshot-results file" in capsys.readouterr().err
     assert main(["compare", str(tmp_path / "nope.json"), str(bad)]) == 2
     assert "no such results file" in capsys.readouterr().err
     old = tmp_path / "old.json"

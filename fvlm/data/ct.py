@@ -38,6 +38,7 @@ from ..config import opt
 from ..errors import FvlmError
 from ..losses.calibration import STATUS_ABNORMAL, STATUS_CODES, STATUS_NORMAL, STATUS_NOT_MENTIONED
 from .shards import window
+from .stream import BatchStream
 
 __all__ = ["AugmentConfig", "CTDataConfig", "record_to_sample", "collate", "make_batch_fn", "CTStream",
            "SampleOptions"]
@@ -290,7 +291,7 @@ def make_batch_fn(opts: SampleOptions | dict) -> Callable[[list], dict]:
     return make_batch
 
 
-class CTStream(torch.utils.data.IterableDataset):
+class CTStream(BatchStream):
     """An endless, deterministic stream of training batches for one rank.
 
     Epoch ``e`` is a permutation of ``case_ids`` seeded by ``(seed, e)``; its first
@@ -338,11 +339,3 @@ class CTStream(torch.utils.data.IterableDataset):
         batch = collate(samples)
         batch["stream_index"] = torch.tensor(b)
         return batch
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        b = self.start + w
-        while True:
-            yield self.make(b)
-            b += nw

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, check_format
 from .zeroshot import RESULTS_FORMAT, RESULTS_VERSION
 
 TABLE_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "precision")
@@ -41,12 +41,7 @@ def read_results(path: str | os.PathLike) -> dict:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise FormatError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(doc, dict) or doc.get("format") != RESULTS_FORMAT:
-        raise FormatError(f"{p}: not an {RESULTS_FORMAT} document (format={doc.get('format') if isinstance(doc, dict) else None!r})")
-    if doc.get("version") != RESULTS_VERSION:
-        raise FormatError(f"{p}: {RESULTS_FORMAT} version {doc.get('version')!r}; this fvlm reads "
-                          f"version {RESULTS_VERSION}")
-    return doc
+    return check_format(doc, RESULTS_FORMAT, RESULTS_VERSION, p)
 
 
 # --------------------------------------------------------------------------- markdown

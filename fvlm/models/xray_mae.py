@@ -182,7 +182,7 @@ def load_encoder(path: str | os.PathLike, img_size: int | tuple[int, int] | None
     recomputed or interpolated by the encoder).
     """
     from ..encoders import create_encoder, load_encoder_weights
-    from ..errors import FormatError, FvlmError
+    from ..errors import FormatError, FvlmError, check_format
 
     path = Path(path)
     if not path.is_file():
@@ -191,11 +191,7 @@ def load_encoder(path: str | os.PathLike, img_size: int | tuple[int, int] | None
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise FormatError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-    if not isinstance(blob, dict) or blob.get("format") != ENCODER_FORMAT:
-        raise FormatError(f"{path}: not an {ENCODER_FORMAT} file")
-    if blob.get("version") != ENCODER_VERSION:
-        raise FormatError(f"{path}: {ENCODER_FORMAT} version {blob.get('version')}, this fvlm reads "
-                          f"version {ENCODER_VERSION}")
+    check_format(blob, ENCODER_FORMAT, ENCODER_VERSION, path)
     spec = blob["encoder_spec"]
     size = spec["img_size"] if img_size is None else (
         [img_size, img_size] if isinstance(img_size, int) else list(img_size))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.stream import BatchStream
 from . import masking
 
 __all__ = ["XrayCollate", "XrayStream", "XrayPretrainTask"]
@@ -66,7 +67,7 @@ class XrayCollate:
         return batch
 
 
-class XrayStream(torch.utils.data.IterableDataset):
+class XrayStream(BatchStream):
     """An endless, deterministic stream of masked batches for one rank.
 
     Image order: permutations of the dataset seeded by ``(seed, epoch)`` laid end to end;
@@ -109,14 +110,6 @@ class XrayStream(torch.utils.data.IterableDataset):
         samples = [self.dataset.sample(i, rng) for i in self.indices(b)]
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         return self.collate(samples, gen)
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        b = self.start + w
-        while True:
-            yield self.make(b)
-            b += nw
 
 
 class XrayPretrainTask(nn.Module):
