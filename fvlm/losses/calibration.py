@@ -10,6 +10,7 @@ Rules are combined by element-wise max (:func:`fvlm.losses.targets.combine_pair_
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 
@@ -45,13 +46,14 @@ class PairContext:
         return int(self.status.shape[0])
 
 
-class CalibrationRule:
+class CalibrationRule(abc.ABC):
     """Base class; ``pair_weights`` returns ``(N, N)`` weights in [0, 1] (diagonal ignored) or None."""
 
     name: str = ""
 
-    def pair_weights(self, ctx: PairContext) -> torch.Tensor | None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def pair_weights(self, ctx: PairContext) -> torch.Tensor | None:
+        """Soft-positive weight of every pair of rows in ``ctx`` (a subclass defines the rule)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
