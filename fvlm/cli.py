@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except FvlmError as e:
         print(f"fvlm {args._name}: error: {e}", file=sys.stderr)
         return 2
+    except FileNotFoundError as e:  # an input path that a command did not check itself
+        print(f"fvlm {args._name}: error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"fvlm {args._name}: interrupted", file=sys.stderr)
         return 130

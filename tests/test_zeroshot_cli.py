@@ -109,3 +109,16 @@ def test_compare_errors(tmp_path, capsys):
     old.write_text(json.dumps({"format": "fvlm-zeroshot-results", "version": 99}))
     with pytest.raises(FormatError, match="version 99"):
         read_results(old)
+
+
+def test_missing_checkpoint_and_data_are_one_line_errors(tmp_path, capsys):
+    from fvlm.cli import main
+
+    assert main(["zeroshot", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    ck = tmp_path / "model.pt"
+    ck.write_bytes(b"x")
+    assert main(["zeroshot", "--checkpoint", str(ck), "--data", str(tmp_path / "no_shards"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "shard directory not found" in capsys.readouterr().err

@@ -59,6 +59,10 @@ def resolve(args) -> ZeroShotConfig:
     missing = [f"--{k}" for k in ("checkpoint", "data", "out") if not getattr(cfg, k)]
     if missing:
         raise FvlmError(f"missing {', '.join(missing)} (or set them in a --config file)")
+    if not Path(cfg.checkpoint).is_file():
+        raise FvlmError(f"checkpoint not found: {cfg.checkpoint} (a model.pt written by `fvlm pretrain`)")
+    if not Path(cfg.data).is_dir():
+        raise FvlmError(f"shard directory not found: {cfg.data} (written by `fvlm preprocess`)")
     return cfg
 
 
