@@ -116,6 +116,44 @@ def test_seg_head_shapes(sd, img, patch):
 
 
 @pytest.mark.parametrize("sd,img,patch", CASES[:2])
+def test_interp_upsampling_heads_have_no_transposed_convs(sd, img, patch):
+    torch.manual_seed(0)
+    enc = create_encoder(f"vit{sd}d_nano", img_size=img, patch_size=patch)
+    x = torch.randn(2, 1, *img)
+    feats = enc.forward_intermediates(x, [1, 3])
+    seg = SegHead(sd, enc.embed_dim, patch, 2, num_classes=3, base_channels=16, min_channels=8, stem_channels=4,
+                  upsample="interp")
+    txt = TextSegHead(sd, enc.embed_dim, patch, 2, text_dim=24, cost_dim=16, agg_dim=8, guide_dim=8,
+                      text_guide_dim=8, min_channels=4, stem_channels=4, learned_stages=2, upsample="interp")
+    assert seg(feats, x).shape == (2, 3, *img)
+    assert txt(feats, x, torch.randn(4, 1, 24)).shape == (2, 4, *img)
+    for head in (seg, txt):
+        assert not any(isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)) for m in head.modules())
+    with pytest.raises(ValueError):
+        SegHead(sd, enc.embed_dim, patch, 2, num_classes=3, upsample="pixelshuffle")
+
+
+def test_anatomy_crops_centre_on_the_organ_not_the_lesion():
+    from fvlm.dense.data import DenseCase, Finding, anatomy_crops
+
+    img = np.zeros((40, 40, 20), np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    lab[20:36, 4:20, 5:15] = 2  # "liver" = class 2
+    les = np.zeros(img.shape, bool)
+    les[30:33, 5:8, 6:9] = True
+    far = np.zeros(img.shape, bool)
+    far[0:2, 38:40, 0:2] = True  # outside the crop: dropped
+    case = DenseCase("c", img, lab, findings=[Finding("mass", les, "liver"), Finding("x", far, "liver"),
+                                              Finding("y", les, "heart")])
+    crops = anatomy_crops([case], ["lung", "liver"], (16, 16, 8))
+    assert len(crops) == 1 and crops[0].case_id == "c:liver"
+    c = crops[0]
+    assert c.image.shape == (16, 16, 8) and c.label.shape == (16, 16, 8)
+    assert [f.text for f in c.findings] == ["mass"] and c.findings[0].mask.sum() == les.sum()
+    assert (c.label == 2).all()  # centred on the organ's bounding box (16 x 16 x 10 organ)
+
+
+@pytest.mark.parametrize("sd,img,patch", CASES[:2])
 def test_text_head_shapes_and_prompt_order_invariance(sd, img, patch):
     torch.manual_seed(0)
     enc = create_encoder(f"vit{sd}d_nano", img_size=img, patch_size=patch).eval()

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .heads import ConvBlock, SkipPyramid, _conv, _convT, stage_channels, upsample_plan
+from .heads import ConvBlock, SkipPyramid, _conv, make_upsample, stage_channels, upsample_plan
 
 __all__ = ["CostVolume", "SpatialAggregation", "ClassAggregation", "TextSegHead", "as_prompt_tensor"]
 
@@ -128,13 +128,14 @@ class TextSegHead(nn.Module):
     def __init__(self, spatial_dims: int, embed_dim: int, patch_size: Sequence[int], num_levels: int,
                  text_dim: int, cost_dim: int = 64, agg_dim: int = 32, agg_blocks: int = 2, guide_dim: int = 32,
                  text_guide_dim: int = 32, templates: int = 1, heads: int = 2, min_channels: int = 8,
-                 in_chans: int = 1, stem_channels: int = 8, learned_stages: int | None = 2):
+                 in_chans: int = 1, stem_channels: int = 8, learned_stages: int | None = 2,
+                 upsample: str = "transposed"):
         super().__init__()
         self.sd = spatial_dims
         self.num_levels = num_levels
         self.templates = templates
         self.cost = CostVolume(spatial_dims, embed_dim, text_dim, cost_dim)
-        conv, convT = _conv(spatial_dims), _convT(spatial_dims)
+        conv = _conv(spatial_dims)
         self.embed = conv(templates, agg_dim, 3, padding=1)
         self.img_guide = conv(embed_dim, guide_dim, 1)
         self.txt_guide = nn.Linear(text_dim, text_guide_dim)
@@ -152,8 +153,9 @@ class TextSegHead(nn.Module):
         gch = [max(4, c // 2) for c in ch]
         partial = [int(np.prod([f[a] for f in self.plan])) for a in range(spatial_dims)]
         self.pyramid = SkipPyramid(spatial_dims, embed_dim, partial, num_levels, gch, in_chans,
-                                   stem_channels, full_patch=patch_size)
-        self.ups = nn.ModuleList([convT(ch[s], ch[s + 1], kernel_size=f, stride=f) for s, f in enumerate(self.plan)])
+                                   stem_channels, full_patch=patch_size, upsample=upsample)
+        self.ups = nn.ModuleList([make_upsample(upsample, spatial_dims, ch[s], ch[s + 1], f)
+                                  for s, f in enumerate(self.plan)])
         self.blocks = nn.ModuleList([ConvBlock(spatial_dims, ch[s + 1] + self.pyramid.out_channels[s + 1], ch[s + 1])
                                      for s in range(n)])
         self.out = conv(ch[n], 1, 1)

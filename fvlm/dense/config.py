@@ -38,6 +38,9 @@ class ModelConfig:
     agg_blocks: int = opt(2, "text head: (spatial, class) aggregation block pairs")
     guide_dim: int = opt(32, "text head: width of the image/text guidance")
     heads: int = opt(2, "text head: attention heads of class aggregation")
+    upsample: str = opt("transposed", "learned upsampling: transposed (kernel = stride, may leave checkerboard "
+                                      "artifacts) or interp (interpolation + convolution)",
+                        choices=("transposed", "interp"))
     learned_stages: int = opt(2, "text head: learned x2 upsampling stages per prompt; the rest is interpolated "
                                  "(0 = all learned)")
 
@@ -55,6 +58,7 @@ class DataConfig:
     eval_split: str = opt("valid", "shards/demo: split used by `dense eval`")
     holdout_z: list[int] = opt([88, 100], "samples: held-out axial slices [start, stop) (evaluation)")
     holdout_gap: int = opt(4, "samples: slices next to the held-out range left out of training")
+    findings: list[str] = opt([], "demo: diagnosis ids whose lesions are grounded and supervised (empty = all)")
     max_cases: int = opt(0, "use at most this many cases per split (0 = all)")
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import FormatError, FvlmError
 from .config import DataConfig
 
-__all__ = ["Finding", "DenseCase", "class_names_for", "class_prompts", "load_cases", "sample_crop",
+__all__ = ["Finding", "DenseCase", "class_names_for", "class_prompts", "load_cases", "sample_crop", "anatomy_crops",
            "sample_slices_split"]
 
 
@@ -36,6 +36,7 @@ class Finding:
     text: str
     mask: np.ndarray
     anatomy: str = ""
+    diagnosis: str = ""
 
 
 @dataclass
@@ -174,6 +175,36 @@ def load_cases(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[
     if cfg.spacing_mm:
         cases = [_resample(c, cfg.spacing_mm) for c in cases]
     return cases
+
+
+def anatomy_crops(cases: Sequence[DenseCase], class_names: Sequence[str], size: Sequence[int]) -> list[DenseCase]:
+    """Per case and finding anatomy: a ``size`` crop centred on that anatomy's mask (bounding-box centre).
+
+    The crop knows where the organ is (from the anatomy mask), not where the lesion is;
+    findings whose anatomy is not segmented are skipped. Findings of the same anatomy share a crop.
+    """
+    out = []
+    for c in cases:
+        by_anat: dict[str, list[Finding]] = {}
+        for f in c.findings:
+            if f.mask.any() and f.anatomy in class_names:
+                by_anat.setdefault(f.anatomy, []).append(f)
+        for anat, fs in by_anat.items():
+            organ = c.label == class_names.index(anat) + 1 if c.label is not None else None
+            if organ is None or not organ.any():
+                continue
+            pts = np.argwhere(organ)
+            centre = (pts.min(0) + pts.max(0) + 1) // 2
+            img = _pad_to(c.image, size)
+            origin = [int(np.clip(int(m) - s // 2, 0, img.shape[a] - s)) for a, (m, s) in enumerate(zip(centre, size))]
+            sl = tuple(slice(o, o + s) for o, s in zip(origin, size))
+            kept = [Finding(f.text, _pad_to(f.mask, size)[sl], f.anatomy, f.diagnosis) for f in fs]
+            kept = [f for f in kept if f.mask.any()]
+            if kept:
+                out.append(DenseCase(f"{c.case_id}:{anat}", img[sl].copy(),
+                                     _pad_to(c.label, size)[sl].copy(), c.spacing_mm, c.affine, kept,
+                                     dict(c.labels), list(c.sentences)))
+    return out
 
 
 def sample_slices_split(n: int, holdout: tuple[int, int], gap: int) -> tuple[list[int], list[int]]:

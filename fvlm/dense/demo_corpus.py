@@ -69,8 +69,8 @@ def read_demo_cases(root: Path, cfg: DataConfig, class_names: Sequence[str], spl
         ts = np.asarray(nib.as_closest_canonical(nib.load(str(paths["masks"]))).dataobj).astype(np.uint8)
         les = np.asarray(nib.as_closest_canonical(nib.load(str(paths["lesions"]))).dataobj).astype(np.uint8)
         stm = row.get("report_statements", [])
-        findings = [Finding(finding_text(r, stm), les == int(r["lesion_id"]), r.get("anatomy", ""))
-                    for r in row.get("findings", [])]
+        findings = [Finding(finding_text(r, stm), les == int(r["lesion_id"]), r.get("anatomy", ""), r["finding"])
+                    for r in row.get("findings", []) if not cfg.findings or r["finding"] in cfg.findings]
         present = {r["finding"] for r in row.get("findings", [])}
         labels = {diagnosis_phrase(d): int(d in present) for d in all_diag}
         cases.append(DenseCase(cid, window(hu, *cfg.window), lut[ts], tuple(float(s) for s in img.header.get_zooms()[:3]),

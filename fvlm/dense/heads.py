@@ -18,7 +18,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["upsample_plan", "ConvBlock", "SkipPyramid", "SegHead", "stage_channels"]
+__all__ = ["upsample_plan", "ConvBlock", "SkipPyramid", "SegHead", "stage_channels", "Upsample", "make_upsample",
+           "UPSAMPLE_MODES"]
+
+UPSAMPLE_MODES = ("transposed", "interp")
 
 
 def _conv(sd: int):
@@ -27,6 +30,39 @@ def _conv(sd: int):
 
 def _convT(sd: int):
     return nn.ConvTranspose3d if sd == 3 else nn.ConvTranspose2d
+
+
+class Upsample(nn.Module):
+    """Interpolate then convolve (no checkerboard): ``(B, cin, *s)`` -> ``(B, cout, *(s * factor))``.
+
+    The convolution runs at the lower resolution first when it is a 1^d projection
+    (``kernel=1``, cheap), after the interpolation otherwise (a 3^d smoothing conv).
+    """
+
+    def __init__(self, sd: int, cin: int, cout: int, factor: Sequence[int], kernel: int = 3):
+        super().__init__()
+        self.sd = sd
+        self.factor = tuple(int(f) for f in factor)
+        self.kernel = kernel
+        self.conv = _conv(sd)(cin, cout, kernel, padding=kernel // 2)
+
+    def forward(self, x):
+        if self.kernel == 1:
+            x = self.conv(x)
+        if any(f > 1 for f in self.factor):
+            x = nn.functional.interpolate(x, scale_factor=self.factor, mode="trilinear" if self.sd == 3 else "bilinear",
+                                          align_corners=False)
+        return x if self.kernel == 1 else self.conv(x)
+
+
+def make_upsample(mode: str, sd: int, cin: int, cout: int, factor: Sequence[int], kernel: int = 3) -> nn.Module:
+    """A learned upsampling by ``factor``: ``transposed`` (kernel = stride = factor) or ``interp`` (:class:`Upsample`)."""
+    if mode == "interp":
+        return Upsample(sd, cin, cout, factor, kernel)
+    if mode != "transposed":
+        raise ValueError(f"upsample mode must be one of {UPSAMPLE_MODES}, got {mode!r}")
+    f = tuple(int(a) for a in factor)
+    return _convT(sd)(cin, cout, kernel_size=f, stride=f)
 
 
 def upsample_plan(patch_size: Sequence[int]) -> list[tuple[int, ...]]:
@@ -79,7 +115,7 @@ class SkipPyramid(nn.Module):
 
     def __init__(self, spatial_dims: int, embed_dim: int, patch_size: Sequence[int], num_levels: int,
                  channels: Sequence[int], in_chans: int = 1, stem_channels: int = 16,
-                 full_patch: Sequence[int] | None = None):
+                 full_patch: Sequence[int] | None = None, upsample: str = "transposed"):
         super().__init__()
         self.sd = spatial_dims
         self.plan = upsample_plan(patch_size)
@@ -98,7 +134,7 @@ class SkipPyramid(nn.Module):
             if all(a == 1 for a in f):
                 self.projs.append(_conv(spatial_dims)(embed_dim, channels[s], 1))
             else:
-                self.projs.append(_convT(spatial_dims)(embed_dim, channels[s], kernel_size=f, stride=f))
+                self.projs.append(make_upsample(upsample, spatial_dims, embed_dim, channels[s], f, kernel=1))
             self.assign.append(s)
         self.stem = ConvBlock(spatial_dims, in_chans, stem_channels) if stem_channels else None
         self.out_channels = [0] * (n + 1)
@@ -131,7 +167,7 @@ class SegHead(nn.Module):
 
     def __init__(self, spatial_dims: int, embed_dim: int, patch_size: Sequence[int], num_levels: int,
                  num_classes: int, base_channels: int = 128, min_channels: int = 16, in_chans: int = 1,
-                 stem_channels: int = 16):
+                 stem_channels: int = 16, upsample: str = "transposed"):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -144,10 +180,12 @@ class SegHead(nn.Module):
         self.plan = upsample_plan(patch_size)
         n = len(self.plan)
         ch = stage_channels(n, base_channels, min_channels)
-        self.pyramid = SkipPyramid(spatial_dims, embed_dim, patch_size, num_levels, ch, in_chans, stem_channels)
-        conv, convT = _conv(spatial_dims), _convT(spatial_dims)
+        self.pyramid = SkipPyramid(spatial_dims, embed_dim, patch_size, num_levels, ch, in_chans, stem_channels,
+                                   upsample=upsample)
+        conv = _conv(spatial_dims)
         self.bottleneck = conv(embed_dim, ch[0], 1)
-        self.ups = nn.ModuleList([convT(ch[s], ch[s + 1], kernel_size=f, stride=f) for s, f in enumerate(self.plan)])
+        self.ups = nn.ModuleList([make_upsample(upsample, spatial_dims, ch[s], ch[s + 1], f)
+                                  for s, f in enumerate(self.plan)])
         self.blocks = nn.ModuleList([ConvBlock(spatial_dims, ch[s + 1] + self.pyramid.out_channels[s + 1], ch[s + 1])
                                      for s in range(n)])
         self.out = conv(ch[n], num_classes, 1)

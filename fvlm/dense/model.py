@@ -100,7 +100,7 @@ def build_dense_model(cfg: ModelConfig, class_names: Sequence[str], text_dim: in
     if cfg.head == "seg":
         head = SegHead(sd, enc.embed_dim, enc.patch_size, len(levels), len(class_names) + 1,
                        base_channels=cfg.base_channels, min_channels=cfg.min_channels, in_chans=cfg.in_chans,
-                       stem_channels=cfg.stem_channels)
+                       stem_channels=cfg.stem_channels, upsample=cfg.upsample)
     else:
         if not text_dim:
             raise FvlmError("the text head needs the text encoder's width (text_dim)")
@@ -109,7 +109,7 @@ def build_dense_model(cfg: ModelConfig, class_names: Sequence[str], text_dim: in
                            text_guide_dim=cfg.guide_dim, templates=len(cfg.templates), heads=cfg.heads,
                            min_channels=max(4, cfg.min_channels // 2), in_chans=cfg.in_chans,
                            stem_channels=max(4, cfg.stem_channels // 2) if cfg.stem_channels else 0,
-                           learned_stages=cfg.learned_stages or None)
+                           learned_stages=cfg.learned_stages or None, upsample=cfg.upsample)
     if cfg.pretrained:
         load_pretrained_encoder(enc, cfg.pretrained)
     model = DenseModel(enc, head, levels, cfg.head, class_names, cfg.freeze_encoder)
