@@ -162,6 +162,16 @@ def _radial_warp(case: Case, centre, scale, r_in: float, r_out: float, axes=(0, 
     case.lesions[box] = ndi.map_coordinates(case.lesions, coords, order=0, mode="nearest")
 
 
+def _enlarge(case: Case, anatomy: str, scale: float) -> np.ndarray:
+    """Enlarge an organ by a linear ``scale`` about its centroid (pushing its surroundings
+    aside within a 6 mm-wider shell); returns the organ's new mask."""
+    pts = np.argwhere(case.mask(anatomy))
+    c = pts.mean(0)
+    r_in = float(np.sqrt(((pts - c) ** 2).sum(1)).max())
+    _radial_warp(case, c, scale, r_in, r_in * scale + 6)
+    return case.mask(anatomy)
+
+
 def _u(rng, rng_pair) -> float:
     lo, hi = rng_pair
     return float(rng.uniform(lo, hi))
@@ -306,15 +316,10 @@ def cardiomegaly(case: Case, rng, size, hu):
     """Cardiomegaly: the heart and its chambers enlarged by a linear factor ``size``
     (default 1.15-1.30, i.e. 1.5-2.2x the volume) about its centroid, pushing lung and
     mediastinal fat aside; attenuation unchanged (``hu`` unused)."""
-    heart = case.mask("heart")
-    if heart.sum() < 500:
+    if case.mask("heart").sum() < 500:
         return None
     s = _u(rng, size)
-    pts = np.argwhere(heart)
-    c = pts.mean(0)
-    r_in = float(np.sqrt(((pts - c) ** 2).sum(1)).max())
-    _radial_warp(case, c, s, r_in, r_in * s + 6)
-    heart = case.mask("heart")
+    heart = _enlarge(case, "heart", s)
     xs = np.nonzero(heart.any((1, 2)))[0]
     return case.add("cardiomegaly", "heart", heart, diffuse=True, size_mm=_mm(xs.max() - xs.min() + 1, case),
                     hu=None, scale=round(s, 3))
@@ -602,15 +607,10 @@ def splenomegaly(case: Case, rng, size, hu):
     """Splenomegaly: the spleen enlarged by a linear factor ``size`` (default 1.25-1.45,
     i.e. 2-3x the volume; craniocaudal length well over 13 cm) about its centroid;
     attenuation unchanged (``hu`` unused)."""
-    spl = case.mask("spleen")
-    if spl.sum() < 500:
+    if case.mask("spleen").sum() < 500:
         return None
     s = _u(rng, size)
-    pts = np.argwhere(spl)
-    c = pts.mean(0)
-    r_in = float(np.sqrt(((pts - c) ** 2).sum(1)).max())
-    _radial_warp(case, c, s, r_in, r_in * s + 6)
-    spl = case.mask("spleen")
+    spl = _enlarge(case, "spleen", s)
     ext = np.argwhere(spl)
     length = _mm((ext.max(0) - ext.min(0) + 1).max(), case)
     return case.add("splenomegaly", "spleen", spl, diffuse=True, size_mm=length, hu=None, scale=round(s, 3))
