@@ -73,6 +73,10 @@ class TrainConfig:
     focal_gamma: float = opt(2.0, "focal loss gamma")
     label_weight: float = opt(0.2, "text head: weight of the image-level label loss")
     foreground_crop: float = opt(0.7, "probability that a crop is centred on a labelled voxel")
+    crop_jitter: float = opt(0.25, "the crop centre moves up to this fraction of the crop size away from the chosen "
+                                   "voxel; 0.5 lets a target lie anywhere in the crop (no 'target at the centre' prior)")
+    focal_alpha: float = opt(0.25, "text head: focal-loss weight of positive voxels (negatives get 1 - alpha; "
+                                   "-1 = unweighted)")
     prompts_per_step: int = opt(8, "text head: prompts sampled per step (shuffled; tests order invariance)")
     unseen_classes: list[str] = opt([], "text head: classes never prompted in training (zero-shot at eval)")
     seed: int = opt(0, "random seed")

@@ -221,12 +221,16 @@ def _pad_to(a: np.ndarray, size: Sequence[int], value=0) -> np.ndarray:
 
 
 def sample_crop(case: DenseCase, size: Sequence[int], rng: np.random.Generator, fg_prob: float = 0.7,
-                masks: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray], tuple]:
+                masks: Sequence[np.ndarray] = (), jitter: float = 0.25
+                ) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray], tuple]:
     """A random crop of ``case`` of ``size`` (3 values: a 3D crop; 2 values: an axial-slice crop).
 
     With probability ``fg_prob`` the crop is centred on a random foreground voxel (of the
-    label map or the extra ``masks``). Returns ``(image, label, cropped masks, origin)``.
+    label map or the extra ``masks``), moved by up to ``jitter`` x the crop size per axis.
+    Returns ``(image, label, cropped masks, origin)``.
     """
+    if not 0 <= jitter <= 0.5:
+        raise FvlmError(f"crop jitter must be in [0, 0.5], got {jitter}")
     vol, lab = case.image, case.label
     fg_src = [m for m in masks if m.any()]
     if lab is not None and lab.any():
@@ -250,7 +254,8 @@ def sample_crop(case: DenseCase, size: Sequence[int], rng: np.random.Generator, 
     for ax, s in enumerate(size):
         hi = vol.shape[ax] - s
         if centre is not None:
-            o = int(np.clip(int(centre[ax]) - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, hi))
+            j = int(s * jitter)
+            o = int(np.clip(int(centre[ax]) - s // 2 + rng.integers(-j, j + 1), 0, hi))
         else:
             o = int(rng.integers(hi + 1))
         origin.append(o)

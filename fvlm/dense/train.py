@@ -145,7 +145,8 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     else:
         from ..losses.dense import MixedSupervisionLoss
 
-        loss_fn = MixedSupervisionLoss(label_weight=cfg.train.label_weight, focal_gamma=cfg.train.focal_gamma)
+        loss_fn = MixedSupervisionLoss(label_weight=cfg.train.label_weight, focal_gamma=cfg.train.focal_gamma,
+                                       focal_alpha=cfg.train.focal_alpha)
     phrases = class_prompts(cfg.data, class_names)
     size = tuple(cfg.model.img_size)
     history = []
@@ -154,7 +155,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     logf = open(out / "train_log.jsonl", "w", encoding="utf-8")
     try:
         for step in progress(range(cfg.train.steps), desc="dense train", unit="step"):
-            crops = [_crop(cases[rng.integers(len(cases))], size, rng, cfg.train.foreground_crop)
+            crops = [_crop(cases[rng.integers(len(cases))], size, rng, cfg.train.foreground_crop, cfg.train.crop_jitter)
                      for _ in range(cfg.train.batch_size)]
             x = torch.from_numpy(np.stack([c["image"] for c in crops]))[:, None].to(dev)
             if cfg.model.head == "seg":
@@ -194,9 +195,9 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
             "seconds": meta["seconds"]}
 
 
-def _crop(case: DenseCase, size, rng, fg_prob) -> dict:
+def _crop(case: DenseCase, size, rng, fg_prob, jitter) -> dict:
     masks = [f.mask for f in case.findings]
-    img, lab, fm, _ = sample_crop(case, size, rng, fg_prob, masks)
+    img, lab, fm, _ = sample_crop(case, size, rng, fg_prob, masks, jitter)
     return {"image": img.astype(np.float32), "label": lab if lab is not None else np.zeros(img.shape, np.uint8),
             "findings": [(f.text, m) for f, m in zip(case.findings, fm)], "case": case}
 
