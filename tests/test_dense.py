@@ -9,7 +9,7 @@ import torch
 from fvlm.dense.aggregation import ClassAggregation, TextSegHead
 from fvlm.dense.heads import SegHead, upsample_plan
 from fvlm.dense.metrics import (SegmentationMeter, binary_dice_iou, confusion_counts, dice_iou_from_counts,
-                                per_class_dice_iou, pointing_chance, pointing_game)
+                                per_class_dice_iou, pointing_chance, pointing_game, pointing_p_value)
 from fvlm.encoders import create_encoder
 from fvlm.errors import FvlmError
 
@@ -77,6 +77,13 @@ def test_pointing_game_and_chance():
     h4 = np.zeros((5, 5))
     h4[4, 4], h4[1, 1] = 1.0, 0.5
     assert pointing_game(h4, m, candidates=body)
+
+
+def test_pointing_p_value_hand_computed():
+    # P(X >= 3), X ~ Bin(10, 0.1) = 1 - 0.9^10 - 10 * 0.1 * 0.9^9 - 45 * 0.01 * 0.9^8
+    assert pointing_p_value(3, 10, 0.1) == pytest.approx(0.0701908264, abs=1e-9)
+    assert pointing_p_value(2, 2, 0.5) == pytest.approx(0.25)
+    assert pointing_p_value(0, 7, 0.3) == pytest.approx(1.0)
 
 
 def test_metric_bad_inputs():
@@ -151,6 +158,89 @@ def test_anatomy_crops_centre_on_the_organ_not_the_lesion():
     assert c.image.shape == (16, 16, 8) and c.label.shape == (16, 16, 8)
     assert [f.text for f in c.findings] == ["mass"] and c.findings[0].mask.sum() == les.sum()
     assert (c.label == 2).all()  # centred on the organ's bounding box (16 x 16 x 10 organ)
+
+
+class _BrightSpots(torch.nn.Module):
+    """A stand-in text model that marks every voxel brighter than 0.9, whatever the prompt."""
+    task, spatial_dims = "text", 3
+
+    def __init__(self, class_names, img_size):
+        super().__init__()
+        self.class_names = list(class_names)
+        self.encoder = torch.nn.Module()
+        self.encoder.img_size = tuple(img_size)
+
+    def forward(self, x, text):
+        return ((x > 0.9).float() * 20 - 10).repeat(1, text.shape[0], *([1] * (x.ndim - 2)))
+
+
+def _organ_volume(cid, organ_label, lesion_bright, anatomy):
+    """48 x 48 x 24 body (0.5) with an organ box [8:40, 8:40, 4:20], a 4^3 lesion at its centre (bright = 0.95
+    or invisible) and, when the lesion is invisible, a bright spot elsewhere in the organ."""
+    from fvlm.dense.data import DenseCase, Finding
+
+    img = np.full((48, 48, 24), 0.5, np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    lab[8:40, 8:40, 4:20] = organ_label
+    les = np.zeros(img.shape, bool)
+    les[22:26, 22:26, 10:14] = True
+    if lesion_bright:
+        img[les] = 0.95
+    else:
+        img[10:12, 10:12, 5:7] = 0.95
+    far = np.zeros(img.shape, bool)
+    far[0:3, 0:3, 0:3] = True
+    return DenseCase(cid, img, lab, findings=[Finding(f"{cid} lesion", les, anatomy),
+                                              Finding("heart lesion", far, "heart")])  # heart: not a class
+
+
+def test_organ_crop_eval_finds_bright_lesions_and_tests_against_chance(tmp_path):
+    """eval.crops=organ: one model-sized crop per finding anatomy; 2 of 4 lesions visible -> 2 hits,
+    p-value = P(X >= 2) for X ~ Bin(4, lesion fraction of the crop), by hand."""
+    from fvlm.config import build
+    from fvlm.dense.config import EvalConfig
+    from fvlm.dense.data import anatomy_crops
+    from fvlm.dense.evaluate import eval_cases, evaluate_model, write_eval
+    from fvlm.encoders import TextEncoder
+
+    classes = ["liver", "kidney"]
+    vols = [_organ_volume("a", 1, True, "liver"), _organ_volume("b", 2, True, "kidney"),
+            _organ_volume("c", 1, False, "liver"), _organ_volume("d", 2, False, "kidney")]
+    model = _BrightSpots(classes, (32, 32, 16))
+    assert eval_cases(model, vols, "whole") == vols
+    crops = eval_cases(model, vols, "organ")
+    want = anatomy_crops(vols, classes, (32, 32, 16))
+    assert [c.case_id for c in crops] == [c.case_id for c in want] == ["a:liver", "b:kidney", "c:liver", "d:kidney"]
+    for c in crops:
+        assert c.image.shape == c.label.shape == (32, 32, 16)
+        assert [f.anatomy for f in c.findings] == [c.case_id[2:]] and c.findings[0].mask.sum() == 64
+    ecfg = build(EvalConfig, {"tolerance": 0, "overlap": 0.0, "crops": "organ"})
+    res = evaluate_model(model, {"meta": {"templates": ["{}"]}}, crops, ecfg, text_encoder=TextEncoder.tiny_random())
+    g = res["grounding"]
+    assert [f["hit"] for f in g["findings"]] == [True, True, False, False]
+    c = 64 / (32 * 32 * 16)  # every voxel is body
+    assert g["pointing_hits"] == 2 and g["n_findings"] == 4 and g["chance_body"] == pytest.approx(c, abs=1e-6)
+    assert g["p_value_vs_chance"] == pytest.approx(1 - (1 - c) ** 4 - 4 * c * (1 - c) ** 3, rel=1e-5)
+    assert res["per_class"]["liver"]["support_voxels"] == 2 * 32 * 32 * 16  # the organ fills each crop
+    jp, mp = write_eval(res, tmp_path, "x.pt", {"source": "demo", "n_cases": 4, "crops": "organ",
+                                                "crop_size": [32, 32, 16], "n_volumes": 4})
+    assert json.loads(jp.read_text())["grounding"]["p_value_vs_chance"] == g["p_value_vs_chance"]
+    md = mp.read_text()
+    assert "scored on: organ crops: 4 crops of 32×32×16 voxels" in md
+    assert "| p vs body chance |" in md and f"| {g['p_value_vs_chance']:.3g} |" in md
+
+
+def test_organ_crops_need_a_3d_model_and_findings():
+    from fvlm.dense.data import DenseCase
+    from fvlm.dense.evaluate import eval_cases
+    from fvlm.dense.model import build_dense_model
+
+    vol = _organ_volume("a", 1, True, "liver")
+    with pytest.raises(FvlmError, match="needs a 3D model"):
+        eval_cases(build_dense_model(_cfg().model, ["liver"]), [vol], "organ")
+    plain = DenseCase("p", vol.image, vol.label)  # no findings (e.g. the shipped sample)
+    with pytest.raises(FvlmError, match="no case has a finding in a segmented anatomy"):
+        eval_cases(_BrightSpots(["liver"], (32, 32, 16)), [plain], "organ")
 
 
 @pytest.mark.parametrize("sd,img,patch", CASES[:2])

@@ -63,5 +63,53 @@ def test_cli_train_eval_writes_json_and_markdown(tmp_path):
     for v in doc["per_class"].values():
         assert set(v) >= {"dice", "iou", "dice_global", "iou_global", "n_cases", "support_voxels"}
     assert "baselines" in doc and doc["data"]["holdout_z"] == [88, 90]
+    assert doc["data"]["crops"] == "whole" and doc["data"]["n_cases"] == 1
     md = (tmp_path / "run" / "eval" / "dense_eval.md").read_text()
-    assert "| liver |" in md and "Dice" in md
+    assert "| liver |" in md and "Dice" in md and "scored on: whole volumes" in md
+
+
+def test_cli_eval_on_organ_crops_of_a_demo_corpus(tmp_path):
+    """`fvlm dense eval --set eval.crops=organ` scores exactly anatomy_crops(cases, classes, img_size) of the
+    held-out demo volumes and reports the pointing game's binomial p-value against the body chance."""
+    import math
+
+    from fvlm.cli import main
+    from fvlm.demo.generate import generate_corpus
+    from fvlm.dense.data import anatomy_crops, load_cases
+    from fvlm.dense.model import build_dense_model, save_dense
+    from fvlm.encoders import TextEncoder
+
+    torch.set_num_threads(1)
+    corpus = tmp_path / "demo"
+    generate_corpus(corpus, n_cases=6, seed=3, preset="quick")
+    classes = ["lung", "liver", "kidney", "spleen"]
+    size = [32, 32, 16]
+    cfg = build(DenseConfig, {"model": {"encoder": "vit3d_nano", "img_size": size, "patch_size": [8, 8, 4],
+                                        "head": "text", "min_channels": 8, "stem_channels": 8},
+                              "data": {"source": "demo", "root": str(corpus), "classes": classes,
+                                       "eval_split": "val"}})
+    text = TextEncoder()
+    torch.manual_seed(0)
+    model = build_dense_model(cfg.model, classes, text.embed_dim)
+    ck = save_dense(tmp_path / "run" / "dense.pt", model, cfg.model, text.identity, text.embed_dim,
+                    {"anatomy_set": "fvlm15", "templates": ["{}"]})
+    assert main(["dense", "eval", "--checkpoint", str(ck), "-q", "--no-baselines", "--data", "demo",
+                 "--root", str(corpus), "--set", "data.eval_split=val", "--set", "eval.crops=organ"]) == 0
+    doc = json.loads((tmp_path / "run" / "eval" / "dense_eval.json").read_text())
+    volumes = load_cases(cfg.data, classes, "eval")
+    crops = anatomy_crops(volumes, classes, size)
+    assert len(volumes) == 2 and len(crops) >= 3 and all(c.image.shape == tuple(size) for c in crops)
+    assert doc["data"] == {"source": "demo", "root": str(corpus), "split": "val", "n_cases": len(crops),
+                           "crops": "organ", "crop_size": size, "n_volumes": len(volumes)}
+    assert [c["case_id"] for c in doc["cases"]] == [c.case_id for c in crops]
+    for k, name in enumerate(classes):  # the target voxels scored are those of the crops
+        assert doc["per_class"][name]["support_voxels"] == sum(int((c.label == k + 1).sum()) for c in crops)
+    g = doc["grounding"]
+    assert g["n_findings"] == sum(len(c.findings) for c in crops)
+    assert all(all(0 <= v < s for v, s in zip(f["peak_voxel"], size)) for f in g["findings"])
+    n, hits, p0 = g["n_findings"], g["pointing_hits"], g["chance_body"]
+    assert 0 < p0 < 1
+    want = sum(math.comb(n, k) * p0 ** k * (1 - p0) ** (n - k) for k in range(hits, n + 1))
+    assert g["p_value_vs_chance"] == pytest.approx(want, rel=1e-3, abs=1e-9)
+    md = (tmp_path / "run" / "eval" / "dense_eval.md").read_text()
+    assert f"scored on: organ crops: {len(crops)} crops of 32×32×16 voxels" in md and "p vs body chance" in md

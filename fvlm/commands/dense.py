@@ -88,7 +88,7 @@ def _eval(args, cfg) -> int:
     from ..config import dump_config
     from ..dense.baselines import baseline_scores
     from ..dense.data import load_cases
-    from ..dense.evaluate import evaluate_model, write_eval
+    from ..dense.evaluate import eval_cases, evaluate_model, write_eval
     from ..dense.model import load_dense
     from ..logs import setup_logging
 
@@ -100,14 +100,17 @@ def _eval(args, cfg) -> int:
                                anatomy_set=meta.get("anatomy_set", cfg.data.anatomy_set))
     cfg = dataclasses.replace(cfg, data=data, model=info["model_config"])
     dump_config(cfg, out / "config.yaml")
-    cases = load_cases(data, model.class_names, "eval")
+    volumes = load_cases(data, model.class_names, "eval")
+    cases = eval_cases(model, volumes, cfg.eval.crops)
     text = _text_encoder(info, cfg) if model.task == "text" else None
     res = evaluate_model(model, info, cases, cfg.eval, text_encoder=text)
     extra = {}
     if not args.no_baselines and any(c.label is not None for c in cases):
         extra["baselines"] = baseline_scores(load_cases(data, model.class_names, "train"), cases, model.class_names)
     src = {"source": data.source, "root": data.root, "split": "eval" if data.source == "samples" else data.eval_split,
-           "n_cases": len(cases)}
+           "n_cases": len(cases), "crops": cfg.eval.crops}
+    if cfg.eval.crops == "organ":
+        src.update(crop_size=list(model.encoder.img_size), n_volumes=len(volumes))
     if data.source == "samples":
         src["holdout_z"] = list(data.holdout_z)
     jp, mp = write_eval(res, out, args.checkpoint, src, extra)
@@ -117,7 +120,8 @@ def _eval(args, cfg) -> int:
         msg += f" (mean Dice {m['dice']:.3f}, IoU {m['iou']:.3f})"
     if res.get("grounding"):
         g = res["grounding"]
-        msg += f"; pointing game {g['pointing_game']:.3f} vs chance {g['chance_body']:.3f}"
+        msg += (f"; pointing game {g['pointing_game']:.3f} vs chance {g['chance_body']:.3f} "
+                f"(p = {g['p_value_vs_chance']:.3g})")
     print(msg)
     return 0
 

@@ -92,6 +92,10 @@ class EvalConfig:
     paraphrases: dict[str, str] = opt({}, "text head: class id -> an unseen phrasing used at evaluation")
     tolerance: int = opt(1, "pointing game: voxels of tolerance around the target mask")
     sw_batch_size: int = opt(2, "sliding-window batch")
+    crops: str = opt("whole", "what is scored: whole (whole volumes by sliding windows) or organ (per case and "
+                              "finding anatomy, one crop of model.img_size centred on that organ's mask, never on "
+                              "the lesion; 3D models, cases with findings; the anatomy Dice is then per crop)",
+                     choices=("whole", "organ"))
 
 
 @dataclass

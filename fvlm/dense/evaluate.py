@@ -8,7 +8,10 @@ results") and ``dense_eval.md`` (the same numbers as Markdown tables).
 - ``text`` models: one prompt per class (its phrase, or ``eval.paraphrases``), mask =
   sigmoid > ``eval.threshold``; classes are marked seen/unseen in training.
 - cases with findings (demo lesions): pointing game and Dice/IoU of the finding text's
-  heatmap against the lesion mask, with the pointing game's chance level.
+  heatmap against the lesion mask, with the pointing game's chance level and a one-sided
+  binomial p-value of the hits against it.
+- ``eval.crops``: ``whole`` scores whole volumes; ``organ`` scores one crop of the model's
+  input size per case and finding anatomy, centred on that organ (:func:`eval_cases`).
 """
 from __future__ import annotations
 
@@ -22,11 +25,11 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import FvlmError
-from .data import DenseCase
+from .data import DenseCase, anatomy_crops
 from .metrics import (SegmentationMeter, binary_dice_iou, confusion_counts, dice_iou_from_counts, nanmean,
-                      pointing_chance, pointing_game, _num)
+                      pointing_chance, pointing_game, pointing_p_value, _num)
 
-__all__ = ["predict_case", "prompt_heatmaps", "evaluate_model", "write_eval", "markdown_report",
+__all__ = ["predict_case", "prompt_heatmaps", "eval_cases", "evaluate_model", "write_eval", "markdown_report",
            "FORMAT_NAME", "FORMAT_VERSION", "body_mask"]
 
 FORMAT_NAME = "fvlm-dense-eval"
@@ -81,6 +84,26 @@ def body_mask(image: np.ndarray, level: float = 0.2) -> np.ndarray:
 
     m = image > level
     return ndi.binary_fill_holes(m) if m.ndim == 2 else m
+
+
+def eval_cases(model, cases: Sequence[DenseCase], crops: str = "whole") -> list[DenseCase]:
+    """The cases scored under ``eval.crops``: the volumes themselves (``whole``), or (``organ``)
+    :func:`fvlm.dense.data.anatomy_crops` of the model's input size, one per case and finding anatomy."""
+    if crops == "whole":
+        return list(cases)
+    if model.spatial_dims != 3:
+        raise FvlmError("eval.crops=organ needs a 3D model (crops of model.img_size around each organ); "
+                        "use eval.crops=whole for 2D models")
+    out = anatomy_crops(cases, model.class_names, _roi(model))
+    if not out:
+        raise FvlmError(f"eval.crops=organ: no case has a finding in a segmented anatomy "
+                        f"({', '.join(model.class_names)}); organ crops need cases with findings (data.source=demo)")
+    return out
+
+
+def _p(v: float) -> float:
+    """A p-value for JSON, to 6 significant digits (a small one does not round to 0)."""
+    return float(f"{v:.6g}")
 
 
 def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text_encoder=None,
@@ -143,11 +166,14 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
             result[tag] = {m: _num(nanmean([v[m] for v in sel])) for m in ("dice", "iou")} if sel else None
     result["cases"] = per_case
     if ground["n"]:
+        chance_body = float(np.mean(ground["chance_body"]))
         result["grounding"] = {
             "n_findings": ground["n"], "pointing_hits": ground["hits"],
             "pointing_game": _num(ground["hits"] / ground["n"]),
             "chance": _num(float(np.mean(ground["chance"]))),
-            "chance_body": _num(float(np.mean(ground["chance_body"]))),
+            "chance_body": _num(chance_body),
+            # against the mean chance: the per-finding chances differ, so this is an approximation
+            "p_value_vs_chance": _p(pointing_p_value(ground["hits"], ground["n"], chance_body)),
             "tolerance_voxels": eval_cfg.tolerance, "threshold": eval_cfg.threshold,
             "dice": _num(nanmean(ground["dice"])), "iou": _num(nanmean(ground["iou"])),
             "findings": ground["cases"]}
@@ -192,9 +218,22 @@ def _f(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def _pf(v) -> str:
+    return "–" if v is None else f"{v:.3g}"
+
+
+def _scored_on(data: dict) -> str:
+    if data.get("crops") == "organ":
+        size = "×".join(str(s) for s in data.get("crop_size") or [])
+        return (f"organ crops: {data.get('n_cases')} crops of {size} voxels, each centred on a finding's anatomy, "
+                f"from {data.get('n_volumes')} volumes (Dice per crop)")
+    return "whole volumes (sliding windows)"
+
+
 def markdown_report(doc: dict) -> str:
     lines = [f"# Dense evaluation ({doc.get('task')})", "",
              f"checkpoint: `{doc.get('checkpoint')}`  ", f"data: {doc.get('data')}  ",
+             f"scored on: {_scored_on(doc.get('data') or {})}  ",
              f"cases: {doc.get('n_cases', 0)}", ""]
     pc = doc.get("per_class") or {}
     if pc:
@@ -216,8 +255,11 @@ def markdown_report(doc: dict) -> str:
     g = doc.get("grounding")
     if g:
         lines += ["", "## Grounding", "",
-                  "| findings | pointing game | chance (image) | chance (body) | Dice | IoU |",
-                  "|---|---|---|---|---|---|",
+                  "| findings | pointing game | chance (image) | chance (body) | p vs body chance | Dice | IoU |",
+                  "|---|---|---|---|---|---|---|",
                   f"| {g['n_findings']} | {_f(g['pointing_game'])} ({g['pointing_hits']}/{g['n_findings']}) | "
-                  f"{_f(g['chance'])} | {_f(g['chance_body'])} | {_f(g['dice'])} | {_f(g['iou'])} |"]
+                  f"{_f(g['chance'])} | {_f(g['chance_body'])} | {_pf(g.get('p_value_vs_chance'))} | "
+                  f"{_f(g['dice'])} | {_f(g['iou'])} |",
+                  "", "p: one-sided binomial test of the hits against the mean body chance (an approximation: "
+                      "the chance differs per finding)"]
     return "\n".join(lines) + "\n"

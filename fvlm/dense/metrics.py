@@ -9,6 +9,7 @@ Conventions:
 - The pointing game counts a hit when the heatmap's maximum lies inside the target mask
   (optionally dilated by ``tolerance`` voxels). Its chance level for one case is the
   fraction of candidate voxels (the whole image, or a body mask) covered by the mask.
+  :func:`pointing_p_value` tests the hit count against one chance level (one-sided binomial).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["confusion_counts", "dice_iou_from_counts", "per_class_dice_iou", "binary_dice_iou",
-           "pointing_game", "pointing_chance", "SegmentationMeter", "nanmean"]
+           "pointing_game", "pointing_chance", "pointing_p_value", "SegmentationMeter", "nanmean"]
 
 
 def nanmean(values) -> float:
@@ -123,6 +124,19 @@ def pointing_chance(mask: np.ndarray, tolerance: int = 0, candidates: np.ndarray
         return float(m.mean())
     c = np.asarray(candidates, dtype=bool)
     return float((m & c).sum() / max(1, c.sum()))
+
+
+def pointing_p_value(hits: int, n: int, chance: float) -> float:
+    """One-sided binomial p-value of ``hits`` or more pointing-game hits in ``n`` findings at hit rate ``chance``.
+
+    ``P(X >= hits)`` for ``X ~ Binomial(n, chance)`` (``scipy.stats.binomtest``, alternative
+    "greater"). With a chance level that differs per finding, passing their mean is an
+    approximation of the exact Poisson-binomial null; it is conservative (never below the
+    exact p-value) when ``hits >= n * chance + 1`` (Hoeffding 1956).
+    """
+    from scipy.stats import binomtest
+
+    return float(binomtest(int(hits), int(n), float(chance), alternative="greater").pvalue)
 
 
 @dataclass
