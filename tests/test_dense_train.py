@@ -3,6 +3,8 @@
 - a tiny 2D segmentation head trained on the sample's axial slices beats the
   non-learned baselines (all background; per-position majority label) on held-out slices;
 - `fvlm dense train|eval` writes the checkpoint, the JSON and the Markdown table;
+- data.source=shards reads `fvlm preprocess` shards of the shipped CT (window, class remap,
+  labels, sentences, errors) and trains and evaluates on them;
 - (slow) a text-driven head trained on the demo corpus points at the inserted lesions
   more often than chance on the test split.
 """
@@ -113,3 +115,109 @@ def test_cli_eval_on_organ_crops_of_a_demo_corpus(tmp_path):
     assert g["p_value_vs_chance"] == pytest.approx(want, rel=1e-3, abs=1e-9)
     md = (tmp_path / "run" / "eval" / "dense_eval.md").read_text()
     assert f"scored on: organ crops: {len(crops)} crops of 32×32×16 voxels" in md and "p vs body chance" in md
+
+
+def _manifest(path, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sample_shards(ct_samples, tmp_path_factory):
+    """`fvlm preprocess` of the shipped CT (small config: whole volume 96 x 96 x 48 at 3 mm, report labeler on):
+    case `a` (train, a gallstone report) and `b` (valid, a normal report)."""
+    from fvlm.cli import main
+
+    d = tmp_path_factory.mktemp("dense_shards")
+    img, seg = str(ct_samples / "example_ct_sm.nii.gz"), str(ct_samples / "example_seg.nii.gz")
+    man = _manifest(d / "m.csv", [
+        {"case_id": "a", "patient_id": "pa", "split": "train", "image": img, "mask": seg,
+         "findings": "The liver is normal. There is a small gallstone in the gallbladder.",
+         "impressions": "Cholelithiasis."},
+        {"case_id": "b", "patient_id": "pb", "split": "valid", "image": img, "mask": seg,
+         "findings": "Normal study.", "impressions": "No acute findings."}])
+    assert main(["preprocess", "--manifest", man, "--out", str(d / "fvlm15"), "--config", "preprocess/small",
+                 "-q"]) == 0
+    return d
+
+
+def test_shards_source_reads_preprocessed_ct(sample_shards, ct_samples, tmp_path):
+    """Windowed image, classes remapped to the requested order, silver labels as phrases, abnormal sentences;
+    the one-line errors (no root, not shards, empty split, anatomy not in the shards, no whole volumes)."""
+    import numpy as np
+
+    from fvlm.cli import main
+    from fvlm.data import ShardDataset
+    from fvlm.dense.config import DataConfig
+    from fvlm.dense.data import load_cases
+    from fvlm.errors import FormatError, FvlmError
+
+    root = sample_shards / "fvlm15"
+    ds = ShardDataset(root)
+    classes = ["spleen", "liver", "kidney"]  # not the shards' label order (liver 5, spleen 8, kidney 9)
+    cfg = build(DataConfig, {"source": "shards", "root": str(root), "classes": classes, "window": [-150, 250]})
+    (case,) = load_cases(cfg, classes, "train")
+    rec = ds.get("a", crops=False)
+    assert case.case_id == "a" and case.image.shape == case.label.shape == ds.whole_shape == (96, 96, 48)
+    assert case.spacing_mm == (3.0, 3.0, 3.0) and case.image.dtype == np.float32
+    np.testing.assert_allclose(case.image, np.clip((rec.volume.astype(np.float32) + 150) / 400, 0, 1), atol=1e-6)
+    assert case.image.min() == 0.0 and case.image.max() == 1.0  # air and bone clip at the window's ends
+    assert set(np.unique(case.label)) == {0, 1, 2, 3}
+    for k, c in enumerate(classes):
+        want = rec.label_map == ds.anatomies.index(c) + 1
+        assert want.sum() > 500 and np.array_equal(case.label == k + 1, want), c
+    assert not (case.label[rec.label_map == ds.anatomies.index("lung") + 1]).any()  # not requested: background
+    assert case.labels["gallstones"] == 1 and case.labels["lung nodule"] == 0 and "lung_nodule" not in case.labels
+    assert ("gallbladder", "There is a small gallstone in the gallbladder.") in case.sentences
+    assert all(a != "liver" for a, _ in case.sentences)  # "The liver is normal." is no abnormal sentence
+    (valid,) = load_cases(cfg, classes, "eval")
+    assert valid.case_id == "b" and valid.sentences == [] and set(valid.labels.values()) == {0}
+
+    with pytest.raises(FvlmError, match="needs data.root"):
+        load_cases(build(DataConfig, {"source": "shards"}), classes, "train")
+    with pytest.raises(FormatError, match="no dataset.json"):
+        load_cases(build(DataConfig, {"source": "shards", "root": str(tmp_path)}), classes, "train")
+    with pytest.raises(FvlmError, match="no cases in split 'test'"):
+        load_cases(build(DataConfig, {"source": "shards", "root": str(root), "eval_split": "test"}), classes, "eval")
+    # chest-only shards (ctrate4) without whole volumes
+    chest = tmp_path / "ctrate4"
+    man = _manifest(tmp_path / "m.csv", [{"case_id": "c", "split": "train",
+                                          "image": str(ct_samples / "example_ct_sm.nii.gz"),
+                                          "mask": str(ct_samples / "example_seg.nii.gz")}])
+    assert main(["preprocess", "--manifest", man, "--out", str(chest), "--config", "preprocess/small", "-q",
+                 "--set", "anatomy_set=ctrate4", "--set", "whole.enabled=false", "--set", "reports.labeler=false"]) == 0
+    with pytest.raises(FvlmError, match=r"shards have no anatomy liver \(they hold lung, heart, esophagus, aorta of "
+                                        r"anatomy set 'ctrate4'\)"):
+        load_cases(build(DataConfig, {"source": "shards", "root": str(chest)}), ["lung", "liver"], "train")
+    with pytest.raises(FormatError, match="no whole volumes.*whole.enabled=true"):
+        load_cases(build(DataConfig, {"source": "shards", "root": str(chest), "anatomy_set": "ctrate4"}),
+                   ["lung"], "train")
+
+
+def test_train_and_eval_on_shards(sample_shards, tmp_path):
+    """data.source=shards end to end: 5 steps of a 3D seg head, then `fvlm dense eval` on the valid split."""
+    from fvlm.cli import main
+    from fvlm.dense.model import load_dense
+    from fvlm.dense.train import train_dense
+
+    root = str(sample_shards / "fvlm15")
+    cfg = build(DenseConfig, {
+        "model": {"encoder": "vit3d_nano", "img_size": [32, 32, 16], "patch_size": [8, 8, 4], "base_channels": 16,
+                  "min_channels": 8, "stem_channels": 4},
+        "data": {"source": "shards", "root": root, "classes": ["liver", "spleen"]},
+        "train": {"steps": 5, "batch_size": 2, "threads": 1, "log_every": 1000}})
+    res = train_dense(cfg, tmp_path / "run")
+    _, info = load_dense(res["checkpoint"])
+    assert info["class_names"] == ["liver", "spleen"] and info["meta"]["data_source"] == "shards"
+    assert info["meta"]["spacing_mm"] == [3.0, 3.0, 3.0]
+    assert main(["dense", "eval", "--checkpoint", res["checkpoint"], "-q", "--data", "shards", "--root", root,
+                 "--set", "eval.overlap=0", "--set", "eval.sw_batch_size=8"]) == 0
+    doc = json.loads((tmp_path / "run" / "eval" / "dense_eval.json").read_text())
+    assert doc["data"]["split"] == "valid" and [c["case_id"] for c in doc["cases"]] == ["b"]
+    assert doc["per_class"]["liver"]["support_voxels"] > 500
+    assert set(doc["baselines"]) == {"background", "location_prior"}

@@ -8,7 +8,8 @@ image-level labels and report sentences. Sources:
 - ``samples``: the shipped TotalSegmentator abdomen CT (``example_ct`` with
   ``example_seg_fast_force_split``, v2 ids) split along z: the held-out axial slices
   ``data.holdout_z`` evaluate, the rest (minus a gap) trains;
-- ``shards``: :class:`fvlm.data.ShardDataset` cases of a split;
+- ``shards``: :class:`fvlm.data.ShardDataset` cases of a split (the whole volume and its anatomy
+  label map; the report labeler's silver labels as phrases, its abnormal anatomy sentences);
 - ``demo``: a corpus from :func:`fvlm.demo.generate.generate_corpus` (CT, masks, lesions).
 
 2D encoders (``vit2d_*``) train on axial slices of the same volumes.
@@ -129,13 +130,18 @@ def _samples(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, list[Dens
 
 def _shards(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[DenseCase]:
     from ..data import ShardDataset, window
+    from .demo_corpus import diagnosis_phrase
 
     if not cfg.root:
         raise FvlmError("data.source=shards needs data.root (the directory written by `fvlm preprocess`)")
     ds = ShardDataset(cfg.root)
     missing = [c for c in class_names if c not in ds.anatomies]
     if missing:
-        raise FvlmError(f"{cfg.root}: shards have no anatomy {', '.join(missing)} (they hold {', '.join(ds.anatomies)})")
+        raise FvlmError(f"{cfg.root}: shards have no anatomy {', '.join(missing)} (they hold {', '.join(ds.anatomies)} "
+                        f"of anatomy set {ds.info.get('anatomy_set')!r}); set data.classes or data.anatomy_set")
+    if ds.whole_shape is None:
+        raise FormatError(f"{cfg.root}: the shards hold no whole volumes (preprocessed with whole.enabled=false); "
+                          "dense heads need them: re-run `fvlm preprocess` with whole.enabled=true")
     lut = np.zeros(256, dtype=np.uint8)
     for i, c in enumerate(class_names):
         lut[ds.anatomies.index(c) + 1] = i + 1
@@ -147,12 +153,12 @@ def _shards(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[Den
     cases = []
     for cid in ids:
         rec = ds.get(cid, crops=False)
-        if rec.volume is None:
-            raise FormatError(f"{cfg.root}: case {cid} has no whole volume (preprocess with a whole_shape)")
         sentences = [(a, s) for a, t in (rec.anatomy_text or {}).items()
                      if t.get("status") == "abnormal" for s in t.get("sentences", [])]
+        # silver labels are keyed by diagnosis id; cases carry prompt phrases (as the demo source does)
+        labels = {diagnosis_phrase(d): v for d, v in (rec.labels or {}).items()}
         cases.append(DenseCase(cid, window(rec.volume, *cfg.window), _remap(rec.label_map, lut),
-                               tuple(rec.spacing_mm), labels=dict(rec.labels or {}), sentences=sentences))
+                               tuple(rec.spacing_mm), labels=labels, sentences=sentences))
     return cases
 
 
