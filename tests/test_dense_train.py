@@ -6,7 +6,8 @@
 - data.source=shards reads `fvlm preprocess` shards of the shipped CT (window, class remap,
   labels, sentences, errors) and trains and evaluates on them;
 - (slow) a text-driven head trained on the demo corpus points at the inserted lesions
-  more often than chance on the test split.
+  more often than chance on the test split;
+- (slow) a checkpoint written by `fvlm pretrain` (DeepSpeed on CPU) initialises the dense encoder.
 """
 import json
 
@@ -221,3 +222,59 @@ def test_train_and_eval_on_shards(sample_shards, tmp_path):
     assert doc["data"]["split"] == "valid" and [c["case_id"] for c in doc["cases"]] == ["b"]
     assert doc["per_class"]["liver"]["support_voxels"] > 500
     assert set(doc["baselines"]) == {"background", "location_prior"}
+
+
+@pytest.mark.slow
+def test_dense_encoder_from_a_real_pretrain_checkpoint(tmp_path):
+    """model.pt of `python -m fvlm.train` (tiny config, 2 steps; DeepSpeed's CPU ops build once, ~1 min) as
+    model.pretrained: the dense model adopts its encoder family, patch size and arguments, its encoder equals the
+    checkpoint's image_encoder.* tensors after build, and stays so through training with freeze_encoder."""
+    import os
+    import subprocess
+    import sys
+
+    from fvlm.dense.model import adopt_pretrained_spec, build_dense_model, load_dense
+    from fvlm.dense.train import train_dense
+
+    out = tmp_path / "pretrain"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "fvlm.train", "--config", "train/tiny.yaml", "--out", str(out),
+                        "--set", "train.steps=2", "--set", "train.ckpt_every=2", "--set", "val.enabled=false",
+                        "--set", "train.tensorboard=false"], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = out / "model.pt"
+    raw = torch.load(ck, map_location="cpu", weights_only=True)
+    assert raw["format"] == "fvlm-model" and raw["meta"]["step"] == 2
+    pre = {k[len("image_encoder."):]: v for k, v in raw["state_dict"].items() if k.startswith("image_encoder.")}
+    assert pre
+
+    def dense_cfg(freeze):
+        # deliberately another family and patch size than the checkpoint's (vit3d_nano, depth 2, 8 x 8 x 4)
+        return build(DenseConfig, {
+            "model": {"encoder": "vit3d_tiny", "img_size": [64, 64, 32], "patch_size": [16, 16, 8],
+                      "base_channels": 16, "min_channels": 8, "stem_channels": 4, "pretrained": str(ck),
+                      "freeze_encoder": freeze},
+            "data": {"classes": ["liver", "spleen"]},
+            "train": {"steps": 3, "batch_size": 1, "threads": 1, "log_every": 1000}})
+
+    spec = adopt_pretrained_spec(dense_cfg(True).model)
+    assert spec.encoder == "vit3d_nano" and spec.patch_size == [8, 8, 4] and spec.img_size == [64, 64, 32]
+    assert spec.encoder_args == {"depth": 2, "embed_dim": 48, "num_heads": 2}
+    built = build_dense_model(spec, ["liver", "spleen"]).encoder.state_dict()
+    assert set(built) == set(pre)
+    for k, v in built.items():
+        assert torch.equal(v, pre[k]), k
+
+    for freeze in (True, False):
+        res = train_dense(dense_cfg(freeze), tmp_path / f"dense_freeze_{freeze}")
+        model, info = load_dense(res["checkpoint"])
+        assert info["config"]["encoder"] == "vit3d_nano" and info["config"]["patch_size"] == [8, 8, 4]
+        assert info["meta"]["pretrained"] == str(ck)
+        after = model.encoder.state_dict()
+        same = [k for k in pre if torch.equal(after[k], pre[k])]
+        if freeze:
+            assert same == list(pre)
+        else:  # trained: the encoder moved away from the checkpoint (so the frozen check can fail)
+            assert "blocks.0.attn.qkv.weight" not in same and len(same) < len(pre) // 2
