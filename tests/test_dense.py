@@ -308,6 +308,18 @@ def test_losses_behave():
     w = torch.zeros(1, 2, 4, 4)
     out = MixedSupervisionLoss()(logits, mask, w, torch.zeros(1, 2, dtype=torch.bool), -torch.ones(1, 2))
     assert float(out["loss"].detach()) == 0.0
+    # Dice only on full rows with a non-empty mask: an empty full row is left to the voxel loss
+    lg = torch.full((1, 2, 4, 4), -8.0)
+    lg[0, 0, :2] = 8.0
+    m = torch.zeros(1, 2, 4, 4)
+    m[0, 0, :2] = 1.0
+    out = MixedSupervisionLoss(label_weight=0)(lg, m, torch.ones_like(m), torch.ones(1, 2, dtype=torch.bool),
+                                               -torch.ones(1, 2))
+    assert float(out["dice"]) < 1e-3 and float(out["focal"]) < 1e-3
+    lg[0, 0, :2] = -8.0  # the lesion row now misses: Dice sees it
+    out = MixedSupervisionLoss(label_weight=0)(lg, m, torch.ones_like(m), torch.ones(1, 2, dtype=torch.bool),
+                                               -torch.ones(1, 2))
+    assert float(out["dice"]) > 0.85  # the empty row (loss ~0) is not averaged in (that would give ~0.44)
     s = pooled_logit(torch.full((1, 1, 4, 4), -3.0))
     assert float(s) == pytest.approx(-3.0, abs=1e-5)
 

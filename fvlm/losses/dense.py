@@ -137,7 +137,10 @@ class MixedSupervisionLoss(nn.Module):
         mask: ``(B, K, *S)`` voxel targets in {0, 1}.
         mask_weight: ``(B, K, *S)``; 1 where ``mask`` is known (a segmentation mask, or
             "not outside the named anatomy" for a report sentence), 0 where unknown.
-        full_mask: ``(B, K)`` bool, the rows whose mask is a complete segmentation (Dice applies).
+        full_mask: ``(B, K)`` bool, the rows whose mask is a complete segmentation. Dice applies
+            to those with a non-empty mask: on an empty mask soft Dice is ~1 whatever the
+            prediction (its gradient vanishes once a few voxels are on), so empty rows are
+            left to the voxel loss and the image-level label.
         image_label: ``(B, K)`` in {1, 0, -1}: the prompt is present / absent in the image /
             unknown (report-derived labels without a mask).
     """
@@ -159,8 +162,9 @@ class MixedSupervisionLoss(nn.Module):
             out["focal"] = sigmoid_focal_loss(logits, mask.float(), mask_weight.float(), self.focal_gamma,
                                               self.focal_alpha)
             total = total + self.focal_weight * out["focal"]
-        if self.dice_weight and full_mask.any():
-            out["dice"] = sigmoid_dice_loss(logits, mask, full_mask)
+        dice_rows = full_mask & (mask.flatten(2).sum(-1) > 0)
+        if self.dice_weight and dice_rows.any():
+            out["dice"] = sigmoid_dice_loss(logits, mask, dice_rows)
             total = total + self.dice_weight * out["dice"]
         known = image_label >= 0
         if self.label_weight and known.any():
