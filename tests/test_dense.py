@@ -222,12 +222,36 @@ def test_organ_crop_eval_finds_bright_lesions_and_tests_against_chance(tmp_path)
     assert g["pointing_hits"] == 2 and g["n_findings"] == 4 and g["chance_body"] == pytest.approx(c, abs=1e-6)
     assert g["p_value_vs_chance"] == pytest.approx(1 - (1 - c) ** 4 - 4 * c * (1 - c) ** 3, rel=1e-5)
     assert res["per_class"]["liver"]["support_voxels"] == 2 * 32 * 32 * 16  # the organ fills each crop
+    # the text control: this model ignores the text, so another anatomy's finding text hits the same
+    tc = g["text_control"]
+    assert (tc["own_text_hits"], tc["control_text_hits"], tc["discordant_own_only"],
+            tc["discordant_control_only"], tc["p_value_own_vs_control"]) == (2, 2, 0, 0, 1.0)
     jp, mp = write_eval(res, tmp_path, "x.pt", {"source": "demo", "n_cases": 4, "crops": "organ",
                                                 "crop_size": [32, 32, 16], "n_volumes": 4})
     assert json.loads(jp.read_text())["grounding"]["p_value_vs_chance"] == g["p_value_vs_chance"]
     md = mp.read_text()
     assert "scored on: organ crops: 4 crops of 32×32×16 voxels" in md
     assert "| p vs body chance |" in md and f"| {g['p_value_vs_chance']:.3g} |" in md
+    assert "| 4 | 2 | 2 | 0 | 0 | 1 |" in md  # the text-control row
+
+
+def test_text_control_texts_and_mcnemar_by_hand():
+    from fvlm.dense.data import Finding
+    from fvlm.dense.evaluate import _control_pool, _control_summary, _control_text
+
+    vols = [_organ_volume("a", 1, True, "liver"), _organ_volume("b", 2, True, "kidney")]
+    pool = _control_pool(vols)
+    assert pool == [("heart", "heart lesion"), ("kidney", "b lesion"), ("liver", "a lesion")]
+    for salt in range(4):
+        t = _control_text(Finding("a lesion", np.ones(1, bool), "liver"), pool, salt)
+        assert t in ("heart lesion", "b lesion")
+    assert _control_text(Finding("x", np.ones(1, bool), "lung"), [("lung", "y")], 0) is None
+    # 6 findings hit only with their own text, 1 only with the control, 3 with both:
+    # P(X >= 6), X ~ Bin(7, 1/2) = (7 + 1) / 128
+    s = _control_summary([(True, False)] * 6 + [(False, True)] + [(True, True)] * 3)
+    assert (s["own_text_hits"], s["control_text_hits"], s["discordant_own_only"], s["discordant_control_only"]) == \
+        (9, 4, 6, 1)
+    assert s["p_value_own_vs_control"] == pytest.approx(8 / 128)
 
 
 def test_organ_crops_need_a_3d_model_and_findings():

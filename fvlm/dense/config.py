@@ -91,6 +91,8 @@ class EvalConfig:
     threshold: float = opt(0.5, "text head: sigmoid threshold for a mask")
     paraphrases: dict[str, str] = opt({}, "text head: class id -> an unseen phrasing used at evaluation")
     tolerance: int = opt(1, "pointing game: voxels of tolerance around the target mask")
+    text_control: bool = opt(True, "grounding: also point with a finding text of another anatomy in place of each "
+                                   "finding's own (a text-blind model scores the same on both)")
     sw_batch_size: int = opt(2, "sliding-window batch")
     crops: str = opt("whole", "what is scored: whole (whole volumes by sliding windows) or organ (per case and "
                               "finding anatomy, one crop of model.img_size centred on that organ's mask, never on "

@@ -113,7 +113,8 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
     meter = SegmentationMeter(names)
     result: dict = {"task": model.task, "classes": names}
     per_case = []
-    ground = {"hits": 0, "n": 0, "chance": [], "chance_body": [], "dice": [], "iou": [], "cases": []}
+    ground = {"hits": 0, "n": 0, "chance": [], "chance_body": [], "dice": [], "iou": [], "cases": [],
+              "control": [], "pool": _control_pool(cases) if eval_cfg.text_control else []}
     bank = None
     if model.task == "text":
         from .train import PromptBank
@@ -177,17 +178,60 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
             "tolerance_voxels": eval_cfg.tolerance, "threshold": eval_cfg.threshold,
             "dice": _num(nanmean(ground["dice"])), "iou": _num(nanmean(ground["iou"])),
             "findings": ground["cases"]}
+        if ground["control"]:
+            result["grounding"]["text_control"] = _control_summary(ground["control"])
     return result
+
+
+def _control_pool(cases: Sequence[DenseCase]) -> list[tuple[str, str]]:
+    """(anatomy, text) of every finding of the evaluated cases, in a fixed order."""
+    return sorted({(f.anatomy, f.text) for c in cases for f in c.findings if f.mask.any()})
+
+
+def _control_text(f, pool: list[tuple[str, str]], salt: int) -> str | None:
+    """A finding text of another anatomy (deterministic): it should not point at ``f``'s lesion."""
+    other = [t for a, t in pool if a != f.anatomy]
+    return other[salt % len(other)] if other else None
+
+
+def _control_summary(pairs: list[tuple[bool, bool]]) -> dict:
+    """Own-text vs other-anatomy-text pointing hits, with an exact McNemar test (one-sided).
+
+    Discordant pairs only: ``b`` = hit with its own text but not with the control text,
+    ``c`` = the reverse; under "the text does not matter" ``b ~ Binomial(b + c, 1/2)``.
+    """
+    from scipy.stats import binomtest
+
+    own = sum(a for a, _ in pairs)
+    ctl = sum(b for _, b in pairs)
+    b = sum(1 for x, y in pairs if x and not y)
+    c = sum(1 for x, y in pairs if y and not x)
+    p = binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
+    return {"n_findings": len(pairs), "own_text_hits": own, "control_text_hits": ctl,
+            "control_pointing_game": _num(ctl / len(pairs)), "discordant_own_only": b, "discordant_control_only": c,
+            "p_value_own_vs_control": _p(float(p)),
+            "protocol": "each finding's own text vs the text of a finding of another anatomy, same image and "
+                        "prompt slots; exact one-sided McNemar test on the discordant pairs"}
 
 
 def _ground_case(model, bank, case: DenseCase, eval_cfg, acc: dict) -> None:
     texts = [f.text for f in case.findings]
     heat = prompt_heatmaps(model, case, bank(texts), eval_cfg.overlap, eval_cfg.sw_batch_size)
     body = body_mask(case.image)
-    for f, h in zip(case.findings, heat):
+    control = None
+    if acc["pool"]:
+        alt = [_control_text(f, acc["pool"], acc["n"] + j) for j, f in enumerate(case.findings)]
+        if all(alt):
+            # a separate forward with the same number of prompt slots: the class aggregation
+            # attends across prompts, so mixing own and control texts in one pass would couple them
+            control = prompt_heatmaps(model, case, bank(alt), eval_cfg.overlap, eval_cfg.sw_batch_size)
+    for j, (f, h) in enumerate(zip(case.findings, heat)):
         if not f.mask.any():
             continue
         hit = pointing_game(h, f.mask, eval_cfg.tolerance, candidates=body)
+        if control is not None:
+            acc["control"].append((bool(hit), bool(pointing_game(control[j], f.mask, eval_cfg.tolerance,
+                                                                  candidates=body))))
         d, i = binary_dice_iou(h > eval_cfg.threshold, f.mask)
         acc["hits"] += int(hit)
         acc["n"] += 1
@@ -262,4 +306,12 @@ def markdown_report(doc: dict) -> str:
                   f"{_f(g['dice'])} | {_f(g['iou'])} |",
                   "", "p: one-sided binomial test of the hits against the mean body chance (an approximation: "
                       "the chance differs per finding)"]
+        tc = g.get("text_control")
+        if tc:
+            lines += ["", "Text control (is the text used, or would any finding text point there?):", "",
+                      "| findings | hits, own text | hits, other-anatomy text | own only | control only | p (McNemar) |",
+                      "|---|---|---|---|---|---|",
+                      f"| {tc['n_findings']} | {tc['own_text_hits']} | {tc['control_text_hits']} | "
+                      f"{tc['discordant_own_only']} | {tc['discordant_control_only']} | "
+                      f"{_pf(tc['p_value_own_vs_control'])} |"]
     return "\n".join(lines) + "\n"
