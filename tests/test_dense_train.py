@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from fvlm.config import build
 from fvlm.dense.config import DenseConfig
@@ -56,7 +57,8 @@ def test_cli_train_eval_writes_json_and_markdown(tmp_path):
     common = ["--set", "model.encoder=vit2d_nano", "--set", "model.img_size=[32,32]",
               "--set", "model.patch_size=[8,8]", "--set", "data.classes=[liver,bone]",
               "--set", "data.holdout_z=[88,90]", "--set", "eval.overlap=0", "-q"]
-    assert main(["dense", "train", "--out", str(tmp_path / "run"), "--steps", "2"] + common) == 0
+    assert main(["dense", "train", "--out", str(tmp_path / "run"), "--steps", "2",
+                 "--set", "data.window=[-150,250]"] + common) == 0
     assert (tmp_path / "run" / "dense.pt").is_file() and (tmp_path / "run" / "config.yaml").is_file()
     assert main(["dense", "eval", "--checkpoint", str(tmp_path / "run" / "dense.pt"), "-q",
                  "--set", "data.holdout_z=[88,90]", "--set", "eval.overlap=0"]) == 0
@@ -67,6 +69,8 @@ def test_cli_train_eval_writes_json_and_markdown(tmp_path):
         assert set(v) >= {"dice", "iou", "dice_global", "iou_global", "n_cases", "support_voxels"}
     assert "baselines" in doc and doc["data"]["holdout_z"] == [88, 90]
     assert doc["data"]["crops"] == "whole" and doc["data"]["n_cases"] == 1
+    # evaluated on the training window from the checkpoint, not the config's default
+    assert yaml.safe_load((tmp_path / "run" / "eval" / "config.yaml").read_text())["data"]["window"] == [-150, 250]
     md = (tmp_path / "run" / "eval" / "dense_eval.md").read_text()
     assert "| liver |" in md and "Dice" in md and "scored on: whole volumes" in md
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from ..cli import add_common, resolve_config, shorthand
@@ -15,6 +16,7 @@ DESCRIPTION = (HELP + ". `train` fits a segmentation (model.head=seg) or prompt-
                "overlays of text prompts on an image.")
 SCHEMA = DenseConfig
 DEFAULT_CONFIG = "dense/default.yaml"
+log = logging.getLogger("fvlm.dense")
 NO_COMMON = True  # --config/--set/--quiet go on each action so they may follow it
 
 
@@ -98,6 +100,12 @@ def _eval(args, cfg) -> int:
     meta = info.get("meta", {})
     data = dataclasses.replace(cfg.data, classes=list(model.class_names),
                                anatomy_set=meta.get("anatomy_set", cfg.data.anatomy_set))
+    # the model was trained on this window and spacing: evaluate on the same input
+    trained = {"window": meta.get("window"), "spacing_mm": meta.get("resample_mm")}
+    for key, val in trained.items():
+        if val is not None and list(val) != list(getattr(data, key)):
+            log.info("data.%s %s -> %s (the checkpoint's training input)", key, list(getattr(data, key)), list(val))
+            data = dataclasses.replace(data, **{key: list(val)})
     cfg = dataclasses.replace(cfg, data=data, model=info["model_config"])
     dump_config(cfg, out / "config.yaml")
     volumes = load_cases(data, model.class_names, "eval")
