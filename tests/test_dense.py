@@ -487,3 +487,56 @@ def test_ground_writes_pngs_for_xray_and_ct(tmp_path):
                                 patch_size=[8, 8, 4]).model, ["liver"], text_dim=8)
     with pytest.raises(FvlmError, match="3D model"):
         load_image(png, m3, {})
+
+
+# --------------------------------------------------------------------------- text-head batches
+
+
+def test_text_batch_slots_and_targets():
+    """One step's prompts: class phrases with their masks, the finding slot (own lesion, or another crop's
+    finding text as a known negative), an absent diagnosis (all-zero target), a report sentence
+    (0 outside its anatomy, unknown inside, no image label)."""
+    from fvlm.dense.data import DenseCase
+    from fvlm.dense.train import _text_batch
+
+    lab = np.zeros((8, 8, 4), np.uint8)
+    lab[:4] = 1  # liver
+    lab[4:, :4] = 2  # kidney
+    les = np.zeros(lab.shape, bool)
+    les[1:3, 1:3, 1:3] = True
+    a = DenseCase("a", np.zeros(lab.shape, np.float32), lab, labels={"renal cyst": 0, "liver mass": 1},
+                  sentences=[("liver", "A mass in the liver."), ("heart", "Cardiomegaly.")])
+    b = DenseCase("b", np.zeros(lab.shape, np.float32), lab, labels={"renal cyst": 1, "liver mass": 0})
+    crops = [{"image": a.image, "label": lab, "has_label": True, "findings": [("A mass in the liver.", les, "liver mass")],
+              "case": a},
+             {"image": b.image, "label": lab, "has_label": True, "findings": [], "case": b}]
+    out = _text_batch(crops, ["liver", "kidney"], {"liver": "liver", "kidney": "kidney"}, set(), 2,
+                      np.random.default_rng(0))
+    k = out["k"]
+    assert k == 5 and len(out["prompts"]) == 2 * k
+    pa, pb = out["prompts"][:k], out["prompts"][k:]
+    assert sorted(pa[:2]) == ["kidney", "liver"] and pa[:2] == pb[:2]
+    for bi in range(2):
+        for j in range(2):
+            want = lab == (1 if pa[j] == "liver" else 2)
+            assert torch.equal(out["mask"][bi, j].bool(), torch.from_numpy(want))
+    # finding slot: a's own lesion; b has none -> a's text as a known negative (all zero, weight 1)
+    assert pa[2] == pb[2] == "A mass in the liver."
+    assert torch.equal(out["mask"][0, 2].bool(), torch.from_numpy(les)) and out["label"][0, 2] == 1
+    assert out["mask"][1, 2].sum() == 0 and out["weight"][1, 2].min() == 1 and out["label"][1, 2] == 0
+    # absent-diagnosis slot
+    assert (pa[3], pb[3]) == ("renal cyst", "liver mass")
+    assert out["mask"][:, 3].sum() == 0 and out["label"][:, 3].tolist() == [0, 0]
+    # report slot: the heart sentence is dropped (not a class); b has no sentence -> no loss there
+    assert pa[4] == "A mass in the liver." and not out["full"][:, 4].any() and out["label"][:, 4].tolist() == [-1, -1]
+    assert torch.equal(out["weight"][0, 4].bool(), torch.from_numpy(lab != 1)) and out["weight"][1, 4].sum() == 0
+    off = _text_batch(crops, ["liver", "kidney"], {"liver": "liver", "kidney": "kidney"}, set(), 2,
+                      np.random.default_rng(0), sentences=False)
+    assert off["k"] == 4
+    # a case that has a liver mass elsewhere (image label 1, nothing in this crop): the text is not a negative here
+    c = DenseCase("c", np.zeros(lab.shape, np.float32), lab, labels={"liver mass": 1, "renal cyst": 0})
+    crops[1] = {"image": c.image, "label": lab, "has_label": True, "findings": [], "case": c}
+    out = _text_batch(crops, ["liver", "kidney"], {"liver": "liver", "kidney": "kidney"}, set(), 2,
+                      np.random.default_rng(0))
+    assert out["prompts"][out["k"] + 2] == "A mass in the liver."
+    assert out["weight"][1, 2].sum() == 0 and out["label"][1, 2] == -1 and not out["full"][1, 2]

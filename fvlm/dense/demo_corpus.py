@@ -5,7 +5,8 @@ ids -> our anatomy classes), ``lesions/<case>.nii.gz`` (value k = the k-th findi
 case in ``ground_truth/findings.jsonl``). A finding's text is the report's positive
 findings-section statement naming its diagnosis (else the impression, else the
 diagnosis name). Image-level labels: every demo diagnosis is 1 (a finding of it is in
-the case) or 0 (it is not; the demo's ground truth is complete).
+the case) or 0 (it is not; the demo's ground truth is complete). Sentences: the report's
+positive statements with their anatomy (every finding, also those without a lesion mask).
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def read_demo_cases(root: Path, cfg: DataConfig, class_names: Sequence[str], spl
                     for r in row.get("findings", []) if not cfg.findings or r["finding"] in cfg.findings]
         present = {r["finding"] for r in row.get("findings", [])}
         labels = {diagnosis_phrase(d): int(d in present) for d in all_diag}
+        said = [(s["anatomy"], s["text"]) for s in stm if s.get("positive") and s.get("anatomy")]
         cases.append(DenseCase(cid, window(hu, *cfg.window), lut[ts], tuple(float(s) for s in img.header.get_zooms()[:3]),
-                               img.affine, findings=findings, labels=labels))
+                               img.affine, findings=findings, labels=labels, sentences=said))
     return cases

@@ -4,8 +4,8 @@
   (or focal) on random crops (3D) or axial-slice crops (2D).
 - ``text`` head: prompts are class phrases and finding texts; mixed supervision
   (:class:`fvlm.losses.dense.MixedSupervisionLoss`): full masks for anatomies and
-  lesions, image-level labels (present / absent) for every prompt, and report
-  sentences constrained to lie inside their anatomy. ``train.unseen_classes`` are
+  lesions, image-level labels (absent ones: absent from every crop), and abnormal report
+  sentences constrained to lie inside their anatomy (``train.report_sentences``). ``train.unseen_classes`` are
   never prompted, so evaluation can measure zero-shot transfer to them.
 
 Writes ``dense.pt`` (dense checkpoint), ``config.yaml``, ``train_log.jsonl`` and
@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import FvlmError
 from .config import DenseConfig
 from .data import DenseCase, class_names_for, class_prompts, load_cases, sample_crop
+from .demo_corpus import diagnosis_phrase
 
 __all__ = ["train_dense", "resolve_device", "PromptBank"]
 
@@ -163,7 +164,8 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
                 logits = model(x)
                 parts = {"loss": loss_fn(logits, y)}
             else:
-                batch = _text_batch(crops, class_names, phrases, unseen, cfg.train.prompts_per_step, rng)
+                batch = _text_batch(crops, class_names, phrases, unseen, cfg.train.prompts_per_step, rng,
+                                    cfg.train.report_sentences)
                 emb = text(batch["prompts"]).to(dev)  # (B*K, T, E)
                 b, k = len(crops), batch["k"]
                 emb = emb.reshape(b, k, *emb.shape[1:])
@@ -200,10 +202,12 @@ def _crop(case: DenseCase, size, rng, fg_prob, jitter) -> dict:
     masks = [f.mask for f in case.findings]
     img, lab, fm, _ = sample_crop(case, size, rng, fg_prob, masks, jitter)
     return {"image": img.astype(np.float32), "label": lab if lab is not None else np.zeros(img.shape, np.uint8),
-            "findings": [(f.text, m) for f, m in zip(case.findings, fm)], "case": case}
+            "has_label": lab is not None,
+            "findings": [(f.text, m, diagnosis_phrase(f.diagnosis)) for f, m in zip(case.findings, fm)], "case": case}
 
 
-def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_step: int, rng) -> dict:
+def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_step: int, rng,
+                sentences: bool = True) -> dict:
     """Prompts and targets for one step of the text head.
 
     Every sample of the batch gets the same number of prompts ``K``: a shuffled subset of
@@ -211,7 +215,10 @@ def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_
     finding (a full mask) or, if it has none in the crop, with a finding text of another
     sample (whose absence here is known: a negative with an all-zero mask), then one
     image-level slot: a diagnosis phrase labelled absent for the case (absent from the
-    image means absent from every crop; image-level *positives* say nothing about a crop).
+    image means absent from every crop; image-level *positives* say nothing about a crop),
+    then (with ``sentences``, when a case of the batch has abnormal report sentences of a
+    segmented anatomy) one report slot: such a sentence, known to be 0 outside its anatomy
+    and unknown inside (the report says what, not where).
     """
     import torch
 
@@ -227,12 +234,15 @@ def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_
     n_abs = min(len(absent), max(1, per_step // 4))
     chosen = (pres[:per_step - n_abs] + absent[:n_abs])[:per_step]
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]
-    pool = [t for c in crops for t, m in c["findings"]]
+    pool = [(t, d) for c in crops for t, _, d in c["findings"]]
     has_findings = bool(pool)
     has_labels = any(0 in c["case"].labels.values() for c in crops)
     b = len(crops)
     shape = crops[0]["image"].shape
-    k = len(chosen) + int(has_findings) + int(has_labels)
+    said = [[(a, t) for a, t in c["case"].sentences if a in class_names and a not in unseen] if sentences else []
+            for c in crops]
+    has_sentences = any(said)
+    k = len(chosen) + int(has_findings) + int(has_labels) + int(has_sentences)
     mask = np.zeros((b, k, *shape), np.float32)
     weight = np.ones((b, k, *shape), np.float32)
     full = np.ones((b, k), bool)
@@ -245,28 +255,30 @@ def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_
             label[bi, j] = float(m.any())
             prompts.append(phrases[class_names[ci]])
         if has_findings:
-            own = [(t, m) for t, m in c["findings"] if m.any()]
+            jf = len(chosen)
+            own = [(t, m) for t, m, _ in c["findings"] if m.any()]
             if own:
                 t, m = own[rng.integers(len(own))]
-                mask[bi, -1] = m
-                label[bi, -1] = 1.0
+                mask[bi, jf] = m
+                label[bi, jf] = 1.0
             else:
-                mine = {t for t, _ in c["findings"]}
-                others = [t for t in pool if t not in mine]
+                # a finding text of another sample, of a diagnosis this case does not have: absent here
+                has = {d for _, _, d in c["findings"]} | {p for p, v in c["case"].labels.items() if v != 0}
+                others = [t for t, d in pool if d not in has and t not in {x for x, _, _ in c["findings"]}]
                 if others:
                     t = others[rng.integers(len(others))]
                 elif c["findings"]:  # its own finding, outside this crop: absent from the crop
                     t = c["findings"][0][0]
                 else:
-                    t = pool[rng.integers(len(pool))]
-                    full[bi, -1] = False  # unknown whether this text applies here
-                    weight[bi, -1] = 0.0
-                    label[bi, -1] = -1.0
+                    t = pool[rng.integers(len(pool))][0]
+                    full[bi, jf] = False  # unknown whether this text applies here
+                    weight[bi, jf] = 0.0
+                    label[bi, jf] = -1.0
             prompts.append(t)
         if has_labels:
             # image-level supervision: a diagnosis absent from the whole image is absent from the crop
             neg = [p for p, v in c["case"].labels.items() if v == 0]
-            j = k - 1
+            j = k - 1 - int(has_sentences)
             if neg:
                 prompts.append(neg[rng.integers(len(neg))])
             else:  # nothing known to be absent here: the slot carries no loss
@@ -274,5 +286,16 @@ def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_
                 weight[bi, j] = 0.0
                 full[bi, j] = False
                 label[bi, j] = -1.0
+        if has_sentences:
+            # report text: the finding lies inside the named anatomy; where inside is unknown
+            full[bi, -1] = False
+            label[bi, -1] = -1.0
+            if said[bi] and c["has_label"]:
+                a, t = said[bi][rng.integers(len(said[bi]))]
+                weight[bi, -1] = c["label"] != class_names.index(a) + 1
+            else:
+                t = next(t for s in said if s for _, t in s)
+                weight[bi, -1] = 0.0
+            prompts.append(t)
     return {"prompts": prompts, "k": k, "mask": torch.from_numpy(mask), "weight": torch.from_numpy(weight),
             "full": torch.from_numpy(full), "label": torch.from_numpy(label)}
