@@ -214,8 +214,10 @@ def test_organ_crop_eval_finds_bright_lesions_and_tests_against_chance(tmp_path)
     for c in crops:
         assert c.image.shape == c.label.shape == (32, 32, 16)
         assert [f.anatomy for f in c.findings] == [c.case_id[2:]] and c.findings[0].mask.sum() == 64
-    ecfg = build(EvalConfig, {"tolerance": 0, "overlap": 0.0, "crops": "organ"})
+    ecfg = build(EvalConfig, {"tolerance": 0, "overlap": 0.0, "crops": "organ",
+                              "paraphrases": {"kidney": "renal parenchyma", "lung": "not a class here"}})
     res = evaluate_model(model, {"meta": {"templates": ["{}"]}}, crops, ecfg, text_encoder=TextEncoder.tiny_random())
+    assert res["prompts"] == {"liver": "liver", "kidney": "renal parenchyma"} and res["paraphrased"] == ["kidney"]
     g = res["grounding"]
     assert [f["hit"] for f in g["findings"]] == [True, True, False, False]
     c = 64 / (32 * 32 * 16)  # every voxel is body
@@ -233,6 +235,7 @@ def test_organ_crop_eval_finds_bright_lesions_and_tests_against_chance(tmp_path)
     assert "scored on: organ crops: 4 crops of 32×32×16 voxels" in md
     assert "| p vs body chance |" in md and f"| {g['p_value_vs_chance']:.3g} |" in md
     assert "| 4 | 2 | 2 | 0 | 0 | 1 |" in md  # the text-control row
+    assert "paraphrase (wording not used in training, eval.paraphrases): kidney" in md
 
 
 def test_text_control_texts_and_mcnemar_by_hand():

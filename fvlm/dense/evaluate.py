@@ -128,6 +128,7 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
         phrases.update({k: v for k, v in (eval_cfg.paraphrases or {}).items() if k in names})
         unseen = set(info.get("meta", {}).get("unseen_classes", []))
         result["prompts"] = {c: phrases[c] for c in names}
+        result["paraphrased"] = sorted(c for c in names if c in (eval_cfg.paraphrases or {}))
         result["seen_in_training"] = {c: c not in unseen for c in names}
     for case in cases:
         if model.task == "seg":
@@ -294,6 +295,9 @@ def markdown_report(doc: dict) -> str:
         for tag in ("mean_seen", "mean_unseen"):
             if doc.get(tag):
                 lines.append(f"{tag.replace('_', ' ')}: Dice {_f(doc[tag]['dice'])}, IoU {_f(doc[tag]['iou'])}")
+        if doc.get("paraphrased"):
+            lines.append(f"prompted with a paraphrase (wording not used in training, eval.paraphrases): "
+                         f"{', '.join(doc['paraphrased'])}")
     for name, b in (doc.get("baselines") or {}).items():
         lines.append(f"baseline {name}: mean Dice {_f(b.get('dice'))}, mean IoU {_f(b.get('iou'))}")
     g = doc.get("grounding")
