@@ -216,10 +216,13 @@ def test_organ_crop_eval_finds_bright_lesions_and_tests_against_chance(tmp_path)
         assert [f.anatomy for f in c.findings] == [c.case_id[2:]] and c.findings[0].mask.sum() == 64
     ecfg = build(EvalConfig, {"tolerance": 0, "overlap": 0.0, "crops": "organ",
                               "paraphrases": {"kidney": "renal parenchyma", "lung": "not a class here"}})
-    res = evaluate_model(model, {"meta": {"templates": ["{}"]}}, crops, ecfg, text_encoder=TextEncoder.tiny_random())
+    res = evaluate_model(model, {"meta": {"templates": ["{}"], "finding_texts": ["a lesion", "c lesion"]}}, crops, ecfg,
+                         text_encoder=TextEncoder.tiny_random())
     assert res["prompts"] == {"liver": "liver", "kidney": "renal parenchyma"} and res["paraphrased"] == ["kidney"]
     g = res["grounding"]
     assert [f["hit"] for f in g["findings"]] == [True, True, False, False]
+    assert [f["text_seen_in_training"] for f in g["findings"]] == [True, False, True, False]
+    assert g["unseen_texts"] == {"n_findings": 2, "pointing_hits": 1, "pointing_game": 0.5}  # b (hit), d (miss)
     c = 64 / (32 * 32 * 16)  # every voxel is body
     assert g["pointing_hits"] == 2 and g["n_findings"] == 4 and g["chance_body"] == pytest.approx(c, abs=1e-6)
     assert g["p_value_vs_chance"] == pytest.approx(1 - (1 - c) ** 4 - 4 * c * (1 - c) ** 3, rel=1e-5)

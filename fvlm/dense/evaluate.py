@@ -181,6 +181,15 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
             "findings": ground["cases"]}
         if ground["control"]:
             result["grounding"]["text_control"] = _control_summary(ground["control"])
+        seen_texts = info.get("meta", {}).get("finding_texts")
+        if seen_texts is not None:
+            seen_texts = set(seen_texts)
+            for row in ground["cases"]:
+                row["text_seen_in_training"] = row["text"] in seen_texts
+            new = [r for r in ground["cases"] if not r["text_seen_in_training"]]
+            result["grounding"]["unseen_texts"] = {
+                "n_findings": len(new), "pointing_hits": sum(int(r["hit"]) for r in new),
+                "pointing_game": _num(sum(int(r["hit"]) for r in new) / len(new)) if new else None}
     return result
 
 
@@ -310,6 +319,10 @@ def markdown_report(doc: dict) -> str:
                   f"{_f(g['dice'])} | {_f(g['iou'])} |",
                   "", "p: one-sided binomial test of the hits against the mean body chance (an approximation: "
                       "the chance differs per finding)"]
+        ut = g.get("unseen_texts")
+        if ut and ut["n_findings"]:
+            lines += ["", f"Finding texts never used in training: {ut['pointing_hits']}/{ut['n_findings']} hits "
+                          f"(pointing game {_f(ut['pointing_game'])})."]
         tc = g.get("text_control")
         if tc:
             lines += ["", "Text control (is the text used, or would any finding text point there?):", "",

@@ -189,6 +189,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     meta = {"steps": cfg.train.steps, "seconds": round(time.time() - t0, 1), "final_loss": history[-1]["loss"],
             "data_source": cfg.data.source, "spacing_mm": list(cases[0].spacing_mm), "window": list(cfg.data.window),
             "resample_mm": list(cfg.data.spacing_mm),
+            "finding_texts": sorted({f.text for c in cases for f in c.findings}),
             "unseen_classes": sorted(unseen), "class_phrases": phrases, "templates": list(cfg.model.templates),
             "anatomy_set": cfg.data.anatomy_set, "pretrained": cfg.model.pretrained}
     ckpt = save_dense(out / "dense.pt", model.cpu(), cfg.model, text.enc.identity if text else None,
