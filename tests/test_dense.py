@@ -546,3 +546,14 @@ def test_text_batch_slots_and_targets():
                       np.random.default_rng(0))
     assert out["prompts"][out["k"] + 2] == "A mass in the liver."
     assert out["weight"][1, 2].sum() == 0 and out["label"][1, 2] == -1 and not out["full"][1, 2]
+    # extra negative finding slots from the training pool: only texts of diagnoses known absent for the case
+    pool = [("A mass in the liver.", "liver mass"), ("Renal cyst.", "renal cyst"), ("Big heart.", "cardiomegaly")]
+    out = _text_batch(crops, ["liver", "kidney"], {"liver": "liver", "kidney": "kidney"}, set(), 2,
+                      np.random.default_rng(0), negatives=2, text_pool=pool)
+    k = out["k"]
+    assert k == 7
+    for bi in range(2):
+        assert out["prompts"][bi * k + 3:bi * k + 5] == ["Renal cyst.", "Renal cyst."]  # cardiomegaly: not labelled
+        assert out["mask"][bi, 3:5].sum() == 0 and out["weight"][bi, 3:5].min() == 1
+        assert out["label"][bi, 3:5].tolist() == [0, 0] and out["full"][bi, 3:5].all()
+    assert out["prompts"][5] == "renal cyst" and out["prompts"][6] == "A mass in the liver."  # label, report slots

@@ -77,6 +77,8 @@ class TrainConfig:
                                    "voxel; 0.5 lets a target lie anywhere in the crop (no 'target at the centre' prior)")
     focal_alpha: float = opt(0.25, "text head: focal-loss weight of positive voxels (negatives get 1 - alpha; "
                                    "-1 = unweighted)")
+    finding_negatives: int = opt(0, "text head: extra prompt slots per sample filled with a training finding text of "
+                                    "a diagnosis the case is labelled negative for (all-zero target)")
     report_sentences: bool = opt(True, "text head: prompt abnormal report sentences too (known 0 outside their "
                                        "anatomy, unknown inside)")
     prompts_per_step: int = opt(8, "text head: prompts sampled per step (shuffled; tests order invariance)")

@@ -149,6 +149,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
         loss_fn = MixedSupervisionLoss(label_weight=cfg.train.label_weight, focal_gamma=cfg.train.focal_gamma,
                                        focal_alpha=cfg.train.focal_alpha)
     phrases = class_prompts(cfg.data, class_names)
+    text_pool = sorted({(f.text, diagnosis_phrase(f.diagnosis)) for c in cases for f in c.findings if f.diagnosis})
     size = tuple(cfg.model.img_size)
     history = []
     t0 = time.time()
@@ -165,7 +166,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
                 parts = {"loss": loss_fn(logits, y)}
             else:
                 batch = _text_batch(crops, class_names, phrases, unseen, cfg.train.prompts_per_step, rng,
-                                    cfg.train.report_sentences)
+                                    cfg.train.report_sentences, cfg.train.finding_negatives, text_pool)
                 emb = text(batch["prompts"]).to(dev)  # (B*K, T, E)
                 b, k = len(crops), batch["k"]
                 emb = emb.reshape(b, k, *emb.shape[1:])
@@ -208,18 +209,27 @@ def _crop(case: DenseCase, size, rng, fg_prob, jitter) -> dict:
 
 
 def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_step: int, rng,
-                sentences: bool = True) -> dict:
+                sentences: bool = True, negatives: int = 0, text_pool: list | None = None) -> dict:
     """Prompts and targets for one step of the text head.
 
-    Every sample of the batch gets the same number of prompts ``K``: a shuffled subset of
-    the seen class phrases (shared), then one finding slot per sample filled with its own
-    finding (a full mask) or, if it has none in the crop, with a finding text of another
-    sample (whose absence here is known: a negative with an all-zero mask), then one
-    image-level slot: a diagnosis phrase labelled absent for the case (absent from the
-    image means absent from every crop; image-level *positives* say nothing about a crop),
-    then (with ``sentences``, when a case of the batch has abnormal report sentences of a
-    segmented anatomy) one report slot: such a sentence, known to be 0 outside its anatomy
-    and unknown inside (the report says what, not where).
+    Every sample of the batch gets the same number of prompts ``K``, in slots:
+
+    1. a shuffled subset of the seen class phrases (shared by the batch), with their masks;
+    2. one finding slot: the sample's own finding when its lesion is in the crop (full
+       mask), else a finding text that is known to be absent here (all-zero mask): one of
+       a diagnosis the case is labelled negative for, or its own finding when the lesion
+       lies outside the crop;
+    3. ``negatives`` more slots, each a finding text (from ``text_pool``, default the
+       batch's findings) of a diagnosis the case is labelled negative for: all-zero
+       targets that teach the head to answer the text, not just "a lesion is here";
+    4. one image-level slot: a diagnosis phrase labelled absent for the case (absent from
+       the image means absent from every crop; image-level *positives* say nothing about
+       a crop);
+    5. with ``sentences``, when a case of the batch has abnormal report sentences of a
+       segmented anatomy: one report slot, such a sentence, known to be 0 outside its
+       anatomy and unknown inside (the report says what, not where).
+
+    A slot with nothing known for a sample carries no loss there (weight 0, label -1).
     """
     import torch
 
@@ -236,67 +246,79 @@ def _text_batch(crops: list[dict], class_names, phrases: dict, unseen: set, per_
     chosen = (pres[:per_step - n_abs] + absent[:n_abs])[:per_step]
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]
     pool = [(t, d) for c in crops for t, _, d in c["findings"]]
+    text_pool = list(text_pool) if text_pool else pool
     has_findings = bool(pool)
+    n_neg = negatives if text_pool else 0
     has_labels = any(0 in c["case"].labels.values() for c in crops)
     b = len(crops)
     shape = crops[0]["image"].shape
     said = [[(a, t) for a, t in c["case"].sentences if a in class_names and a not in unseen] if sentences else []
             for c in crops]
     has_sentences = any(said)
-    k = len(chosen) + int(has_findings) + int(has_labels) + int(has_sentences)
+    k = len(chosen) + int(has_findings) + n_neg + int(has_labels) + int(has_sentences)
     mask = np.zeros((b, k, *shape), np.float32)
     weight = np.ones((b, k, *shape), np.float32)
     full = np.ones((b, k), bool)
     label = np.zeros((b, k), np.float32)
     prompts = []
+
+    def unknown(bi, j):
+        full[bi, j] = False
+        weight[bi, j] = 0.0
+        label[bi, j] = -1.0
+
     for bi, c in enumerate(crops):
         for j, ci in enumerate(chosen):
             m = c["label"] == ci + 1
             mask[bi, j] = m
             label[bi, j] = float(m.any())
             prompts.append(phrases[class_names[ci]])
+        j = len(chosen)
+        known_absent = {p for p, v in c["case"].labels.items() if v == 0}
         if has_findings:
-            jf = len(chosen)
             own = [(t, m) for t, m, _ in c["findings"] if m.any()]
             if own:
                 t, m = own[rng.integers(len(own))]
-                mask[bi, jf] = m
-                label[bi, jf] = 1.0
+                mask[bi, j] = m
+                label[bi, j] = 1.0
             else:
-                # a finding text of another sample, of a diagnosis this case does not have: absent here
-                has = {d for _, _, d in c["findings"]} | {p for p, v in c["case"].labels.items() if v != 0}
-                others = [t for t, d in pool if d not in has and t not in {x for x, _, _ in c["findings"]}]
+                others = [t for t, d in pool if d in known_absent]
                 if others:
                     t = others[rng.integers(len(others))]
                 elif c["findings"]:  # its own finding, outside this crop: absent from the crop
                     t = c["findings"][0][0]
                 else:
                     t = pool[rng.integers(len(pool))][0]
-                    full[bi, jf] = False  # unknown whether this text applies here
-                    weight[bi, jf] = 0.0
-                    label[bi, jf] = -1.0
+                    unknown(bi, j)
             prompts.append(t)
+            j += 1
+        for _ in range(n_neg):
+            cand = [t for t, d in text_pool if d in known_absent]
+            if cand:
+                prompts.append(cand[rng.integers(len(cand))])
+            else:
+                prompts.append(text_pool[rng.integers(len(text_pool))][0])
+                unknown(bi, j)
+            j += 1
         if has_labels:
             # image-level supervision: a diagnosis absent from the whole image is absent from the crop
-            neg = [p for p, v in c["case"].labels.items() if v == 0]
-            j = k - 1 - int(has_sentences)
+            neg = sorted(known_absent)
             if neg:
                 prompts.append(neg[rng.integers(len(neg))])
             else:  # nothing known to be absent here: the slot carries no loss
                 prompts.append(next(p for cc in crops for p, v in cc["case"].labels.items() if v == 0))
-                weight[bi, j] = 0.0
-                full[bi, j] = False
-                label[bi, j] = -1.0
+                unknown(bi, j)
+            j += 1
         if has_sentences:
             # report text: the finding lies inside the named anatomy; where inside is unknown
-            full[bi, -1] = False
-            label[bi, -1] = -1.0
+            full[bi, j] = False
+            label[bi, j] = -1.0
             if said[bi] and c["has_label"]:
                 a, t = said[bi][rng.integers(len(said[bi]))]
-                weight[bi, -1] = c["label"] != class_names.index(a) + 1
+                weight[bi, j] = c["label"] != class_names.index(a) + 1
             else:
                 t = next(t for s in said if s for _, t in s)
-                weight[bi, -1] = 0.0
+                weight[bi, j] = 0.0
             prompts.append(t)
     return {"prompts": prompts, "k": k, "mask": torch.from_numpy(mask), "weight": torch.from_numpy(weight),
             "full": torch.from_numpy(full), "label": torch.from_numpy(label)}
