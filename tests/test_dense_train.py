@@ -282,3 +282,31 @@ def test_dense_encoder_from_a_real_pretrain_checkpoint(tmp_path):
             assert same == list(pre)
         else:  # trained: the encoder moved away from the checkpoint (so the frozen check can fail)
             assert "blocks.0.attn.qkv.weight" not in same and len(same) < len(pre) // 2
+
+
+@pytest.mark.slow
+def test_text_head_grounds_demo_lesions_better_than_chance(tmp_path):
+    """The README's grounding recipe, end to end through the CLI on a small grounding corpus: the
+    text head's heatmap maximum falls in the described lesion far more often than a random point
+    in the body (one-sided binomial p < 1e-3, hit rate > 4x chance). Measured here: 15/57 = 0.263 vs
+    chance 0.013 (p = 7e-16). The text control is reported, not asserted: whether the finding text
+    steers the heatmap (rather than a text-blind "lesion here") varies between runs (see
+    configs/dense/ground_demo.yaml; 15 vs 12 control hits, McNemar p = 0.125 in this run)."""
+    from fvlm.cli import main
+
+    run = tmp_path / "ground"
+    assert main(["demo", "--generate-only", "--out", str(run), "--n-cases", "120", "--set", "corpus=ground", "-q"]) == 0
+    corpus = str(run / "corpus")
+    assert main(["dense", "train", "--config", "dense/ground_demo.yaml", "--root", corpus, "--out",
+                 str(run / "dense"), "--set", "train.log_every=1000", "-q"]) == 0
+    assert main(["dense", "eval", "--checkpoint", str(run / "dense" / "dense.pt"), "--config", "dense/ground_demo.yaml",
+                 "--root", corpus, "--no-baselines", "-q"]) == 0
+    doc = json.loads((run / "dense" / "eval" / "dense_eval.json").read_text())
+    assert doc["data"]["crops"] == "organ" and doc["data"]["split"] == "test"
+    g = doc["grounding"]
+    assert g["n_findings"] >= 40
+    assert g["p_value_vs_chance"] < 1e-3 and g["pointing_game"] > 4 * g["chance_body"], g
+    tc = g["text_control"]
+    assert tc["n_findings"] == g["n_findings"] and tc["own_text_hits"] == g["pointing_hits"]
+    # the organ prompts segment too (pooled Dice well above an empty prediction's 0)
+    assert doc["mean"]["dice_global"] > 0.2, doc["mean"]
