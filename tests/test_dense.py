@@ -395,6 +395,20 @@ def test_load_pretrained_encoder_from_consolidated(tmp_path):
     assert not m.encoder.training and m.head.training
 
 
+
+def test_partial_encoder_load_warns(tmp_path, caplog):
+    """A checkpoint of a shallower encoder loads what fits and says loudly what did not."""
+    from fvlm.dense.model import build_dense_model
+
+    src = create_encoder("vit2d_nano", img_size=(32, 32), patch_size=(8, 8))
+    sd = {f"image_encoder.{k}": v for k, v in src.state_dict().items() if not k.startswith("blocks.1.")}
+    torch.save({"state_dict": sd}, tmp_path / "pre.pt")
+    with caplog.at_level("WARNING", logger="fvlm.dense"):
+        m = build_dense_model(_cfg(pretrained=str(tmp_path / "pre.pt")).model, ["liver"])
+    assert "only partly initialised" in caplog.text and "blocks.1." in caplog.text
+    torch.testing.assert_close(m.encoder.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+
+
 def test_pretrained_spec_is_adopted_from_pretrain_and_xray_checkpoints(tmp_path):
     """`fvlm pretrain` (fvlm-model) and `fvlm pretrain-xray` (fvlm-xray-encoder) checkpoints name their
     encoder; the dense model takes family, patch size and arguments from them, keeping its img_size."""

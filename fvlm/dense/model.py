@@ -197,7 +197,11 @@ def load_pretrained_encoder(enc: nn.Module, path: str | os.PathLike) -> dict:
     if not rep.loaded:
         raise FvlmError(f"{p}: no encoder weight fits this encoder ({rep.summary()}); "
                         "set model.encoder/img_size/patch_size to the pretraining ones")
-    log.info("encoder initialised from %s: %s", p, rep.summary())
+    if rep.missing or rep.mismatched:
+        # a partial load is legitimate (e.g. another depth) but should never pass unnoticed
+        log.warning("encoder only partly initialised from %s: %s", p, rep.summary())
+    else:
+        log.info("encoder initialised from %s: %s", p, rep.summary())
     return {"path": str(p), "summary": rep.summary(), "format": raw.get("format")}
 
 
