@@ -233,6 +233,21 @@ def test_command_trains_resumes_exactly_and_probes(tmp_path, sample_cache, monke
     probe = json.loads((out / "probe.json").read_text())
     assert probe["images"] == 14 and probe["feature_dim"] == 96 and "Emphysema" in probe["labels"]
     assert (out / "probe.md").read_text().startswith("# Linear probe")
+    # the encoder written by `fvlm pretrain-xray` starts a 2D dense model (frozen: weights unchanged)
+    from fvlm.dense.model import load_dense
+    from fvlm.models.xray_mae import load_encoder
+
+    assert main(["dense", "train", "--out", str(tmp_path / "dense"), "--pretrained", str(out / "encoder.pt"),
+                 "--freeze-encoder", "--steps", "2", "--set", "model.encoder=vit2d_tiny", "--set", "model.img_size=[64,64]",
+                 "--set", "model.patch_size=[8,8]", "--set", "data.classes=[liver]", "-q"]) == 0
+    dense, info = load_dense(tmp_path / "dense" / "dense.pt")
+    xenc, spec = load_encoder(out / "encoder.pt")
+    assert info["model_config"].encoder == spec["name"] == "vit2d_nano"       # family/patch from the checkpoint
+    assert list(info["model_config"].patch_size) == [16, 16] and info["model_config"].input_norm
+    xsd = xenc.state_dict()
+    for k, v in dense.encoder.state_dict().items():
+        if k != "pos_embed":   # resized to the 64 px grid
+            torch.testing.assert_close(v, xsd[k], msg=k)
     # bad input is one line, exit code 2
     capsys.readouterr()
     assert main(["pretrain-xray", "--data", str(tmp_path / "nowhere"), "--out", str(out), "--quiet"]) == 2
