@@ -284,6 +284,11 @@ def _scored_on(data: dict) -> str:
     return "whole volumes (sliding windows)"
 
 
+def _md_table(header: list, row: list) -> list[str]:
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header),
+            "| " + " | ".join(map(str, row)) + " |"]
+
+
 def markdown_report(doc: dict) -> str:
     lines = [f"# Dense evaluation ({doc.get('task')})", "",
              f"checkpoint: `{doc.get('checkpoint')}`  ", f"data: {doc.get('data')}  ",
@@ -311,13 +316,13 @@ def markdown_report(doc: dict) -> str:
         lines.append(f"baseline {name}: mean Dice {_f(b.get('dice'))}, mean IoU {_f(b.get('iou'))}")
     g = doc.get("grounding")
     if g:
-        lines += ["", "## Grounding", "",
-                  "| findings | pointing game | chance (image) | chance (body) | p vs body chance | Dice | IoU |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {g['n_findings']} | {_f(g['pointing_game'])} ({g['pointing_hits']}/{g['n_findings']}) | "
-                  f"{_f(g['chance'])} | {_f(g['chance_body'])} | {_pf(g.get('p_value_vs_chance'))} | "
-                  f"{_f(g['dice'])} | {_f(g['iou'])} |",
-                  "", "p: one-sided binomial test of the hits against the mean body chance (an approximation: "
+        lines += ["", "## Grounding", ""]
+        lines += _md_table(["findings", "pointing game", "chance (image)", "chance (body)", "p vs body chance",
+                            "Dice", "IoU"],
+                           [g["n_findings"], f"{_f(g['pointing_game'])} ({g['pointing_hits']}/{g['n_findings']})",
+                            _f(g["chance"]), _f(g["chance_body"]), _pf(g.get("p_value_vs_chance")), _f(g["dice"]),
+                            _f(g["iou"])])
+        lines += ["", "p: one-sided binomial test of the hits against the mean body chance (an approximation: "
                       "the chance differs per finding)"]
         ut = g.get("unseen_texts")
         if ut and ut["n_findings"]:
@@ -325,10 +330,10 @@ def markdown_report(doc: dict) -> str:
                           f"(pointing game {_f(ut['pointing_game'])})."]
         tc = g.get("text_control")
         if tc:
-            lines += ["", "Text control (is the text used, or would any finding text point there?):", "",
-                      "| findings | hits, own text | hits, other-anatomy text | own only | control only | p (McNemar) |",
-                      "|---|---|---|---|---|---|",
-                      f"| {tc['n_findings']} | {tc['own_text_hits']} | {tc['control_text_hits']} | "
-                      f"{tc['discordant_own_only']} | {tc['discordant_control_only']} | "
-                      f"{_pf(tc['p_value_own_vs_control'])} |"]
+            lines += ["", "Text control (is the text used, or would any finding text point there?):", ""]
+            lines += _md_table(["findings", "hits, own text", "hits, other-anatomy text", "own only", "control only",
+                                "p (McNemar)"],
+                               [tc["n_findings"], tc["own_text_hits"], tc["control_text_hits"],
+                                tc["discordant_own_only"], tc["discordant_control_only"],
+                                _pf(tc["p_value_own_vs_control"])])
     return "\n".join(lines) + "\n"
