@@ -121,13 +121,10 @@ def build_dense_model(cfg: ModelConfig, class_names: Sequence[str], text_dim: in
 
 
 def _read_checkpoint(path) -> dict:
+    from ..encoders import read_torch_file
+
     p = Path(path)
-    if not p.is_file():
-        raise FvlmError(f"pretrained checkpoint not found: {p}")
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FvlmError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
+    raw = read_torch_file(p, "pretrained checkpoint")
     if not isinstance(raw, dict):
         raise FormatError(f"{p}: not a checkpoint dict")
     return raw
@@ -220,17 +217,14 @@ def save_dense(path: str | os.PathLike, model: DenseModel, cfg: ModelConfig, tex
     return path
 
 
-def load_dense(path: str | os.PathLike, map_location="cpu") -> tuple[DenseModel, dict]:
+def load_dense(path: str | os.PathLike) -> tuple[DenseModel, dict]:
     """Rebuild a dense model from its checkpoint -> ``(model, blob without state_dict)``."""
     from ..config import build
 
+    from ..encoders import read_torch_file
+
     p = Path(path)
-    if not p.is_file():
-        raise FvlmError(f"dense checkpoint not found: {p}")
-    try:
-        blob = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise FvlmError(f"cannot read dense checkpoint {p}: {type(e).__name__}: {e}") from None
+    blob = read_torch_file(p, "dense checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT_NAME:
         got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise FormatError(f"{p}: not a dense checkpoint (format {got!r}, expected {FORMAT_NAME!r}); "

@@ -5,7 +5,7 @@
 """
 from .registry import SIZES, create_encoder, encoder_defaults, list_encoders, register_encoder
 from .vit import VisionTransformer, patchify, sincos_pos_embed, unpatchify
-from .weights import LoadReport, inflate_patch_kernel, load_encoder_weights
+from .weights import LoadReport, inflate_patch_kernel, load_encoder_weights, read_torch_file
 
 
 def __getattr__(name):  # TextEncoder pulls in transformers: import it lazily
@@ -18,4 +18,4 @@ def __getattr__(name):  # TextEncoder pulls in transformers: import it lazily
 
 __all__ = ["SIZES", "create_encoder", "encoder_defaults", "list_encoders", "register_encoder",
            "VisionTransformer", "patchify", "unpatchify", "sincos_pos_embed", "LoadReport",
-           "inflate_patch_kernel", "load_encoder_weights", "TextEncoder"]
+           "inflate_patch_kernel", "load_encoder_weights", "read_torch_file", "TextEncoder"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..errors import FvlmError
+from ..errors import FormatError, FvlmError
 from .vit import VisionTransformer
 
 _WRAPPERS = ("model", "state_dict", "module", "encoder")
@@ -44,16 +44,20 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def read_torch_file(path, what: str):
+    """``torch.load(path, weights_only=True)`` on CPU, with one-line errors naming ``what``:
+    :class:`FvlmError` "<what> not found: <path>" or :class:`FormatError` "cannot read <what> <path>: ..."
+    (pickle errors, truncated files, non-tensor objects)."""
+    if not os.path.isfile(path):
+        raise FvlmError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a format problem here
+        raise FormatError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
+
+
 def _read_state_dict(src) -> dict:
-    if isinstance(src, dict):
-        sd = src
-    else:
-        if not os.path.isfile(src):
-            raise FvlmError(f"weights file not found: {src}")
-        try:
-            sd = torch.load(src, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors, truncated files
-            raise FvlmError(f"cannot read weights from {src}: {type(e).__name__}: {e}") from None
+    sd = src if isinstance(src, dict) else read_torch_file(src, "weights file")
     for _ in range(3):
         if not isinstance(sd, dict):
             raise FvlmError("weights file does not hold a state dict")

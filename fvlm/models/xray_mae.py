@@ -181,16 +181,11 @@ def load_encoder(path: str | os.PathLike, img_size: int | tuple[int, int] | None
     ``img_size`` lets the encoder run at another resolution (position embeddings are
     recomputed or interpolated by the encoder).
     """
-    from ..encoders import create_encoder, load_encoder_weights
-    from ..errors import FormatError, FvlmError, check_format
+    from ..encoders import create_encoder, load_encoder_weights, read_torch_file
+    from ..errors import FormatError, check_format
 
     path = Path(path)
-    if not path.is_file():
-        raise FvlmError(f"encoder checkpoint not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FormatError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    blob = read_torch_file(path, "encoder checkpoint")
     check_format(blob, ENCODER_FORMAT, ENCODER_VERSION, path)
     spec = blob["encoder_spec"]
     size = spec["img_size"] if img_size is None else (
