@@ -34,20 +34,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- one measurement (child)
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS: current, VmHWM: peak) in MB; 0 where unavailable."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     return 0.0
+
+
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
+    return _status_mb("VmHWM")
 
 
 def _reset_peak() -> None:
