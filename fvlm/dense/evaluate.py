@@ -187,9 +187,9 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
             for row in ground["cases"]:
                 row["text_seen_in_training"] = row["text"] in seen_texts
             new = [r for r in ground["cases"] if not r["text_seen_in_training"]]
-            result["grounding"]["unseen_texts"] = {
-                "n_findings": len(new), "pointing_hits": sum(int(r["hit"]) for r in new),
-                "pointing_game": _num(sum(int(r["hit"]) for r in new) / len(new)) if new else None}
+            hits = sum(int(r["hit"]) for r in new)
+            result["grounding"]["unseen_texts"] = {"n_findings": len(new), "pointing_hits": hits,
+                                                   "pointing_game": _num(hits / len(new)) if new else None}
     return result
 
 
@@ -210,13 +210,11 @@ def _control_summary(pairs: list[tuple[bool, bool]]) -> dict:
     Discordant pairs only: ``b`` = hit with its own text but not with the control text,
     ``c`` = the reverse; under "the text does not matter" ``b ~ Binomial(b + c, 1/2)``.
     """
-    from scipy.stats import binomtest
-
     own = sum(a for a, _ in pairs)
     ctl = sum(b for _, b in pairs)
     b = sum(1 for x, y in pairs if x and not y)
     c = sum(1 for x, y in pairs if y and not x)
-    p = binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
+    p = pointing_p_value(b, b + c, 0.5) if b + c else 1.0  # P(X >= b), X ~ Bin(b + c, 1/2)
     return {"n_findings": len(pairs), "own_text_hits": own, "control_text_hits": ctl,
             "control_pointing_game": _num(ctl / len(pairs)), "discordant_own_only": b, "discordant_control_only": c,
             "p_value_own_vs_control": _p(float(p)),

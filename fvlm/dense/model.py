@@ -220,7 +220,6 @@ def save_dense(path: str | os.PathLike, model: DenseModel, cfg: ModelConfig, tex
 def load_dense(path: str | os.PathLike) -> tuple[DenseModel, dict]:
     """Rebuild a dense model from its checkpoint -> ``(model, blob without state_dict)``."""
     from ..config import build
-
     from ..encoders import read_torch_file
 
     p = Path(path)
