@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 HELP = "score one CT scan zero-shot (preprocessing in memory, no shards); calls with tuned thresholds"
 DESCRIPTION = (HELP + ". Thresholds: --thresholds RESULTS.json from `fvlm zeroshot` of the same checkpoint, "
@@ -11,7 +10,8 @@ DESCRIPTION = (HELP + ". Thresholds: --thresholds RESULTS.json from `fvlm zerosh
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="consolidated checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="consolidated checkpoint (model.pt) or model directory (`fvlm export`)")
     p.add_argument("--image", required=True, metavar="scan.nii.gz", help="CT volume (NIfTI file or DICOM folder)")
     p.add_argument("--mask", metavar="seg.nii.gz",
                    help="multilabel TotalSegmentator mask (default: run TotalSegmentator if installed)")
@@ -19,26 +19,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--taxonomy", metavar="NAME|FILE.yaml",
                    help="diagnoses to score (default: the checkpoint's taxonomy, else fvlm54)")
     p.add_argument("--thresholds", metavar="RESULTS.json",
-                   help="results.json (or its directory) of `fvlm zeroshot` for this checkpoint")
+                   help="results.json (or its directory) of `fvlm zeroshot` for this checkpoint (default: the "
+                        "checkpoint's thresholds sidecar of `fvlm zeroshot --write-thresholds`, else the "
+                        "thresholds it carries)")
     p.add_argument("--preprocess-config", action="append", metavar="FILE.yaml",
-                   help="preprocess config (default: the one embedded in the checkpoint, else the defaults)")
+                   help="preprocess config (default: the training shards' settings the checkpoint carries, "
+                        "meta['preprocess']; else the defaults, with a warning)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--out", metavar="FILE.json", help="also write the predictions as JSON")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def _preprocess_config(args, meta: dict):
-    from preprocess.config import PreprocessConfig
-
-    from ..config import build, load_config
-
-    if args.preprocess_config:
-        return load_config(PreprocessConfig, files=args.preprocess_config), "file"
-    emb = meta.get("preprocess")
-    if isinstance(emb, dict):
-        known = {f for f in PreprocessConfig.__dataclass_fields__}
-        return build(PreprocessConfig, {k: v for k, v in emb.items() if k in known}), "checkpoint"
-    return PreprocessConfig(), "defaults"
+def taxonomy_name(given, meta: dict) -> str:
+    """``given``, else the checkpoint's taxonomy, else fvlm54."""
+    name = given or meta.get("taxonomy") or "fvlm54"
+    if isinstance(name, dict):
+        name = name.get("name") or "fvlm54"
+    return str(name)
 
 
 def run(args) -> int:
@@ -49,27 +46,18 @@ def run(args) -> int:
     from .. import __version__
     from ..errors import FvlmError
     from ..eval import loading
-    from ..eval.embed import file_sha256
-    from ..eval.predict import (PREDICTIONS_FORMAT, PREDICTIONS_VERSION, Scoring, predict_record,
-                                preprocess_in_memory, scoring_from_meta, scoring_from_results)
-    from ..eval.report import read_results, write_json
+    from ..eval.predict import (PREDICTIONS_FORMAT, PREDICTIONS_VERSION, predict_record, preprocess_in_memory,
+                                resolve_preprocess_config, scoring_for)
+    from ..eval.report import write_json
 
     t0 = time.time()
-    sha = file_sha256(args.checkpoint) if Path(args.checkpoint).is_file() else None
+    sha = loading.checkpoint_sha256(args.checkpoint)
     model, meta, make_batch = loading.load_model(args.checkpoint, args.device)
-    if args.thresholds:
-        scoring = scoring_from_results(read_results(args.thresholds), sha)
-    else:
-        scoring = scoring_from_meta(meta) or Scoring()
-    tax_name = args.taxonomy or meta.get("taxonomy") or "fvlm54"
-    if isinstance(tax_name, dict):
-        tax_name = tax_name.get("name") or "fvlm54"
+    scoring = scoring_for(args.checkpoint, meta, sha, args.thresholds)
+    tax_name = taxonomy_name(args.taxonomy, meta)
     tax = loading.load_taxonomy(tax_name)
-    pcfg, pcfg_src = _preprocess_config(args, meta)
-    if pcfg_src == "defaults" and meta.get("anatomy_set"):
-        pcfg.anatomy_set = str(meta["anatomy_set"])  # label-map order must match the model's anatomies
-    if set(getattr(model, "names", []) or []) == {"global"} and not (args.mask or args.mask_dir):
-        pcfg.masks.source = "none"  # a global-only model needs no anatomy masks
+    pcfg, pcfg_src = resolve_preprocess_config(meta, args.preprocess_config, getattr(model, "names", None),
+                                               bool(args.mask or args.mask_dir))
     rec = preprocess_in_memory(args.image, args.mask, args.mask_dir, pcfg)
     with torch.inference_mode():
         rows = predict_record(model, make_batch, rec, tax, scoring)

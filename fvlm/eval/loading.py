@@ -62,10 +62,39 @@ def batch_function(model, meta: dict) -> tuple[Callable, dict]:
     return make_batch_fn(so), {"volume": so.volume_size is not None, "crops": so.crop_size is not None}
 
 
-def load_model(path: str, device: str = "auto") -> tuple[Any, dict, Callable]:
-    """``(model in eval mode on device, checkpoint meta, make_batch(records) -> batch on device)``."""
-    if not Path(path).is_file():
-        raise FvlmError(f"--checkpoint {path}: no such file")
+def check_checkpoint_path(path: str) -> Path:
+    """A consolidated ``.pt`` file or a model directory (``fvlm export``), else a one-line error."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FvlmError(f"--checkpoint {path}: a folder without config.json (a model directory is written "
+                            "by `fvlm export`; a DeepSpeed checkpoint folder is not a model: use its model.pt)")
+        return p
+    if not p.is_file():
+        raise FvlmError(f"--checkpoint {path}: no such file or model directory")
+    return p
+
+
+def checkpoint_sha256(path: str) -> str:
+    """Identity recorded in results and thresholds: the file's SHA-256, or a model directory's
+    (``fvlm.models.model_dir.model_dir_sha256``)."""
+    from .embed import file_sha256
+
+    p = check_checkpoint_path(path)
+    if p.is_dir():
+        from ..models.model_dir import model_dir_sha256
+
+        return model_dir_sha256(p)
+    return file_sha256(p)
+
+
+def load_model(path: str, device: str = "auto", dtype=None) -> tuple[Any, dict, Callable]:
+    """``(model in eval mode on device, checkpoint meta, make_batch(records) -> batch on device)``.
+
+    ``path``: a consolidated checkpoint or a model directory. ``dtype`` (e.g. ``torch.bfloat16``)
+    casts the model's weights; inputs follow the weights inside the model.
+    """
+    check_checkpoint_path(path)
     try:
         ck = importlib.import_module("fvlm.models.checkpoint")
     except ModuleNotFoundError as e:
@@ -76,7 +105,7 @@ def load_model(path: str, device: str = "auto") -> tuple[Any, dict, Callable]:
     model, meta = ck.load_consolidated(path)
     dev = pick_device(device)
     if hasattr(model, "to"):
-        model = model.to(dev)
+        model = model.to(dev) if dtype is None else model.to(dev, dtype=dtype)
     if hasattr(model, "eval"):
         model.eval()
     fn, get_kwargs = batch_function(model, meta or {})

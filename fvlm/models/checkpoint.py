@@ -23,7 +23,7 @@ import torch
 from ..errors import FormatError, FvlmError
 
 __all__ = ["FORMAT", "VERSION", "IMAGE_ENCODER_PREFIX", "save_consolidated", "load_consolidated",
-           "read_consolidated", "image_encoder_state_dict"]
+           "read_consolidated", "image_encoder_state_dict", "check_state_dict", "build_from_obj"]
 
 FORMAT = "fvlm-model"
 VERSION = 1
@@ -82,49 +82,109 @@ def _version() -> str:
     return __version__
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none (0-byte files)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def read_consolidated(path: str | os.PathLike) -> dict:
-    """Load and check the raw dict (no model built)."""
+    """Load and check the raw dict (no model built).
+
+    ``path`` is a consolidated ``.pt`` file or a model directory written by ``fvlm export``
+    (``fvlm.models.model_dir``); both give the same dict. Nothing is ever unpickled
+    (``torch.load(weights_only=True)`` or safetensors).
+    """
     path = Path(path)
+    if path.is_dir():
+        from .model_dir import read_model_dir
+
+        return read_model_dir(path)
     if not path.is_file():
         raise FvlmError(f"model file not found: {path}")
+    if path.stat().st_size == 0:
+        raise FormatError(f"{path}: empty file (0 bytes; an interrupted copy or save?)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a format problem here
-        raise FormatError(f"{path}: not a loadable fvlm model file ({str(e).splitlines()[0]})") from None
+        raise FormatError(f"{path}: not a loadable fvlm model file ({_first_line(e)})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise FormatError(f"{path}: not an {FORMAT} file (a DeepSpeed checkpoint directory? use the "
                           "consolidated model.pt written next to it)")
     if int(obj.get("version", -1)) != VERSION:
         raise FormatError(f"{path}: {FORMAT} version {obj.get('version')} is not supported "
                           f"(this fvlm reads version {VERSION})")
+    for key in ("config", "state_dict", "meta"):
+        if not isinstance(obj.get(key), dict):
+            raise FormatError(f"{path}: the {FORMAT} file has no '{key}' mapping (truncated or hand-made?)")
     return obj
 
 
-def load_consolidated(path: str | os.PathLike, text_model_dir: str | None = None, device: str | torch.device = "cpu"):
-    """Rebuild the model from a consolidated file -> ``(model in eval mode, meta)``.
+def check_state_dict(want: dict, have: dict, where: str, skip_prefix: str | None = None) -> None:
+    """One-line :class:`FormatError` naming the first tensor that is missing, extra or of another shape.
 
-    ``text_model_dir`` overrides where an external (frozen, not stored) text encoder is read.
+    ``want``: the freshly built model's ``state_dict()``; ``have``: the file's tensors;
+    tensors under ``skip_prefix`` may be missing (an external text encoder).
     """
+    for k, v in want.items():
+        if k not in have:
+            if skip_prefix and k.startswith(skip_prefix):
+                continue
+            raise FormatError(f"{where}: tensor '{k}' is missing (the model config needs shape "
+                              f"{list(v.shape)})")
+        h = have[k]
+        if not isinstance(h, torch.Tensor):
+            raise FormatError(f"{where}: '{k}' is not a tensor")
+        if tuple(h.shape) != tuple(v.shape):
+            raise FormatError(f"{where}: tensor '{k}' has shape {list(h.shape)}, the model config expects "
+                              f"{list(v.shape)} (weights of another model size?)")
+    extra = [k for k in have if k not in want]
+    if extra:
+        raise FormatError(f"{where}: tensor '{extra[0]}' is not part of the model the config describes"
+                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def build_from_obj(obj: dict, where: str | os.PathLike, text_model_dir: str | None = None):
+    """Rebuild the model of a checked raw dict (:func:`read_consolidated`) -> ``(model, meta)``."""
     from . import create_model
 
-    obj = read_consolidated(path)
     cfg = dict(obj["config"])
     meta = dict(obj["meta"])
     if text_model_dir is not None:
         cfg["text"] = {**cfg.get("text", {}), "model_dir": str(text_model_dir)}
     cfg.setdefault("image", {})
     cfg["image"] = {**cfg["image"], "pretrained": None}
-    model = create_model(obj["model"], cfg)
+    try:
+        model = create_model(obj["model"], cfg)
+    except (TypeError, ValueError, KeyError) as e:
+        raise FormatError(f"{where}: the model config cannot be built ({_first_line(e)})") from None
     want = (meta.get("text_identity") or {}).get("config_sha256")
     have = model.text_identity.get("config_sha256")
     if meta.get("text_weights") == "external" and want and have and want != have:
-        raise FvlmError(f"{path}: the text model found ({model.text_identity.get('path')}) differs from the one "
+        raise FvlmError(f"{where}: the text model found ({model.text_identity.get('path')}) differs from the one "
                         f"it was trained with ({meta['text_identity'].get('name')}); pass text_model_dir")
-    res = model.load_state_dict(obj["state_dict"], strict=False)
-    missing = [k for k in res.missing_keys if not (meta.get("text_weights") == "external" and k.startswith(TEXT_PREFIX))]
-    if missing or res.unexpected_keys:
-        raise FormatError(f"{path}: weights do not match the model config "
-                          f"(missing {missing[:3]}, unexpected {res.unexpected_keys[:3]})")
+    external = meta.get("text_weights") == "external"
+    check_state_dict(model.state_dict(), obj["state_dict"], str(where), TEXT_PREFIX if external else None)
+    try:
+        model.load_state_dict(obj["state_dict"], strict=False)
+    except RuntimeError as e:  # shapes are checked above; a dtype or storage problem lands here
+        raise FormatError(f"{where}: weights do not load into the model ({_first_line(e)})") from None
+    return model, meta
+
+
+def load_consolidated(path: str | os.PathLike, text_model_dir: str | None = None, device: str | torch.device = "cpu"):
+    """Rebuild the model from a consolidated file or a model directory -> ``(model in eval mode, meta)``.
+
+    ``text_model_dir`` overrides where an external (frozen, not stored) text encoder is read;
+    a model directory that holds its text model (``text/``) uses that one by default.
+    Errors (empty, truncated or foreign files, another model size, one tensor of another
+    shape) are one-line :class:`~fvlm.errors.FormatError` messages naming the problem.
+    """
+    obj = read_consolidated(path)
+    if text_model_dir is None:
+        text_model_dir = obj.get("_text_model_dir")
+    where = Path(path) / "model.safetensors" if Path(path).is_dir() else path
+    model, meta = build_from_obj(obj, where, text_model_dir)
     return model.to(device).eval(), meta
 
 
