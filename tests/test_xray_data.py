@@ -158,34 +158,91 @@ def _boxes():
         return list(csv.DictReader(line for line in f if not line.startswith("#")))
 
 
-def test_contour_covers_hand_marked_lung_fields(cxr_samples):
-    """The thresholding contour covers the lung-field boxes marked by hand on the 14 samples."""
-    size = 256
+def _box_mask(b, rotate, size):
+    m = np.zeros((1024, 1024), bool)
+    m[int(b["y0"]):int(b["y1"]), int(b["x0"]):int(b["x1"])] = True
+    idx = np.arange(size) * 1024 // size
+    return np.rot90(m, rotate)[idx][:, idx]
+
+
+@pytest.mark.parametrize("size", [256, 128])
+def test_contour_covers_hand_marked_lung_fields(cxr_samples, size):
+    """On each of the 14 shipped films, each hand-marked lung box is >= 75% inside the contour,
+    or the contour fell back to the central box (which holds them all)."""
     boxes = _boxes()
     entries = {e.path.name: e for e in list_images(cxr_samples / "labels.csv")}
-    covs, methods, areas = [], [], []
+    assert len(entries) == 14 and {b["file"].split("/")[-1] for b in boxes} == set(entries)
+    methods, low = {}, []
     for name, e in entries.items():
         s = load_sample(e, size)
-        methods.append(s["method"])
-        areas.append(s["contour"].mean())
+        methods[name] = s["method"]
+        assert 0.2 < s["contour"].mean() < 0.8, (name, s["contour"].mean())  # the thorax, not the film
         for b in (b for b in boxes if b["file"].endswith(name)):
-            m = np.zeros((1024, 1024), bool)
-            m[int(b["y0"]):int(b["y1"]), int(b["x0"]):int(b["x1"])] = True
-            m = np.rot90(m, s["rotate"])[::1024 // size, ::1024 // size]
-            covs.append((s["contour"] & m).sum() / m.sum())
-    covs = np.array(covs)
-    assert len(covs) == 28
-    assert methods.count("box") == 0
-    # one known miss: the right lung of the portable AP film 00000467_010 (opacified, tubes)
-    assert (covs >= 0.75).sum() >= 27, np.round(covs, 2)
-    assert covs.mean() >= 0.9
-    assert max(areas) < 0.8 and min(areas) > 0.2  # the thorax, not the whole film
+            m = _box_mask(b, s["rotate"], size)
+            cov = (s["contour"] & m).sum() / m.sum()
+            if cov < 0.75 and s["method"] != "box":
+                low.append((name, b["side"], round(float(cov), 2)))
+    assert not low, low
+    # the checks must not simply reject everything: most films get a contour of their own
+    assert sum(m == "threshold" for m in methods.values()) >= 10, methods
+    # the AP portable film (opacified right lung, tubes, label): the right lung is not taken
+    # from the neck and shoulders any more; the left lung is mirrored instead
+    assert methods["00000467_010.png"] in ("mirrored", "box")
 
 
-def test_contour_falls_back_to_box():
+def _film(lungs, size=256):
+    """A synthetic frontal film: a bright body between air on both sides, dark ellipses
+    (row, col, row radius, col radius as fractions) for the lungs."""
+    y, x = np.mgrid[:size, :size] / size
+    img = np.zeros((size, size), np.float32)
+    img[:, int(0.1 * size):int(0.9 * size)] = 0.75
+    for cy, cx, ry, rx in lungs:
+        img[((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1] = 0.25
+    return img
+
+
+def _ellipse(cy, cx, ry, rx, size=256):
+    y, x = np.mgrid[:size, :size] / size
+    return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 0.8
+
+
+RIGHT, LEFT = (0.45, 0.32, 0.25, 0.12), (0.45, 0.68, 0.25, 0.12)
+
+
+def test_contour_sanity_checks_on_generated_films(caplog):
+    r = contour_mod.chest_contour(_film([RIGHT, LEFT]))
+    assert r.method == "threshold" and r.reason == ""
+    assert r.mask[_ellipse(*RIGHT)].all() and r.mask[_ellipse(*LEFT)].all()
+    assert not r.mask[:, :20].any() and r.mask.mean() < 0.6
+    # one lung (the other opacified): mirrored about the body's midline
+    r = contour_mod.chest_contour(_film([RIGHT]))
+    assert r.method == "mirrored" and "no plausible left lung" in r.reason
+    assert r.mask[_ellipse(*LEFT)].mean() > 0.95
+    # very different sizes: the smaller is not trusted, the larger is mirrored
+    r = contour_mod.chest_contour(_film([RIGHT, (0.45, 0.68, 0.12, 0.06)]))
+    assert r.method == "mirrored" and "sizes differ" in r.reason
+    assert r.mask[_ellipse(*LEFT)].mean() > 0.95
+    caplog.set_level("INFO", logger="fvlm.xray.contour")
+    box = contour_mod.central_box((256, 256))
+    bad = {"at the top edge": [(0.05, 0.32, 0.12, 0.12), (0.05, 0.68, 0.12, 0.12)],
+           "flat": [(0.45, 0.32, 0.04, 0.14), (0.45, 0.68, 0.04, 0.14)],
+           "low in the film": [(0.85, 0.32, 0.1, 0.12), (0.85, 0.68, 0.1, 0.12)]}
+    expect = {"at the top edge": "joined to the outside air", "flat": "height",
+              "low in the film": "centre at 0.8"}
+    for what, lungs in bad.items():
+        caplog.clear()
+        r = contour_mod.chest_contour(_film(lungs))
+        assert r.method == "box" and np.array_equal(r.mask, box), what
+        assert expect[what] in r.reason, (what, r.reason)
+        assert "central box instead" in caplog.text and expect[what] in caplog.text
+
+
+def test_contour_falls_back_to_box(caplog):
+    caplog.set_level("INFO", logger="fvlm.xray.contour")
     flat = np.full((128, 128), 0.5, np.float32)
     r = contour_mod.chest_contour(flat)
     assert r.method == "box" and np.array_equal(r.mask, contour_mod.central_box((128, 128)))
+    assert r.reason and "central box instead" in caplog.text
     with pytest.raises(ValueError, match="expects a"):
         contour_mod.chest_contour(np.zeros((2, 8, 8)))
 
