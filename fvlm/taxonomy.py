@@ -36,7 +36,7 @@ VERSION = 1
 GLOBAL = "global"
 
 _LIST_FIELDS = ("synonyms", "context_synonyms", "context_terms", "negation", "uncertainty", "exclude",
-                "prompts_positive", "prompts_negative", "source")
+                "yields_to", "prompts_positive", "prompts_negative", "source")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Diagnosis:
     negation: tuple[str, ...] = ()
     uncertainty: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    yields_to: tuple[str, ...] = ()               # diagnosis ids whose affirmed mention in the clause drops a context mention
     prompts_positive: tuple[str, ...] = ()
     prompts_negative: tuple[str, ...] = ()
     ctrate: str | None = None                     # CT-RATE label column, if the diagnosis is one
@@ -256,6 +257,11 @@ def load_taxonomy(name_or_path: str | os.PathLike) -> Taxonomy:
             merged.update(raw)
             raw = merged
         diagnoses.append(_diagnosis(raw, where, anatomy_ids))
+    ids = {d.id for d in diagnoses}
+    for d in diagnoses:
+        bad = [y for y in d.yields_to if y not in ids]
+        if bad:
+            raise FormatError(f"{where}: diagnosis '{d.id}' yields_to unknown diagnosis ids {bad}")
     for attr in ("id", "name"):
         seen: set[str] = set()
         for d in diagnoses:

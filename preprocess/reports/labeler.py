@@ -49,6 +49,9 @@ _CUE_KINDS = {"npre": (0, True, False), "npost": (0, False, True), "upre": (-1, 
 _PRED_KINDS = frozenset({"npre", "npost", "upre", "upost", "normal", "dneg", "dunc"})
 _SPLIT_WORDS = ("and", "while", "whereas", "but", "however", "also")
 # cut before a conjunction word or at a comma; the conjunction stays with the right part
+# comma segments for scoping; a parenthesis is its own segment, so a hedge inside it
+# ("mosaic attenuation (small airway disease?)") qualifies only the parenthetical
+_SEGMENT_RE = re.compile(r"[,()]")
 _SPLIT_RE = re.compile(r",\s*|\s+(?=(?:" + "|".join(_SPLIT_WORDS) + r")\s)", re.I)
 
 
@@ -176,6 +179,10 @@ class ReportLabeler:
             for p in cues.get(key, ()) or ():
                 m.add(str(p), kind, None, plurals=(kind == "abn"))
         self._verbs = frozenset(canonical(v) for v in cues.get("verbs", ()) or ())
+        # words between a negation cue and a scope break that keep the negation going:
+        # "no finding compatible with pneumonia" negates pneumonia
+        self._bridge = frozenset(canonical(v) for v in cues.get("negation_bridge", ()) or ())
+        self._yields = {d.id: frozenset(d.yields_to) for d in self.taxonomy.diagnoses if d.yields_to}
         # a per-diagnosis negation phrase that opens/closes like a cue ("no pleural effusion")
         # also scopes like one: "No pleural effusion, pneumothorax or consolidation"
         self._neg_first = frozenset(canonical(p).split()[0] for p in cues.get("negation_pre", ()) or ()
@@ -256,7 +263,7 @@ class ReportLabeler:
         seg_first: list[str] = []
         verbs = self._verbs
         findall = TOKEN_RE.findall
-        for si, part in enumerate(text.lower().split(",")):
+        for si, part in enumerate(_SEGMENT_RE.split(text.lower())):
             ts = findall(part)
             toks.extend(ts)
             seg_of.extend([si] * len(ts))
@@ -305,6 +312,8 @@ class ReportLabeler:
         if not assign and not has_none and inherited:
             assign = set(inherited)
         ctx_anats = assign
+        if cues and breaks and self._bridge:
+            breaks = self._bridged(toks, cues, breaks)
         scopes = scope(len(toks), seg_of, seg_verb, seg_first, cues, breaks) if cues else None
 
         mentions: list[Mention] = []
@@ -335,6 +344,8 @@ class ReportLabeler:
             else:
                 mentions.append(Mention(did, 1, mt.phrase, None, "synonym" if kind == "syn" else "context"))
 
+        if self._yields and mentions:
+            mentions = self._apply_yields(mentions)
         if default_anats:
             # "Millimetric nodules." in a chest report: the default anatomy of the generic word
             assign = assign | default_anats
@@ -357,6 +368,31 @@ class ReportLabeler:
         res.assign, res.anats, res.pred, res.mentions = assign, anats | implied, pred, mentions
         res.abnormal, res.has_none = abnormal, has_none
         return res
+
+    def _bridged(self, toks: list[str], cues: list[Cue], breaks: list[int]) -> list[int]:
+        """Breaks minus those reached from a pre negation cue over bridge words only."""
+        ends = {c.end for c in cues if c.pre and c.value == 0}
+        bridge = self._bridge
+        keep = []
+        for b in breaks:
+            t = b
+            while t > 0 and t not in ends and toks[t - 1] in bridge:
+                t -= 1
+            if t not in ends:
+                keep.append(b)
+        return keep
+
+    def _apply_yields(self, mentions: list[Mention]) -> list[Mention]:
+        """Drop a context mention of a diagnosis whose ``yields_to`` diagnosis is affirmed in the
+        clause ("density increases consistent with sequelae" is the sequela, not an opacity)."""
+        affirmed = {m.diagnosis for m in mentions if m.value == 1}
+        out = []
+        for m in mentions:
+            y = self._yields.get(m.diagnosis)
+            if y and m.kind == "context" and m.value != 0 and not y.isdisjoint(affirmed):
+                continue
+            out.append(m)
+        return out
 
     def _split_multi(self, clause: str) -> list[str]:
         """Cut a clause about several anatomies into parts that each carry their own statement."""

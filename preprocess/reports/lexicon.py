@@ -36,6 +36,8 @@ def _plurals(word: str) -> list[str]:
         return [word[:-2] + "a", word + "s"]
     if word.endswith("us") and len(word) > 5:   # calculus -> calculi
         return [word[:-2] + "i"]
+    if word.endswith("a") and len(word) > 4:    # sequela -> sequelae, bulla -> bullae
+        return [word + "e", word + "s"]
     if word.endswith("y") and word[-2] not in "aeiou":
         return [word[:-1] + "ies"]
     if word.endswith(("s", "x", "ch", "sh")):
