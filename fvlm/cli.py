@@ -37,6 +37,8 @@ COMMANDS: dict[str, str] = {
     "zeroshot": "fvlm.commands.zeroshot",
     "compare": "fvlm.commands.compare",
     "predict": "fvlm.commands.predict",
+    "embed": "fvlm.commands.embed",
+    "export": "fvlm.commands.export",
     "pretrain-xray": "fvlm.commands.pretrain_xray",
     "dense": "fvlm.commands.dense",
     "demo": "fvlm.commands.demo",

@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "patient-disjoint train subset, ctrate18 taxonomy)")
     p.add_argument("--clip-baseline", action="store_true",
                    help="score every diagnosis on the global embedding (config key: scoring.clip_baseline)")
+    p.add_argument("--write-thresholds", action="store_true",
+                   help="store the thresholds chosen here (on validation data) for `fvlm predict` and "
+                        "fvlm.load(...).predict: <checkpoint>.thresholds.json (DIR/thresholds.json for a model "
+                        "directory), checked against the checkpoint's SHA-256")
 
 
 def resolve(args) -> ZeroShotConfig:
@@ -59,8 +63,9 @@ def resolve(args) -> ZeroShotConfig:
     missing = [f"--{k}" for k in ("checkpoint", "data", "out") if not getattr(cfg, k)]
     if missing:
         raise FvlmError(f"missing {', '.join(missing)} (or set them in a --config file)")
-    if not Path(cfg.checkpoint).is_file():
-        raise FvlmError(f"checkpoint not found: {cfg.checkpoint} (a model.pt written by `fvlm pretrain`)")
+    if not (Path(cfg.checkpoint).is_file() or (Path(cfg.checkpoint) / "config.json").is_file()):
+        raise FvlmError(f"checkpoint not found: {cfg.checkpoint} (a model.pt written by `fvlm pretrain`, "
+                        "or a model directory of `fvlm export`)")
     if not Path(cfg.data).is_dir():
         raise FvlmError(f"shard directory not found: {cfg.data} (written by `fvlm preprocess`)")
     return cfg
@@ -73,7 +78,7 @@ def run(args) -> int:
     from ..config import dump_config
     from ..logs import setup_logging
     from ..eval import loading
-    from ..eval.embed import EmbeddingCache, data_fingerprint, file_sha256
+    from ..eval.embed import EmbeddingCache, data_fingerprint
     from ..eval.labels import read_label_files
     from ..eval.report import fmt, write_outputs
     from ..eval.zeroshot import run_suite
@@ -86,7 +91,7 @@ def run(args) -> int:
     table = read_label_files(cfg.labels, tax) if cfg.labels else None
     ds = loading.open_shards(cfg.data)
     t0 = time.time()
-    ck_hash = file_sha256(cfg.checkpoint)
+    ck_hash = loading.checkpoint_sha256(cfg.checkpoint)
     data_hash = data_fingerprint(cfg.data)
     log.info("checkpoint sha256 %s, data hash %s (%.1f s)", ck_hash[:16], data_hash[:16], time.time() - t0)
     model, meta, make_batch = loading.load_model(cfg.checkpoint, cfg.device)
@@ -111,4 +116,10 @@ def run(args) -> int:
     print(f"macro AUC {fmt(zs['macro']['overall'].get('auc'))} over {zs['macro']['n_diagnoses']} diagnoses "
           f"({len(zs['skipped'])} skipped); {res.results['protocol']['statement']}")
     print(f"wrote {paths['json']} and {paths['md']}")
+    if getattr(args, "write_thresholds", False):
+        from ..eval.predict import write_thresholds
+
+        n_thr = sum(1 for d in zs["diagnoses"].values() if d.get("threshold") is not None)
+        tp = write_thresholds(cfg.checkpoint, res.results, source=str(paths["json"]))
+        print(f"wrote {tp} ({n_thr} thresholds, from {res.results['protocol'].get('threshold_source')})")
     return 0
