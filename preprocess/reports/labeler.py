@@ -345,7 +345,7 @@ class ReportLabeler:
                 mentions.append(Mention(did, 1, mt.phrase, None, "synonym" if kind == "syn" else "context"))
 
         if self._yields and mentions:
-            mentions = self._apply_yields(mentions)
+            mentions = self._apply_yields(mentions, anats)
         if default_anats:
             # "Millimetric nodules." in a chest report: the default anatomy of the generic word
             assign = assign | default_anats
@@ -382,15 +382,23 @@ class ReportLabeler:
                 keep.append(b)
         return keep
 
-    def _apply_yields(self, mentions: list[Mention]) -> list[Mention]:
-        """Drop a context mention of a diagnosis whose ``yields_to`` diagnosis is affirmed in the
-        clause ("density increases consistent with sequelae" is the sequela, not an opacity)."""
+    def _apply_yields(self, mentions: list[Mention], named: set) -> list[Mention]:
+        """Drop a mention of a diagnosis whose ``yields_to`` diagnosis is affirmed in the clause:
+        a context mention when that diagnosis lies in the same anatomy ("density increases
+        consistent with sequelae" is the sequela, not an opacity); any mention when it lies in
+        another anatomy and the clause does not name the diagnosis' own anatomy ("plaques in the coronary arteries" is coronary, not aortic, calcification;
+        "plaques in the aorta and coronary arteries" is both)."""
         affirmed = {m.diagnosis for m in mentions if m.value == 1}
+        diag = self._diag
         out = []
         for m in mentions:
             y = self._yields.get(m.diagnosis)
-            if y and m.kind == "context" and m.value != 0 and not y.isdisjoint(affirmed):
-                continue
+            if y and m.value != 0:
+                anat = diag[m.diagnosis].anatomy
+                hit = [o for o in y & affirmed]
+                same = any(diag[o].anatomy == anat for o in hit)
+                if (same and m.kind == "context") or (hit and not same and anat not in named):
+                    continue
             out.append(m)
         return out
 
