@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -44,16 +45,34 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def torch_load_error(e: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused a file.
+
+    torch's own message for a refused pickle spans many lines and advises ``weights_only=False``
+    (running the file's code); this keeps only the object that was refused.
+    """
+    text = str(e).strip()
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"Unsupported operand \S+", text)
+    if "Weights only load failed" in text or m:
+        what = m.group(1) if m and m.groups() else (m.group(0) if m else "a non-tensor object")
+        return (f"it holds pickled code or objects ({what}), not only tensors; fvlm never runs pickled code "
+                "(torch.load weights_only=True)")
+    lines = text.splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else f"{type(e).__name__} (empty or truncated file?)"
+
+
 def read_torch_file(path, what: str):
     """``torch.load(path, weights_only=True)`` on CPU, with one-line errors naming ``what``:
     :class:`FvlmError` "<what> not found: <path>" or :class:`FormatError` "cannot read <what> <path>: ..."
-    (pickle errors, truncated files, non-tensor objects)."""
+    (pickle errors, truncated or empty files, non-tensor objects)."""
     if not os.path.isfile(path):
         raise FvlmError(f"{what} not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise FormatError(f"cannot read {what} {path}: empty file (0 bytes)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a format problem here
-        raise FormatError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
+        raise FormatError(f"cannot read {what} {path}: {torch_load_error(e)}") from None
 
 
 def _read_state_dict(src) -> dict:

@@ -83,9 +83,10 @@ def _version() -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type name when it has none (0-byte files)."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    """One line for an exception (torch's refused-pickle message included), never an IndexError."""
+    from ..encoders.weights import torch_load_error
+
+    return torch_load_error(e)
 
 
 def read_consolidated(path: str | os.PathLike) -> dict:
