@@ -68,3 +68,59 @@ def test_predict_errors(tiny_checkpoint, ct_samples, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(tiny_checkpoint), "--image", str(ct_samples / "example_ct_sm.nii.gz"),
                  "--thresholds", str(other)]) == 2
     assert "computed for another checkpoint" in capsys.readouterr().err
+
+
+def test_zeroshot_write_thresholds_feeds_predict(ct_samples, tmp_path, capsys):
+    """`fvlm zeroshot --write-thresholds` stores the val-chosen thresholds beside the checkpoint;
+    `fvlm predict` then uses them (and refuses them once the checkpoint changes)."""
+    shards = pytest.importorskip("fvlm.data.shards")
+    synthetic_ct = pytest.importorskip("fvlm.data.synthetic_ct")
+    from fvlm.models.checkpoint import save_consolidated
+
+    organs = ["lung", "heart", "liver", "kidney"]
+    src = synthetic_ct.SyntheticCTSource(n=16, anatomies=organs, shape=(32, 32, 16), crop_shape=(16, 16, 8),
+                                         val_fraction=0.5, prevalence=0.5, seed=5)
+    root = tmp_path / "shards"
+    layout = shards.ShardLayout(anatomies=organs, crop_shapes=dict(src.crop_shapes), whole_shape=(32, 32, 16))
+    recs = [src.get(c) for c in src.case_ids()]
+    shards.write_shard(root / "shards" / "000-00000.h5", layout, recs, n=len(recs))
+    shards.write_index(root / "index.jsonl", [
+        {"case_id": r.case_id, "patient_id": r.patient_id or r.case_id, "split": r.split,
+         "shard": "shards/000-00000.h5", "row": i, "anatomies": [a for a in organs if r.present.get(a)]}
+        for i, r in enumerate(recs)])
+    shards.write_dataset_info(root, layout)
+    lines = ["case_id,liver_mass,renal_mass"]
+    lines += [f"{r.case_id},{max(int(r.labels.get('liver_lesion', -1)), 0)},"
+              f"{max(int(r.labels.get('kidney_lesion', -1)), 0)}" for r in recs]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    model = models.create_model("fvlm", {"anatomies": organs, "embed_dim": 32,
+                                         "image": {"encoder": "vit3d_tiny", "img_size": [32, 32, 16],
+                                                   "patch_size": [8, 8, 4]},
+                                         "text": {"model_dir": "tiny-random"}})
+    opts = ct.SampleOptions(anatomies=organs, volume_size=[32, 32, 16], crop_size=None)
+    ck = save_consolidated(tmp_path / "model.pt", model, {"data": opts.to_dict(), "taxonomy": "fvlm54"})
+    out = tmp_path / "zs"
+    rc = main(["zeroshot", "--checkpoint", str(ck), "--data", str(root), "--out", str(out), "-q",
+               "--labels", str(tmp_path / "labels.csv"), "--write-thresholds",
+               "--set", "splits.test=valid", "--set", "thresholds.source=train_subset",
+               "--set", "thresholds.train_fraction=0.5", "--set", "min_positives=1", "--set", "min_negatives=1",
+               "--set", "bootstrap.n=5", "--set", "device=cpu", "--set", "figures=false"])
+    assert rc == 0, capsys.readouterr().err
+    assert "thresholds.json" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    want = {d: v["threshold"] for d, v in res["zeroshot"]["diagnoses"].items() if v.get("threshold") is not None}
+    assert want
+    side = json.loads((tmp_path / "model.pt.thresholds.json").read_text())
+    assert side["format"] == "fvlm-thresholds" and side["checkpoint"]["sha256"] == res["checkpoint"]["sha256"]
+    args = ["predict", "--checkpoint", str(ck), "--image", str(ct_samples / "example_ct_sm.nii.gz"),
+            "--mask", str(ct_samples / "example_seg.nii.gz"), "--device", "cpu", "--json"]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["thresholds_source"] == "thresholds.json"
+    assert doc["scoring"]["logit_scale"] == res["scoring"]["logit_scale"]
+    got = {r["id"]: r["threshold"] for r in doc["predictions"] if r["threshold"] is not None}
+    assert got == want
+    ck.write_bytes(ck.read_bytes() + b"\0")     # another checkpoint now: its old thresholds must not apply
+    assert main(args) == 2
+    assert "computed for another checkpoint" in capsys.readouterr().err
