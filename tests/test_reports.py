@@ -267,3 +267,182 @@ def test_fixture_files_are_valid_yaml():
         assert data["format"] == "fvlm-report-fixtures"
     n = len(load_fixtures(FIX / "sentences.yaml")["sentences"])
     assert n >= 60 and len(load_fixtures(FIX / "reports.yaml")["reports"]) >= 20
+
+
+# --------------------------------------------------------------------------- CT-RATE conventions (issue 15)
+
+
+def _pos(name: str, text: str, tax: str = "ctrate18") -> int:
+    lab = labeler(tax)
+    return lab.label(findings=text).labels[lab.taxonomy.diagnosis(name).id]
+
+
+@pytest.mark.parametrize("text,ctrate,fvlm", [
+    # lymph nodes described with a size or place count for CT-RATE, not for fvlm54
+    ("Small lymph nodes up to 7 mm are seen in the prevascular mediastinum.", 1, 0),
+    ("Paratracheal lymph nodes that do not reach pathological size are present.", 1, 0),
+    ("No lymph node of pathological size is seen in the mediastinum.", 0, 0),
+    ("Enlarged lymph nodes are seen in the right hilum.", 1, 1),
+])
+def test_ctrate_lymph_node_convention(text, ctrate, fvlm):
+    assert _pos("Lymphadenopathy", text) == ctrate
+    assert _pos("Lymphadenopathy", text, "fvlm54") == fvlm
+
+
+def test_ctrate_density_of_another_finding_is_not_an_opacity():
+    t = "Density increases consistent with pleuroparenchymal sequelae are seen in the right upper lobe."
+    assert _pos("Pulmonary fibrotic sequela", t) == 1
+    assert _pos("Lung opacity", t) == 0
+    assert _pos("Lung opacity", t, "fvlm54") == 1               # fvlm54 keeps its rule
+    # a ground-glass synonym next to a consolidation still counts
+    assert _pos("Lung opacity", "Ground-glass densities and consolidation in the left lower lobe.") == 1
+    assert _pos("Lung opacity", "Patchy density increase in the left lower lobe.") == 1
+
+
+def test_ctrate_coronary_plaques_are_not_arterial_wall_calcification():
+    only = "Calcified atheroma plaques are seen in the coronary arteries."
+    both = "Calcified atheroma plaques are seen in the aortic arch and the coronary arteries."
+    assert _pos("Coronary artery wall calcification", only) == 1
+    assert _pos("Arterial wall calcification", only) == 0
+    assert _pos("Arterial wall calcification", only, "fvlm54") == 1
+    assert _pos("Arterial wall calcification", both) == 1
+    assert _pos("Coronary artery wall calcification", both) == 1
+
+
+def test_ctrate_plural_sequelae_and_septa():
+    assert _pos("Pulmonary fibrotic sequela", "Sequelae changes at both apices.") == 1
+    assert _pos("Pulmonary fibrotic sequela", "Sequelae changes at both apices.", "fvlm54") == 1
+    assert _pos("Interlobular septal thickening", "Crazy paving pattern in the right lower lobe.") == 0
+    assert _pos("Interlobular septal thickening", "Crazy paving pattern in the right lower lobe.", "fvlm54") == 1
+
+
+@pytest.mark.parametrize("tax", ["fvlm54", "ctrate18"])
+def test_negation_through_finding_words_and_verb_closed_lists(tax):
+    assert _pos("Lung opacity", "There was no finding compatible with pneumonia.", tax) == 0
+    assert _pos("Lung opacity", "No imaging finding consistent with pneumonia was seen.", tax) == 0
+    assert _pos("Consolidation", "No active infiltration, consolidation or mass was observed in both lungs.", tax) == 0
+    assert _pos("Lung opacity", "The infiltration described before has completely regressed.", tax) == 0
+    # a statement of its own after the list is not negated
+    assert _pos("Consolidation", "No pleural effusion, a consolidation is seen in the left lower lobe.", tax) == 1
+    # a hedge in parentheses qualifies only the parenthesis
+    assert _pos("Mosaic attenuation pattern", "Mosaic attenuation pattern in both lungs (small airway disease?).", tax) == 1
+    assert _pos("Consolidation", "Consolidation in the right lower lobe (pneumonia?).", tax) == 1
+
+
+def test_yields_to_unknown_diagnosis_is_a_format_error(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text(yaml.safe_dump({
+        "format": "fvlm-taxonomy", "version": 1, "name": "t", "anatomy_set": "fvlm15",
+        "lexicon": "anatomy/lexicon.yaml", "cues": "reports/cues.yaml",
+        "diagnoses": [{"id": "a", "name": "A", "anatomy": "lung", "synonyms": ["x"], "yields_to": ["nope"]}]}))
+    with pytest.raises(FormatError, match="yields_to unknown"):
+        load_taxonomy(p)
+
+
+# --------------------------------------------------------------------------- negation in linear time (issue 18)
+
+
+def _naive_scope(n, seg_of, seg_verb, seg_first, cues, breaks):
+    """Walk each cue's scope token by token, lists computed by walking segments (independent of negation.py)."""
+    from preprocess.reports.negation import AFFIRM_STARTS, CONTINUE_STARTS
+    out = [None] * n
+    n_seg = len(seg_verb)
+
+    def joins(s):
+        return seg_first[s] in CONTINUE_STARTS or (not seg_verb[s] and seg_first[s] not in AFFIRM_STARTS)
+    for c in cues:
+        s = seg_of[c.start] if c.start < n else n_seg - 1
+        if c.pre:
+            last = s
+            while last + 1 < n_seg and joins(last + 1):
+                last += 1
+            if (all(not seg_verb[x] for x in range(s, last + 1)) and last + 1 < n_seg and seg_verb[last + 1]
+                    and seg_first[last + 1] not in AFFIRM_STARTS):
+                last += 1
+            for t in range(c.end, n):
+                if seg_of[t] > last or t in breaks:
+                    break
+                if out[t] is None or t - c.end < out[t][0]:
+                    out[t] = (t - c.end, c)
+        if c.post:
+            first = s
+            while (c.value == 0 and first > 0 and not seg_verb[first - 1]
+                   and seg_first[first - 1] not in AFFIRM_STARTS):
+                first -= 1
+            for t in range(c.start - 1, -1, -1):
+                if seg_of[t] < first or t in breaks:
+                    break
+                if out[t] is None or c.start - 1 - t < out[t][0]:
+                    out[t] = (c.start - 1 - t, c)
+    return out
+
+
+def test_linear_scope_equals_naive_scope_on_random_clauses():
+    import random
+
+    from preprocess.reports.negation import Cue, scope, scope_reference
+    rng = random.Random(15)
+    for _ in range(3000):
+        n, n_seg = rng.randint(1, 25), rng.randint(1, 6)
+        seg_of = sorted(rng.randrange(n_seg) for _ in range(n))
+        seg_verb = [rng.random() < 0.4 for _ in range(n_seg)]
+        seg_first = [rng.choice(["x", "or", "mild", "no", ""]) for _ in range(n_seg)]
+        cues, t = [], 0
+        while t < n:
+            if rng.random() < 0.3:
+                e = min(n, t + rng.randint(1, 3))
+                pre = rng.random() < 0.6
+                cues.append(Cue(t, e, rng.choice([0, -1]), pre, (not pre) or rng.random() < 0.4, "c"))
+                t = e
+            else:
+                t += 1
+        breaks = [i for i in range(n) if rng.random() < 0.1]
+        want = _naive_scope(n, seg_of, seg_verb, seg_first, cues, set(breaks))
+        key = lambda out: [(d, id(c)) if c else None for d, c in (x or (None, None) for x in out)]  # noqa: E731
+        assert key(scope(n, seg_of, seg_verb, seg_first, cues, breaks)) == key(want)
+        assert key(scope_reference(n, seg_of, seg_verb, seg_first, cues, breaks)) == key(want)
+
+
+def test_pathological_report_labels_like_a_short_one():
+    short = labeler().label(findings="No pleural effusion, " * 3)
+    long = labeler().label(findings="No pleural effusion, " * 20000)     # 420,000 characters, < 1 s
+    assert short.labels == long.labels
+    assert long.labels["pleural_effusion"] == 0
+
+
+def test_report_size_cap_truncates_and_logs(caplog):
+    lab = ReportLabeler("fvlm54", max_chars=200)
+    text = "Mild cardiomegaly. " + "No pleural effusion. " * 50 + "Hiatal hernia."
+    with caplog.at_level("WARNING", logger="fvlm.reports"):
+        out = lab.label(findings=text)
+    assert "truncated from" in caplog.text and "max_chars=200" in caplog.text
+    assert out.labels["cardiomegaly"] == 1
+    assert out.labels["hiatal_hernia"] == 0                  # beyond the cap
+    assert ReportLabeler("fvlm54").label(findings=text).labels["hiatal_hernia"] == 1
+    with pytest.raises(FvlmError, match="max_chars"):
+        ReportLabeler("fvlm54", max_chars=-1)
+
+
+# --------------------------------------------------------------------------- CT-RATE development reports
+
+
+def test_devset_split_is_fixed_and_by_patient():
+    from preprocess.reports.devset import patient_of, split_part
+    assert patient_of("train_44_a") == "train_44" and patient_of("valid_7_b") == "valid_7"
+    assert split_part("train_44_a") == split_part("train_44_b")
+    parts = [split_part(f"train_{i}_a") for i in range(2000)]
+    assert 0.25 < parts.count("heldout") / len(parts) < 0.35
+
+
+def test_ctrate_dev_reports_macro_f1():
+    """CT-RATE's real reports (CC BY-NC-SA, read in place, never copied): both parts >= 0.90."""
+    from preprocess.reports import devset
+    path = devset.find_dev_reports()
+    if path is None:
+        pytest.skip("ctrate_dev.jsonl not present (../shared/data/reports/ or $FVLM_CTRATE_REPORTS)")
+    reports = devset.load_dev_reports(path)
+    lab = labeler("ctrate18")
+    for part in ("dev", "heldout"):
+        scores = devset.score_reports(lab, [r for r in reports if devset.split_part(r.id) == part])
+        assert len(scores) == 18
+        assert devset.macro_f1(scores) >= 0.90, (part, devset.f1_table({part: scores}))

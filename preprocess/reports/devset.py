@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fvlm.errors import FormatError
 
-__all__ = ["DevReport", "F1Score", "find_dev_reports", "load_dev_reports", "split_part", "score_reports",
+__all__ = ["DevReport", "F1Score", "find_dev_reports", "load_dev_reports", "split_part", "patient_of", "score_reports", "macro_f1",
            "f1_table", "HOLDOUT_PERCENT"]
 
 HOLDOUT_PERCENT = 30

@@ -28,6 +28,7 @@ Rules (also in docs/FORMATS.md):
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -43,6 +44,9 @@ __all__ = ["ReportLabeler", "LabelResult", "AnatomyText", "Mention", "ClauseResu
            "DISAGREEMENT_RULES"]
 
 STATUSES = ("abnormal", "normal", "not_mentioned")
+#: default per-section size cap in characters (CT-RATE reports: about 1,000-5,000)
+MAX_CHARS = 100_000
+log = logging.getLogger("fvlm.reports")
 DISAGREEMENT_RULES = ("positive_wins", "impression_wins")
 _CUE_KINDS = {"npre": (0, True, False), "npost": (0, False, True), "upre": (-1, True, False),
               "upost": (-1, False, True)}
@@ -141,11 +145,21 @@ class ReportLabeler:
         disagreement: how findings and impression combine (see module doc).
         uncertain: ``keep`` (-1 stays), ``positive`` or ``negative`` (-1 written as 1 / 0).
         abbreviations: extra abbreviations for the sentence splitter.
+        max_chars: a report section longer than this (characters) is cut at the last word
+            boundary before it, with a logged warning (0: no cap); real reports are a few
+            thousand characters, so only a pathological input is cut.
     """
 
+    #: the negation/uncertainty scope function (``negation.scope_reference`` gives the same result, slowly)
+    scope_fn = staticmethod(scope)
+
     def __init__(self, taxonomy="fvlm54", anatomy_set: str | None = None,
-                 disagreement: str = "positive_wins", uncertain: str = "keep", abbreviations=()):
+                 disagreement: str = "positive_wins", uncertain: str = "keep", abbreviations=(),
+                 max_chars: int = MAX_CHARS):
         self.taxonomy = load_taxonomy(taxonomy)
+        if max_chars < 0:
+            raise FvlmError(f"max_chars must be >= 0, got {max_chars}")
+        self.max_chars = int(max_chars)
         if disagreement not in DISAGREEMENT_RULES:
             raise FvlmError(f"disagreement must be one of {', '.join(DISAGREEMENT_RULES)}, got {disagreement!r}")
         if uncertain not in ("keep", "positive", "negative"):
@@ -314,7 +328,7 @@ class ReportLabeler:
         ctx_anats = assign
         if cues and breaks and self._bridge:
             breaks = self._bridged(toks, cues, breaks)
-        scopes = scope(len(toks), seg_of, seg_verb, seg_first, cues, breaks) if cues else None
+        scopes = self.scope_fn(len(toks), seg_of, seg_verb, seg_first, cues, breaks) if cues else None
 
         mentions: list[Mention] = []
         default_anats: set = set()
@@ -464,11 +478,11 @@ class ReportLabeler:
         """
         sections: list[Section] = []
         if findings and str(findings).strip():
-            sections.append(Section("findings", "", str(findings)))
+            sections.append(Section("findings", "", self._cap(str(findings), "findings")))
         if impressions and str(impressions).strip():
-            sections.append(Section("impression", "", str(impressions)))
+            sections.append(Section("impression", "", self._cap(str(impressions), "impressions")))
         if text and str(text).strip():
-            sections.extend(split_sections(str(text)))
+            sections.extend(split_sections(self._cap(str(text), "text")))
         clauses: list[ClauseResult] = []
         other: list[str] = []
         for sec in sections:
@@ -477,6 +491,16 @@ class ReportLabeler:
             else:
                 other.extend(self.splitter.sentences(sec.text))
         return self._aggregate(clauses, other)
+
+    def _cap(self, text: str, field_name: str) -> str:
+        """``text`` cut to ``max_chars`` at a word boundary, with a warning when cut."""
+        if not self.max_chars or len(text) <= self.max_chars:
+            return text
+        cut = text.rfind(" ", 0, self.max_chars + 1)
+        cut = cut if cut > self.max_chars // 2 else self.max_chars
+        log.warning("report %s truncated from %d to %d characters (labeler max_chars=%d)",
+                    field_name, len(text), cut, self.max_chars)
+        return text[:cut]
 
     def _aggregate(self, clauses: list[ClauseResult], other: list[str]) -> LabelResult:
         per_section: dict[str, dict[str, int]] = {}

@@ -20,7 +20,7 @@ O(tokens + segments + cues) per clause, whatever the number of cues (a report of
 """
 from __future__ import annotations
 
-__all__ = ["Cue", "scope", "AFFIRM_STARTS", "CONTINUE_STARTS"]
+__all__ = ["Cue", "scope", "scope_reference", "list_ends", "list_starts", "AFFIRM_STARTS", "CONTINUE_STARTS"]
 
 #: a comma segment starting with one of these words is a new statement, not a list item
 AFFIRM_STARTS = frozenset({
@@ -162,3 +162,35 @@ def _post_sweep(out, posts, seg_at, first_seg, seg_start, is_break) -> None:
         d = cur.start - 1 - t
         if out[t] is None or d < out[t][0]:
             out[t] = (d, cur)
+
+
+def scope_reference(n_tokens: int, seg_of: list[int], seg_verb: list[bool], seg_first: list[str],
+                    cues: list[Cue], breaks: list[int]) -> list[tuple[int, Cue] | None]:
+    """The same result as :func:`scope` by walking every cue's scope token by token.
+
+    Quadratic in the number of cues; kept only as the definition the fast sweep is checked
+    against (tests, ``benchmarks/reports_bench.py``).
+    """
+    out: list = [None] * n_tokens
+    n_seg = len(seg_verb)
+    break_set = set(breaks)
+    ends = list_ends(seg_verb, seg_first) if n_seg else []
+    starts = list_starts(seg_verb, seg_first) if n_seg else []
+    for cue in cues:
+        s = seg_of[cue.start] if cue.start < n_tokens else n_seg - 1
+        if cue.pre:
+            for t in range(cue.end, n_tokens):
+                if seg_of[t] > ends[s] or t in break_set:
+                    break
+                d = t - cue.end
+                if out[t] is None or d < out[t][0]:
+                    out[t] = (d, cue)
+        if cue.post:
+            first = starts[s] if cue.value == 0 else s
+            for t in range(cue.start - 1, -1, -1):
+                if seg_of[t] < first or t in break_set:
+                    break
+                d = cue.start - 1 - t
+                if out[t] is None or d < out[t][0]:
+                    out[t] = (d, cue)
+    return out
