@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fvlm.data.shards import AIR_HU
-
-from .geometry import sample_axes
+from fvlm.data.crop import crop_info, crop_positions, cut_crop
 
 __all__ = ["label_boxes", "crop_anatomy", "center_fit", "window"]
 
@@ -32,7 +30,7 @@ def label_boxes(lab: np.ndarray, n_labels: int) -> tuple[dict, np.ndarray]:
 
 def crop_anatomy(vol: np.ndarray, lab: np.ndarray, label: int, box, spacing, crop_shape, margin_mm: float,
                  oversize: str = "resize") -> tuple[np.ndarray, np.ndarray, dict]:
-    """Crop one anatomy.
+    """Crop one anatomy (the policy lives in :mod:`fvlm.data.crop`, shared with the shard reader).
 
     Args:
         vol: int16 HU ``[X, Y, Z]`` at ``spacing`` (mm); lab: uint8 anatomy label map on the same grid.
@@ -41,32 +39,9 @@ def crop_anatomy(vol: np.ndarray, lab: np.ndarray, label: int, box, spacing, cro
     Returns ``(crop int16, mask uint8 {0, 1}, info)``; info has ``origin_vox`` (position of the
     first output voxel on the input grid), ``scale`` and ``spacing_mm`` of the crop.
     """
-    b = np.asarray(box, dtype=np.float64)
-    m = float(margin_mm) / np.asarray(spacing, dtype=np.float64)
-    lo = b[:3] - 0.5 - m                # voxel edges of box + margin
-    hi = b[3:] - 0.5 + m
-    extent = hi - lo
-    cs = np.asarray(crop_shape, dtype=np.float64)
-    scale = float(max(1.0, (extent / cs).max())) if oversize == "resize" else 1.0
-    center = 0.5 * (lo + hi)
-    pos = []
-    for i in range(3):
-        if scale == 1.0:  # native spacing: integer positions, an exact voxel window
-            p0 = int(np.floor(center[i] - (cs[i] - 1) / 2.0 + 0.5))
-            pos.append(p0 + np.arange(int(cs[i]), dtype=np.float64))
-        else:
-            start = center[i] - 0.5 * cs[i] * scale
-            pos.append(start + (np.arange(int(cs[i]), dtype=np.float64) + 0.5) * scale - 0.5)
-    if scale == 1.0:
-        start = [int(p[0]) for p in pos]
-        img = window(vol, start, crop_shape, AIR_HU)
-        msk = (window(lab, start, crop_shape, 0) == label).astype(np.uint8)
-    else:
-        img = sample_axes(vol, pos, linear=True, pad=AIR_HU, out_dtype=np.int16)
-        msk = (sample_axes(lab, pos, linear=False, pad=0) == label).astype(np.uint8)
-    info = {"origin_vox": [round(float(p[0]), 3) for p in pos], "scale": round(scale, 4),
-            "spacing_mm": [round(float(s) * scale, 4) for s in spacing]}
-    return img, msk, info
+    pos, scale = crop_positions(box, spacing, crop_shape, margin_mm, oversize)
+    img, msk = cut_crop(vol, lab, label, pos, scale)
+    return img, msk, crop_info(pos, scale, spacing)
 
 
 def window(arr: np.ndarray, start, shape, pad) -> np.ndarray:

@@ -1,9 +1,8 @@
 """Voxel geometry: affine checks, canonical orientation, separable resampling, windows.
 
 The resampler is fvlm's own fast path (numpy only) (tested against MONAI's ``Spacingd`` in
-``tests/test_preprocess_geometry.py``): linear interpolation is separable, so a
-3D resample is three 1D gathers along the axes, done on the axis with the largest
-reduction first so the intermediate arrays stay small. The grid follows MONAI's
+``tests/test_preprocess_geometry.py``): separable gathers from ``fvlm.data.sampling``, the
+module the shard reader cuts crops with, so preprocessing and reading agree voxel for voxel. The grid follows MONAI's
 ``Spacing`` convention: voxel 0 keeps its world position, output size
 ``round((n - 1) * s_in / s_out + 1)``, positions past the last voxel take its value.
 """
@@ -12,6 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from fvlm.data.sampling import sample_axes
 
 from .errors import CaseError
 
@@ -71,74 +72,6 @@ def resampled_shape(shape, spacing_in, spacing_out) -> tuple[int, ...]:
     """MONAI ``Spacing`` output size: ``round((n - 1) * s_in / s_out + 1)`` per axis."""
     return tuple(max(1, int(np.round((n - 1) * si / so + 1.0)))
                  for n, si, so in zip(shape, spacing_in, spacing_out))
-
-
-def _gather_axis(a: np.ndarray, ax: int, pos: np.ndarray, linear: bool, pad) -> np.ndarray:
-    n = a.shape[ax]
-    posd = np.asarray(pos, dtype=np.float64)
-    if linear:
-        pc = np.clip(posd, 0.0, n - 1.0)
-        i0 = np.floor(pc).astype(np.intp)
-        i1 = np.minimum(i0 + 1, n - 1)
-        shape = [1] * a.ndim
-        shape[ax] = len(posd)
-        w = (pc - i0).astype(np.float32).reshape(shape)
-        lo = np.take(a, i0, axis=ax).astype(np.float32, copy=False)
-        hi = np.take(a, i1, axis=ax).astype(np.float32, copy=False)
-        hi -= lo                      # lo + (hi - lo) * w, in place
-        hi *= w
-        hi += lo
-        out = hi
-    else:
-        idx = np.clip(np.floor(posd + 0.5), 0, n - 1).astype(np.intp)
-        out = np.take(a, idx, axis=ax)
-    if pad is not None:
-        outside = (posd < -0.5) | (posd > n - 0.5)
-        if outside.any():
-            sl = [slice(None)] * a.ndim
-            sl[ax] = np.nonzero(outside)[0]
-            out[tuple(sl)] = pad
-    return out
-
-
-def sample_axes(arr: np.ndarray, positions, linear: bool, pad=None, out_dtype=None) -> np.ndarray:
-    """Sample a 3D array on a separable grid.
-
-    Args:
-        arr: ``[X, Y, Z]`` array (any numeric dtype).
-        positions: per axis, the (float) voxel positions to sample, or None to keep the axis.
-        linear: linear interpolation (True) or nearest neighbour (False).
-        pad: value for positions outside ``[-0.5, n - 0.5]``; None clamps to the border.
-        out_dtype: result dtype (rounded when integer); default float32 (linear) / input dtype.
-    """
-    if arr.ndim == 3 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous:
-        # NIfTI data are Fortran-ordered: work on the C-ordered transpose (axes reversed), so
-        # every gather reads and writes memory in order, and hand back the transposed view
-        return sample_axes(arr.T, list(positions)[::-1], linear, pad, out_dtype).T
-    t = arr
-    # shrink first: the axis whose output/input ratio is smallest goes first
-    order = sorted((i for i in range(3) if positions[i] is not None),
-                   key=lambda i: len(positions[i]) / max(1, arr.shape[i]))
-    for ax in order:
-        p = np.asarray(positions[ax], dtype=np.float64)
-        if pad is not None or not _is_identity(p, t.shape[ax]):
-            t = _gather_axis(t, ax, p, linear, pad)
-    out = t
-    if out_dtype is None:
-        out_dtype = np.float32 if linear else arr.dtype
-    out_dtype = np.dtype(out_dtype)
-    if out.dtype != out_dtype:
-        if out_dtype.kind in "iu" and out.dtype.kind == "f":
-            info = np.iinfo(out_dtype)
-            out = np.clip(np.rint(out), info.min, info.max)
-        out = out.astype(out_dtype)
-    elif out is arr:
-        out = arr.copy()
-    return out
-
-
-def _is_identity(p: np.ndarray, n: int) -> bool:
-    return len(p) == n and np.array_equal(p, np.arange(n, dtype=np.float64))
 
 
 def resample(arr: np.ndarray, spacing_in, spacing_out, linear: bool, out_dtype=None) -> np.ndarray:

@@ -21,14 +21,15 @@ from pathlib import Path
 
 
 from fvlm.anatomy import AnatomySet, load_anatomy_set
-from fvlm.data.shards import (DATASET_INFO_NAME, INDEX_NAME, ShardLayout, concat_shards, read_index,
+from fvlm.data.shards import (DATASET_INFO_NAME, INDEX_NAME, ShardLayout, concat_shards, open_h5, read_index,
                               write_dataset_info, write_index, write_shard)
 from fvlm.errors import FvlmError
 
-from .case import HU_HIST_EDGES, crop_shapes, process_case
+from .case import HU_HIST_EDGES
 from .config import PreprocessConfig
 from .errors import CaseError
 from .inputs import CaseSpec
+from . import writer
 from .qc import montage, qc_sample, write_summary
 
 __all__ = ["run_preprocess", "merge_parts", "build_layout", "plan_shards", "make_labeler"]
@@ -37,10 +38,7 @@ log = logging.getLogger("fvlm.preprocess")
 
 
 def build_layout(cfg: PreprocessConfig, aset: AnatomySet) -> ShardLayout:
-    comp = None if cfg.shards.compression == "none" else cfg.shards.compression
-    return ShardLayout(anatomies=aset.ids, crop_shapes=crop_shapes(cfg, aset),
-                       whole_shape=tuple(cfg.whole.shape) if cfg.whole.enabled else None,
-                       compression=comp, compression_level=cfg.shards.compression_level, shuffle=True)
+    return writer.build_layout(cfg, aset)
 
 
 def part_tag(i: int, n: int) -> str:
@@ -88,10 +86,11 @@ def _write_error(path: Path, case_id: str, stage: str, reason: str) -> None:
 _CTX: dict = {}
 
 
-def _init_worker(cfg: PreprocessConfig, out: str, qc_ids: set) -> None:
+def _init_worker(cfg: PreprocessConfig, out: str, qc_ids: set, labeler=None) -> None:
     aset = load_anatomy_set(cfg.anatomy_set)
-    _CTX.update(cfg=cfg, out=Path(out), aset=aset, layout=build_layout(cfg, aset), qc=qc_ids, labeler=None,
-                labeler_ready=False)
+    # the in-process path hands over the labeler the job already built (it was built twice)
+    _CTX.update(cfg=cfg, out=Path(out), aset=aset, layout=build_layout(cfg, aset), qc=qc_ids, labeler=labeler,
+                labeler_ready=labeler is not None)
 
 
 def _work(spec: CaseSpec) -> tuple[str, str, str, float]:
@@ -102,7 +101,7 @@ def _work(spec: CaseSpec) -> tuple[str, str, str, float]:
     staged, errp = _stage_paths(out, spec.case_id)
     t0 = time.perf_counter()
     try:
-        rec = process_case(spec, cfg, aset, _CTX["labeler"])
+        rec = writer.case_record(spec, cfg, aset, layout, _CTX["labeler"])
     except CaseError as e:
         _write_error(errp, spec.case_id, e.stage, e.reason)
         return spec.case_id, "error", f"[{e.stage}] {e.reason}", time.perf_counter() - t0
@@ -150,10 +149,8 @@ def _assemble(out: Path, slot: _Slot, layout: ShardLayout, attrs: dict) -> None:
 
 
 def _shard_rows(out: Path, rel: str, anatomies: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
-    import h5py
-
     rows, metas, present = [], [], []
-    with h5py.File(out / rel, "r") as f:
+    with open_h5(out / rel, "r") as f:
         n = int(f.attrs["n_cases"])
         if n == 0:
             return rows, metas, present
@@ -235,9 +232,8 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
     flush()
     t0 = time.perf_counter()
     workers = max(1, int(num_workers))
-    del labeler
     if workers == 1 or len(todo) <= 1:
-        _init_worker(cfg, str(out), qc_ids)
+        _init_worker(cfg, str(out), qc_ids, labeler)
         results = map(_work, todo)
         pool = None
     else:

@@ -1,4 +1,4 @@
-"""Training shards written by ``fvlm preprocess``: HDF5 files + a JSONL index (FORMATS.md §2).
+"""Training shards written by ``fvlm preprocess``: HDF5 files + a JSONL index (FORMATS.md §2, layout v2).
 
 Reading::
 
@@ -14,9 +14,12 @@ Writing (used by preprocess; tests build small shards with it too)::
     write_shard(path, layout, records, n=len(records))   # atomic: <path>.tmp, then rename
     write_index(root, rows); write_dataset_info(root, layout, extra)
 
-A shard stacks cases along axis 0, one HDF5 chunk per case and array, so reading
-one crop decompresses exactly one chunk. Absent anatomies are never written (their
-chunks stay unallocated and read back as the fill value).
+Each voxel is stored once: per case the volume resampled to ``spacing_mm`` (int16 HU, its
+own shape) and its anatomy label map (uint8), chunked in ``chunk_shape`` blocks. Anatomy
+crops (the crop policy of :mod:`fvlm.data.crop`, from the stored mask boxes) and the
+volume-mode whole volume (centred in ``whole_shape`` at ``whole_spacing_mm``) are cut when
+read: a crop decompresses only the chunks under it. Files need h5py with ``hdf5plugin``
+imported (Blosc2 and the other plugin filters); this module imports it.
 """
 from __future__ import annotations
 
@@ -29,18 +32,32 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..errors import FormatError, FvlmError
+from .crop import AIR_HU, crop_positions, cut_crop
+from .sampling import cut
 
 __all__ = ["ShardDataset", "CaseRecord", "ShardLayout", "window", "write_shard", "concat_shards", "write_index",
-           "read_index", "write_dataset_info", "read_dataset_info", "SHARD_FORMAT", "DATASET_FORMAT",
-           "SCHEMA_VERSION", "INDEX_NAME", "DATASET_INFO_NAME", "AIR_HU"]
+           "read_index", "write_dataset_info", "read_dataset_info", "open_h5", "SHARD_FORMAT", "DATASET_FORMAT",
+           "SCHEMA_VERSION", "INDEX_NAME", "DATASET_INFO_NAME", "AIR_HU", "CODECS"]
 
 SHARD_FORMAT = "fvlm-shard"
 DATASET_FORMAT = "fvlm-shards"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 INDEX_NAME = "index.jsonl"
 DATASET_INFO_NAME = "dataset.json"
-#: padding value of image crops and volumes outside the scanned field of view (HU)
-AIR_HU = -1024
+#: image filters a layout may name (FORMATS.md §2 has the measured table)
+CODECS = ("gzip", "lzf", "none", "blosc2-lz4", "blosc2-zstd", "zstd", "lz4")
+#: a v1 directory (crops stored next to the volume) cannot be read; one line says what to do
+V1_HINT = ("shard layout version 1 (every crop stored next to the volume) is no longer read: re-run "
+           "`fvlm preprocess` with this fvlm into a new --out directory (a v1 whole volume may be "
+           "centre-cropped, so crops cannot be migrated from it)")
+
+
+def open_h5(path, mode: str = "r", **kw):
+    """``h5py.File`` with the ``hdf5plugin`` filters registered (every shard open goes here)."""
+    import h5py
+    import hdf5plugin  # noqa: F401 - registers the Blosc2 / Zstd / LZ4 filters with HDF5
+
+    return h5py.File(path, mode, **kw)
 
 
 def window(hu, lo: float = -1150.0, hi: float = 350.0):
@@ -62,11 +79,14 @@ def window(hu, lo: float = -1150.0, hi: float = 350.0):
 class CaseRecord:
     """One case as read from (or written to) a shard.
 
-    Arrays are RAS+ ``[x, y, z]``. ``volume`` int16 HU (``AIR_HU`` outside the field of
-    view); ``label_map`` uint8 anatomy ids (0 background, ``i + 1`` = ``anatomies[i]``);
-    ``crops[a]`` int16 HU and ``crop_masks[a]`` uint8 {0, 1} of the anatomy's fixed crop
-    shape; ``bbox[a]`` = ``(x0, y0, z0, x1, y1, z1)`` (end exclusive) of the anatomy mask in
-    the ``volume`` grid, or None when absent.
+    Arrays are RAS+ ``[x, y, z]``. As read: ``volume`` int16 HU (``AIR_HU`` outside the field
+    of view) on the volume-mode grid (``whole_shape`` at ``whole_spacing_mm``; None when the
+    layout has no ``whole_shape``); ``label_map`` uint8 anatomy ids on it (0
+    background, ``i + 1`` = ``anatomies[i]``); ``crops[a]`` int16 HU and ``crop_masks[a]`` uint8
+    {0, 1} of the anatomy's fixed crop shape; ``bbox[a]`` = ``(x0, y0, z0, x1, y1, z1)`` (end
+    exclusive) of the anatomy mask on the ``volume`` grid, or None when absent.
+    To write: ``volume`` / ``label_map`` on the resampled grid (``layout.spacing_mm``, any
+    shape), ``bbox`` on that grid; ``crops`` are not stored (they are cut when read).
     """
     case_id: str
     patient_id: str = ""
@@ -86,36 +106,89 @@ class CaseRecord:
 
 @dataclass
 class ShardLayout:
-    """Fixed array shapes and storage options shared by all shards of one output directory."""
+    """Storage options and read-time shapes shared by all shards of one output directory.
+
+    ``spacing_mm``: grid of the stored volumes. Crops: ``crop_shapes`` {anatomy: (x, y, z)},
+    ``margins_mm`` {anatomy: mm} (``margin_mm`` for the others), ``crop_oversize``.
+    Volume mode: ``whole_shape`` (None: ``get`` returns no volume) at
+    ``whole_spacing_mm`` (None: ``spacing_mm``). ``compression`` one of :data:`CODECS`,
+    ``compression_level``, ``shuffle`` (``byte``, ``bit`` or ``none``), ``chunk_shape``.
+    """
     anatomies: list
     crop_shapes: dict                     # anatomy -> (x, y, z)
-    whole_shape: tuple | None = None      # (X, Y, Z) or None: no whole volume stored
-    compression: str | None = "gzip"      # "gzip", "lzf" or None
-    compression_level: int = 1
-    shuffle: bool = True
+    whole_shape: tuple | None = None      # (X, Y, Z) or None
+    compression: str | None = "blosc2-lz4"
+    compression_level: int = 5
+    shuffle: str | bool = "bit"
+    spacing_mm: tuple = (1.0, 1.0, 3.0)
+    whole_spacing_mm: tuple | None = None
+    margins_mm: dict = field(default_factory=dict)
+    margin_mm: float = 5.0
+    crop_oversize: str = "resize"
+    chunk_shape: tuple = (64, 64, 32)
+
+    def __post_init__(self):
+        if self.compression is None:
+            self.compression = "none"
+        if self.shuffle is True:
+            self.shuffle = "byte"
+        elif self.shuffle is False:
+            self.shuffle = "none"
+        if self.compression not in CODECS:
+            raise FvlmError(f"shards.compression {self.compression!r}: use one of {', '.join(CODECS)}")
+        if self.shuffle not in ("byte", "bit", "none"):
+            raise FvlmError(f"shards.shuffle {self.shuffle!r}: use byte, bit or none")
+        self.spacing_mm = tuple(float(x) for x in self.spacing_mm)
+        if self.whole_spacing_mm is not None:
+            self.whole_spacing_mm = tuple(float(x) for x in self.whole_spacing_mm)
+        self.chunk_shape = tuple(int(x) for x in self.chunk_shape)
 
     def filter_kwargs(self) -> dict:
-        if not self.compression:
+        """h5py ``create_dataset`` keywords of the image filter."""
+        c, lvl = self.compression, int(self.compression_level)
+        if c == "none":
             return {}
-        kw: dict = {"compression": self.compression, "shuffle": self.shuffle}
-        if self.compression == "gzip":
-            kw["compression_opts"] = int(self.compression_level)
-        return kw
+        if c in ("gzip", "lzf"):
+            kw: dict = {"compression": c, "shuffle": self.shuffle != "none"}  # HDF5 has byte shuffle only
+            if c == "gzip":
+                kw["compression_opts"] = lvl
+            return kw
+        import hdf5plugin
+
+        if c.startswith("blosc2-"):
+            shuf = {"byte": hdf5plugin.Blosc2.SHUFFLE, "bit": hdf5plugin.Blosc2.BITSHUFFLE,
+                    "none": hdf5plugin.Blosc2.NOFILTER}[self.shuffle]
+            return dict(hdf5plugin.Blosc2(cname=c.split("-", 1)[1], clevel=lvl, filters=shuf))
+        if c == "zstd":
+            return dict(hdf5plugin.Zstd(clevel=lvl))
+        return dict(hdf5plugin.LZ4())
+
+    def chunks_for(self, shape) -> tuple:
+        return tuple(max(1, min(int(c), int(s))) for c, s in zip(self.chunk_shape, shape))
+
+    def margin(self, anatomy: str) -> float:
+        return float(self.margins_mm.get(anatomy, self.margin_mm))
 
     def to_dict(self) -> dict:
         return {"anatomies": list(self.anatomies),
                 "crop_shapes": {a: list(map(int, s)) for a, s in self.crop_shapes.items()},
                 "whole_shape": list(map(int, self.whole_shape)) if self.whole_shape else None,
-                "compression": self.compression, "compression_level": self.compression_level,
-                "shuffle": self.shuffle}
+                "compression": self.compression, "compression_level": int(self.compression_level),
+                "shuffle": self.shuffle, "spacing_mm": list(self.spacing_mm),
+                "whole_spacing_mm": list(self.whole_spacing_mm) if self.whole_spacing_mm else None,
+                "margins_mm": {a: float(m) for a, m in self.margins_mm.items()}, "margin_mm": float(self.margin_mm),
+                "crop_oversize": self.crop_oversize, "chunk_shape": list(self.chunk_shape)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardLayout":
         return cls(anatomies=list(d["anatomies"]),
                    crop_shapes={a: tuple(s) for a, s in d["crop_shapes"].items()},
                    whole_shape=tuple(d["whole_shape"]) if d.get("whole_shape") else None,
-                   compression=d.get("compression"), compression_level=int(d.get("compression_level", 1)),
-                   shuffle=bool(d.get("shuffle", True)))
+                   compression=d.get("compression") or "none", compression_level=int(d.get("compression_level", 5)),
+                   shuffle=d.get("shuffle", "bit"), spacing_mm=tuple(d.get("spacing_mm", (1.0, 1.0, 3.0))),
+                   whole_spacing_mm=tuple(d["whole_spacing_mm"]) if d.get("whole_spacing_mm") else None,
+                   margins_mm=dict(d.get("margins_mm") or {}), margin_mm=float(d.get("margin_mm", 5.0)),
+                   crop_oversize=d.get("crop_oversize", "resize"), chunk_shape=tuple(d.get("chunk_shape", (64, 64, 32))))
 
 
 def _json(x: Any) -> str:
@@ -124,12 +197,15 @@ def _json(x: Any) -> str:
 
 # --------------------------------------------------------------------------- writing
 
+_STR_FIELDS = ("case_id", "patient_id", "split", "meta", "report", "anatomy_text", "labels")
+_SMALL_FIELDS = _STR_FIELDS + ("spacing_mm", "present", "bbox", "shape")
+_IMAGES = (("volume", "i2", AIR_HU), ("label_map", "u1", 0))
+
 
 def _create(f, layout: ShardLayout, n: int, attrs: dict | None) -> dict:
     import h5py
 
     A = len(layout.anatomies)
-    fk = layout.filter_kwargs()
     str_t = h5py.string_dtype("utf-8")
     f.attrs["format"] = SHARD_FORMAT
     f.attrs["version"] = SCHEMA_VERSION
@@ -143,25 +219,17 @@ def _create(f, layout: ShardLayout, n: int, attrs: dict | None) -> dict:
     d["spacing_mm"] = f.create_dataset("spacing_mm", (n, 3), dtype="f8", track_times=False)
     d["present"] = f.create_dataset("present", (n, A), dtype="u1", track_times=False)
     d["bbox"] = f.create_dataset("bbox", (n, A, 6), dtype="i4", fillvalue=-1, track_times=False)
-    if layout.whole_shape:
-        ws = tuple(int(s) for s in layout.whole_shape)
-        d["volume"] = f.create_dataset("volume", (n, *ws), dtype="i2", chunks=(1, *ws), maxshape=(None, *ws),
-                                       fillvalue=AIR_HU, track_times=False, **fk)
-        d["label_map"] = f.create_dataset("label_map", (n, *ws), dtype="u1", chunks=(1, *ws),
-                                          maxshape=(None, *ws), fillvalue=0, track_times=False, **fk)
-    gc = f.create_group("crops", track_order=False)
-    gm = f.create_group("crop_masks", track_order=False)
-    for a in layout.anatomies:
-        cs = tuple(int(s) for s in layout.crop_shapes[a])
-        d[f"crops/{a}"] = gc.create_dataset(a, (n, *cs), dtype="i2", chunks=(1, *cs), maxshape=(None, *cs),
-                                            fillvalue=AIR_HU, track_times=False, **fk)
-        d[f"crop_masks/{a}"] = gm.create_dataset(a, (n, *cs), dtype="u1", chunks=(1, *cs), maxshape=(None, *cs),
-                                                 fillvalue=0, track_times=False, **fk)
+    d["shape"] = f.create_dataset("shape", (n, 3), dtype="i4", track_times=False)
+    for name, _, _ in _IMAGES:
+        d[name] = f.create_group(name, track_order=False)
     return d
 
 
-_STR_FIELDS = ("case_id", "patient_id", "split", "meta", "report", "anatomy_text", "labels")
-_SMALL_FIELDS = _STR_FIELDS + ("spacing_mm", "present", "bbox")
+def _image(group, i: int, layout: ShardLayout, shape, dtype: str, fill: int):
+    """The chunked, compressed dataset of case row ``i`` (``group/<i>``)."""
+    shape = tuple(int(s) for s in shape)
+    return group.create_dataset(str(i), shape, dtype=dtype, chunks=layout.chunks_for(shape), fillvalue=fill,
+                                track_times=False, **layout.filter_kwargs())
 
 
 def _fresh_tmp(path: Path) -> Path:
@@ -172,58 +240,63 @@ def _fresh_tmp(path: Path) -> Path:
     return tmp
 
 
+def _write_small(d: dict, i: int, rec: CaseRecord, layout: ShardLayout) -> None:
+    A = len(layout.anatomies)
+    d["case_id"][i] = rec.case_id
+    d["patient_id"][i] = rec.patient_id
+    d["split"][i] = rec.split
+    d["meta"][i] = _json(rec.meta)
+    d["report"][i] = _json(rec.report)
+    d["anatomy_text"][i] = _json(rec.anatomy_text)
+    d["labels"][i] = _json(rec.labels)
+    d["spacing_mm"][i] = np.asarray(rec.spacing_mm, dtype=np.float64)
+    d["present"][i] = [1 if rec.present.get(a) else 0 for a in layout.anatomies]
+    bb = np.full((A, 6), -1, dtype=np.int32)
+    for j, a in enumerate(layout.anatomies):
+        if rec.present.get(a) and rec.bbox.get(a) is not None:
+            bb[j] = rec.bbox[a]
+    d["bbox"][i] = bb
+    d["shape"][i] = rec.volume.shape
+
+
 def write_shard(path: str | os.PathLike, layout: ShardLayout, records: Iterable[CaseRecord], n: int,
                 attrs: dict | None = None) -> Path:
     """Write ``n`` records to an HDF5 shard atomically (``<path>.tmp``, then rename).
 
-    ``records`` may be a generator (cases are written one at a time, so memory holds
-    one case). The output is byte-identical for identical inputs (no timestamps).
+    Each record holds its resampled ``volume`` and ``label_map`` (same shape) and ``bbox`` on
+    that grid. ``records`` may be a generator (one case in memory at a time). The output is
+    byte-identical for identical inputs (no timestamps).
     """
-    import h5py
-
     path = Path(path)
     tmp = _fresh_tmp(path)
-    A = len(layout.anatomies)
-    with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+    with open_h5(tmp, "w", libver="earliest", track_order=False) as f:
         d = _create(f, layout, n, attrs)
         i = -1
         for i, rec in enumerate(records):
             if i >= n:
                 raise ValueError(f"write_shard: more than n={n} records")
-            d["case_id"][i] = rec.case_id
-            d["patient_id"][i] = rec.patient_id
-            d["split"][i] = rec.split
-            d["meta"][i] = _json(rec.meta)
-            d["report"][i] = _json(rec.report)
-            d["anatomy_text"][i] = _json(rec.anatomy_text)
-            d["labels"][i] = _json(rec.labels)
-            d["spacing_mm"][i] = np.asarray(rec.spacing_mm, dtype=np.float64)
-            d["present"][i] = [1 if rec.present.get(a) else 0 for a in layout.anatomies]
-            bb = np.full((A, 6), -1, dtype=np.int32)
-            for j, a in enumerate(layout.anatomies):
-                if rec.bbox.get(a) is not None:
-                    bb[j] = rec.bbox[a]
-            d["bbox"][i] = bb
-            if layout.whole_shape:
-                if rec.volume is None or tuple(rec.volume.shape) != tuple(layout.whole_shape):
-                    raise ValueError(f"{rec.case_id}: volume shape "
-                                     f"{None if rec.volume is None else rec.volume.shape} != {layout.whole_shape}")
-                d["volume"][i] = rec.volume.astype(np.int16, copy=False)
-                if rec.label_map is not None:
-                    d["label_map"][i] = rec.label_map.astype(np.uint8, copy=False)
-            for a in layout.anatomies:
-                if not rec.present.get(a) or a not in rec.crops:
-                    continue
-                c = rec.crops[a]
-                if tuple(c.shape) != tuple(layout.crop_shapes[a]):
-                    raise ValueError(f"{rec.case_id}: crop {a} shape {c.shape} != {layout.crop_shapes[a]}")
-                d[f"crops/{a}"][i] = c.astype(np.int16, copy=False)
-                if a in rec.crop_masks:
-                    d[f"crop_masks/{a}"][i] = rec.crop_masks[a].astype(np.uint8, copy=False)
+            if rec.volume is None or rec.volume.ndim != 3:
+                raise ValueError(f"{rec.case_id}: a shard record needs its resampled volume [X, Y, Z]")
+            lab = rec.label_map if rec.label_map is not None else np.zeros(rec.volume.shape, np.uint8)
+            if lab.shape != rec.volume.shape:
+                raise ValueError(f"{rec.case_id}: label map shape {lab.shape} != volume shape {rec.volume.shape}")
+            _write_small(d, i, rec, layout)
+            for (name, dt, fill), arr in zip(_IMAGES, (rec.volume, lab)):
+                _image(d[name], i, layout, arr.shape, dt, fill)[...] = np.ascontiguousarray(arr, dtype=dt)
         if i + 1 != n:
             raise ValueError(f"write_shard: expected {n} records, got {i + 1}")
     os.replace(tmp, path)
     return path
+
+
+def _check_version(f, p) -> None:
+    if f.attrs.get("format") != SHARD_FORMAT:
+        raise FormatError(f"{p}: not a {SHARD_FORMAT} file")
+    v = int(f.attrs.get("version", -1))
+    if v == 1:
+        raise FormatError(f"{p}: {V1_HINT}")
+    if v != SCHEMA_VERSION:
+        raise FormatError(f"{p}: {SHARD_FORMAT} version {v}; this fvlm reads version {SCHEMA_VERSION}")
 
 
 def concat_shards(path: str | os.PathLike, layout: ShardLayout, parts: Sequence[str | os.PathLike],
@@ -231,18 +304,17 @@ def concat_shards(path: str | os.PathLike, layout: ShardLayout, parts: Sequence[
     """Concatenate shards of the same layout (e.g. one-case staging shards) into one, atomically.
 
     Image chunks are copied as stored (``read_direct_chunk``/``write_direct_chunk``): nothing
-    is decompressed or recompressed, and unwritten chunks (absent anatomies) stay unwritten.
+    is decompressed or recompressed.
     """
-    import h5py
-
     path = Path(path)
     tmp = _fresh_tmp(path)
     srcs = []
     try:
         for p in parts:
-            srcs.append(h5py.File(p, "r"))
+            srcs.append(open_h5(p, "r"))
+            _check_version(srcs[-1], p)
         n = sum(int(s.attrs["n_cases"]) for s in srcs)
-        with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+        with open_h5(tmp, "w", libver="earliest", track_order=False) as f:
             d = _create(f, layout, n, attrs)
             i = 0
             for s in srcs:
@@ -251,17 +323,14 @@ def concat_shards(path: str | os.PathLike, layout: ShardLayout, parts: Sequence[
                 k = int(s.attrs["n_cases"])
                 for name in _SMALL_FIELDS:
                     d[name][i:i + k] = s[name][:]
-                for name, dst in d.items():
-                    if name in _SMALL_FIELDS:
-                        continue
-                    src = s[name]
-                    for j in range(k):
-                        off = (j,) + (0,) * (src.ndim - 1)
-                        info = src.id.get_chunk_info_by_coord(off)
-                        if info.byte_offset is None:  # never written: keep it unallocated
-                            continue
-                        mask, data = src.id.read_direct_chunk(off)
-                        dst.id.write_direct_chunk((i + j,) + off[1:], data, mask)
+                for j in range(k):
+                    for name, dt, fill in _IMAGES:
+                        src = s[name][str(j)]
+                        dst = _image(d[name], i + j, layout, src.shape, dt, fill)
+                        for c in range(src.id.get_num_chunks()):
+                            off = src.id.get_chunk_info(c).chunk_offset
+                            mask, data = src.id.read_direct_chunk(off)
+                            dst.id.write_direct_chunk(off, data, mask)
                 i += k
     finally:
         for s in srcs:
@@ -320,6 +389,8 @@ def read_dataset_info(root: str | os.PathLike) -> dict:
     info = json.loads(p.read_text(encoding="utf-8"))
     if info.get("format") != DATASET_FORMAT:
         raise FormatError(f"{p}: format {info.get('format')!r}, expected {DATASET_FORMAT!r}")
+    if info.get("version") == 1:
+        raise FormatError(f"{root}: {V1_HINT}")
     if info.get("version") != SCHEMA_VERSION:
         raise FormatError(f"{p}: shard schema version {info.get('version')!r}; this fvlm reads "
                           f"version {SCHEMA_VERSION} (re-run `fvlm preprocess` or use a matching fvlm)")
@@ -327,6 +398,30 @@ def read_dataset_info(root: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def whole_positions(shape, spacing, whole_spacing, whole_shape) -> tuple[list, list]:
+    """Volume-mode grid: per axis, positions on the stored grid of the ``whole_shape`` voxels
+    (the stored volume resampled to ``whole_spacing`` on MONAI's ``Spacing`` grid, then
+    centre-padded / cropped) and the index of stored voxel 0 on it (``offset``)."""
+    pos, offset = [], []
+    for n, si, so, w in zip(shape, spacing, whole_spacing, whole_shape):
+        r = float(so) / float(si)
+        n_out = n if abs(r - 1.0) < 1e-9 else max(1, int(np.round((n - 1) / r + 1.0)))
+        off = (int(w) - n_out) // 2
+        g = np.arange(int(w), dtype=np.float64) - off
+        p = g if abs(r - 1.0) < 1e-9 else np.minimum(g * r, n - 1.0)
+        # outside the resampled grid: a position the cut pads (below -0.5)
+        pos.append(np.where((g < 0) | (g >= n_out), -1.0, p))
+        offset.append(off)
+    return pos, offset
+
+
+def _scaled_boxes(lab: np.ndarray, n: int) -> dict:
+    from scipy import ndimage
+
+    return {k: (sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop)
+            for k, sl in enumerate(ndimage.find_objects(lab, max_label=n), start=1) if sl is not None}
 
 
 class ShardDataset:
@@ -337,10 +432,13 @@ class ShardDataset:
             ``index.jsonl`` and ``shards/``).
         split: keep only cases of this split (``"train"``, ``"valid"``, ...), or None.
 
-    File handles are opened lazily and per process, so an instance can be handed to
-    DataLoader workers (fork or spawn). ``len(ds)`` and ``ds[i]`` make it a map-style
-    dataset of :class:`CaseRecord`.
+    File handles are opened lazily and per process (after a fork, a worker opens its own),
+    so an instance can be handed to DataLoader workers (fork or spawn). ``len(ds)`` and
+    ``ds[i]`` make it a map-style dataset of :class:`CaseRecord`.
     """
+
+    #: cut many crops from one in-memory read when they cover more than this share of the volume
+    WHOLE_READ_FRACTION = 0.4
 
     def __init__(self, root: str | os.PathLike, split: str | None = None):
         self.root = Path(root)
@@ -393,8 +491,6 @@ class ShardDataset:
 
     # -- files
     def _file(self, rel: str):
-        import h5py
-
         if self._pid != os.getpid():  # never share HDF5 handles across fork
             self._files = {}
             self._pid = os.getpid()
@@ -402,11 +498,11 @@ class ShardDataset:
         if f is None:
             p = self.root / rel
             try:
-                f = h5py.File(p, "r", rdcc_nbytes=0)
+                # a small chunk cache: one crop's chunks are read once each, volumes are read whole
+                f = open_h5(p, "r", rdcc_nbytes=0)
             except OSError as e:
                 raise FormatError(f"{p}: cannot open shard ({e})") from None
-            if f.attrs.get("format") != SHARD_FORMAT or int(f.attrs.get("version", -1)) != SCHEMA_VERSION:
-                raise FormatError(f"{p}: not a {SHARD_FORMAT} v{SCHEMA_VERSION} file")
+            _check_version(f, p)
             self._files[rel] = f
         return f
 
@@ -436,19 +532,7 @@ class ShardDataset:
             raise FvlmError(f"unknown anatomy {bad[0]!r}; this dataset has {', '.join(self.anatomies)}")
         return list(anatomies)
 
-    def crop(self, case_id: str, anatomy: str) -> tuple[np.ndarray, np.ndarray, bool]:
-        """``(crop int16 [x, y, z], mask uint8 [x, y, z], present)`` of one anatomy of one case."""
-        self._check_anatomies([anatomy])
-        r = self.index_row(case_id)
-        f = self._file(r["shard"])
-        i = int(r["row"])
-        return f["crops"][anatomy][i], f["crop_masks"][anatomy][i], anatomy in r.get("anatomies", [])
-
-    def get(self, case_id: str, anatomies: Sequence[str] | None = None, volume: bool = True,
-            crops: bool = True) -> CaseRecord:
-        """Read one case. ``anatomies`` limits the crops read (default all); ``volume`` reads
-        the whole volume and label map; ``crops`` the per-anatomy crops and masks."""
-        anats = self._check_anatomies(anatomies)
+    def _open_row(self, case_id: str):
         r = self.index_row(case_id)
         f = self._file(r["shard"])
         i = int(r["row"])
@@ -457,6 +541,74 @@ class ShardDataset:
         if stored_id != case_id:
             raise FormatError(f"{self.root / r['shard']}: row {i} holds {stored_id!r}, index says {case_id!r} "
                               "(index and shards disagree; re-run `fvlm preprocess merge`)")
+        return r, f, i
+
+    def _crops(self, f, i: int, anats: Sequence[str], bb: np.ndarray, present: dict) -> tuple[dict, dict]:
+        """Cut the crops of ``anats``: from one in-memory read when they cover much of the
+        volume, else each from its own hyperslab."""
+        L = self.layout
+        vol, lab = f["volume"][str(i)], f["label_map"][str(i)]
+        shape = vol.shape
+        all_anats = self.anatomies
+        plans = {}
+        for a in anats:
+            j = all_anats.index(a)
+            if present[a]:
+                plans[a] = (j + 1, *crop_positions(bb[j], L.spacing_mm, L.crop_shapes[a], L.margin(a),
+                                                   L.crop_oversize))
+        if len(plans) > 1:
+            touched = sum(float(np.prod([min(n, max(0.0, p.max() - p.min() + 2)) for p, n in zip(pos, shape)]))
+                          for _, pos, _ in plans.values())
+            if touched > self.WHOLE_READ_FRACTION * float(np.prod(shape)):
+                vol, lab = vol[()], lab[()]
+        crops, masks = {}, {}
+        for a in anats:
+            cs = tuple(int(x) for x in L.crop_shapes[a])
+            if a in plans:
+                label, pos, scale = plans[a]
+                crops[a], masks[a] = cut_crop(vol, lab, label, pos, scale, shape=shape)
+            else:  # absent anatomy: the padding value, as if cut outside the scan
+                crops[a], masks[a] = np.full(cs, AIR_HU, np.int16), np.zeros(cs, np.uint8)
+        return crops, masks
+
+    def _whole(self, f, i: int, bb: np.ndarray, present: dict):
+        """Volume-mode ``(volume, label_map, bbox)``, cut (and resampled when the whole spacing
+        differs from the stored one) at read time."""
+        L = self.layout
+        vol, lab = f["volume"][str(i)], f["label_map"][str(i)]
+        boxes = {a: (tuple(int(v) for v in bb[j]) if present[a] else None) for j, a in enumerate(self.anatomies)}
+        if not L.whole_shape:  # preprocessed with whole.enabled=false: no volume-mode input
+            return None, None, boxes
+        wsp = L.whole_spacing_mm or L.spacing_mm
+        pos, off = whole_positions(vol.shape, L.spacing_mm, wsp, L.whole_shape)
+        same = all(abs(a - b) < 1e-9 for a, b in zip(wsp, L.spacing_mm))
+        v = cut(vol, pos, linear=not same, pad=AIR_HU, out_dtype=np.int16)
+        m = cut(lab, pos, linear=False, pad=0)
+        if same:
+            boxes = {a: (None if b is None else tuple(int(x + off[k % 3]) for k, x in enumerate(b)))
+                     for a, b in boxes.items()}
+        else:
+            found = _scaled_boxes(m, len(self.anatomies))
+            boxes = {a: (found.get(j + 1) if present[a] else None) for j, a in enumerate(self.anatomies)}
+        return v, m, boxes
+
+    def crop(self, case_id: str, anatomy: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``(crop int16 [x, y, z], mask uint8 [x, y, z], present)`` of one anatomy of one case,
+        cut from the hyperslab of the stored volume it covers."""
+        self._check_anatomies([anatomy])
+        r, f, i = self._open_row(case_id)
+        j = self.anatomies.index(anatomy)
+        present = {a: False for a in self.anatomies}
+        present[anatomy] = bool(f["present"][i][j])
+        crops, masks = self._crops(f, i, [anatomy], f["bbox"][i], present)
+        return crops[anatomy], masks[anatomy], present[anatomy]
+
+    def get(self, case_id: str, anatomies: Sequence[str] | None = None, volume: bool = True,
+            crops: bool = True) -> CaseRecord:
+        """Read one case. ``anatomies`` limits the crops cut (default all); ``volume`` gives the
+        volume-mode volume and label map; ``crops`` the per-anatomy crops and masks."""
+        anats = self._check_anatomies(anatomies)
+        r, f, i = self._open_row(case_id)
 
         def js(name):
             v = f[name][i]
@@ -467,15 +619,15 @@ class ShardDataset:
         present = {a: bool(present_row[j]) for j, a in enumerate(all_anats)}
         bb = f["bbox"][i]
         bbox = {a: (tuple(int(v) for v in bb[j]) if present[a] else None) for j, a in enumerate(all_anats)}
+        L = self.layout
+        spacing = tuple(float(s) for s in (L.whole_spacing_mm or f["spacing_mm"][i])) if L.whole_shape else \
+            tuple(float(s) for s in f["spacing_mm"][i])
         rec = CaseRecord(case_id=case_id, patient_id=r.get("patient_id", ""), split=r.get("split", ""),
-                         spacing_mm=tuple(float(s) for s in f["spacing_mm"][i]), present=present,
+                         spacing_mm=spacing, present=present,
                          report=js("report"), anatomy_text=js("anatomy_text"), labels=js("labels"),
                          meta=js("meta"), bbox=bbox)
-        if volume and "volume" in f:
-            rec.volume = f["volume"][i]
-            rec.label_map = f["label_map"][i]
+        if volume:
+            rec.volume, rec.label_map, rec.bbox = self._whole(f, i, bb, present)
         if crops:
-            for a in anats:
-                rec.crops[a] = f["crops"][a][i]
-                rec.crop_masks[a] = f["crop_masks"][a][i]
+            rec.crops, rec.crop_masks = self._crops(f, i, anats, bb, present)
         return rec

@@ -1,0 +1,129 @@
+"""Separable sampling of 3D grids, in memory or straight from an HDF5 dataset (a hyperslab read).
+
+Linear interpolation on an axis-aligned grid is separable: a 3D resample is three 1D
+gathers, run on the axis with the largest reduction first so intermediates stay small.
+``cut`` does the same on any sliceable source (a numpy array or an ``h5py.Dataset``): it
+reads only the box of voxels the sample positions touch, so cutting a crop out of a stored
+volume decompresses only the chunks under that box, and gives bit-identical values to
+``sample_axes`` on the whole array (same gathers, same order, same float32 arithmetic).
+
+Preprocessing (``preprocess.geometry``) and the shard reader share this module, so a crop
+cut at read time equals the crop cut from the full volume in memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["sample_axes", "cut", "axis_order"]
+
+
+def axis_order(positions, shape) -> list[int]:
+    """Axes that are sampled, smallest output/input ratio first (shrink early)."""
+    return sorted((i for i in range(3) if positions[i] is not None),
+                  key=lambda i: len(positions[i]) / max(1, shape[i]))
+
+
+def _indices(pos: np.ndarray, n: int, linear: bool):
+    """Per-position source indices (and weights) on an axis of ``n`` voxels, border-clamped."""
+    if linear:
+        pc = np.clip(pos, 0.0, n - 1.0)
+        i0 = np.floor(pc).astype(np.intp)
+        i1 = np.minimum(i0 + 1, n - 1)
+        return i0, i1, (pc - i0).astype(np.float32)
+    idx = np.clip(np.floor(pos + 0.5), 0, n - 1).astype(np.intp)
+    return idx, None, None
+
+
+def _gather(a: np.ndarray, ax: int, i0, i1, w, outside, pad) -> np.ndarray:
+    if i1 is not None:
+        shape = [1] * a.ndim
+        shape[ax] = len(i0)
+        lo = np.take(a, i0, axis=ax).astype(np.float32, copy=False)
+        hi = np.take(a, i1, axis=ax).astype(np.float32, copy=False)
+        hi -= lo                      # lo + (hi - lo) * w, in place
+        hi *= w.reshape(shape)
+        hi += lo
+        out = hi
+    else:
+        out = np.take(a, i0, axis=ax)
+    if pad is not None and outside is not None and outside.any():
+        sl = [slice(None)] * a.ndim
+        sl[ax] = np.nonzero(outside)[0]
+        out[tuple(sl)] = pad
+    return out
+
+
+def _is_identity(p: np.ndarray, n: int) -> bool:
+    return len(p) == n and np.array_equal(p, np.arange(n, dtype=np.float64))
+
+
+def _finish(out: np.ndarray, src_dtype, linear: bool, out_dtype, copy_of=None) -> np.ndarray:
+    if out_dtype is None:
+        out_dtype = np.float32 if linear else src_dtype
+    out_dtype = np.dtype(out_dtype)
+    if out.dtype != out_dtype:
+        if out_dtype.kind in "iu" and out.dtype.kind == "f":
+            info = np.iinfo(out_dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        out = out.astype(out_dtype)
+    elif copy_of is not None and out is copy_of:
+        out = out.copy()
+    return out
+
+
+def sample_axes(arr: np.ndarray, positions, linear: bool, pad=None, out_dtype=None) -> np.ndarray:
+    """Sample a 3D array on a separable grid.
+
+    Args:
+        arr: ``[X, Y, Z]`` array (any numeric dtype).
+        positions: per axis, the (float) voxel positions to sample, or None to keep the axis.
+        linear: linear interpolation (True) or nearest neighbour (False).
+        pad: value for positions outside ``[-0.5, n - 0.5]``; None clamps to the border.
+        out_dtype: result dtype (rounded when integer); default float32 (linear) / input dtype.
+    """
+    if arr.ndim == 3 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous:
+        # NIfTI data are Fortran-ordered: work on the C-ordered transpose (axes reversed), so
+        # every gather reads and writes memory in order, and hand back the transposed view
+        return sample_axes(arr.T, list(positions)[::-1], linear, pad, out_dtype).T
+    t = arr
+    for ax in axis_order(positions, arr.shape):
+        p = np.asarray(positions[ax], dtype=np.float64)
+        if pad is not None or not _is_identity(p, t.shape[ax]):
+            i0, i1, w = _indices(p, t.shape[ax], linear)
+            outside = (p < -0.5) | (p > t.shape[ax] - 0.5) if pad is not None else None
+            t = _gather(t, ax, i0, i1, w, outside, pad)
+    return _finish(t, arr.dtype, linear, out_dtype, copy_of=arr)
+
+
+def cut(src, positions, linear: bool, pad, out_dtype=None, shape=None) -> np.ndarray:
+    """``sample_axes(src[...], positions, linear, pad, out_dtype)``, reading only what it needs.
+
+    ``src`` is a 3D numpy array or ``h5py.Dataset`` (``shape`` defaults to ``src.shape``);
+    ``positions`` gives float voxel positions for every axis. Only the box of voxels the
+    positions touch is read (one hyperslab); positions outside ``[-0.5, n - 0.5]`` get
+    ``pad``. Integer positions (a native-spacing window) are a plain copy.
+    """
+    shape = tuple(int(s) for s in (shape or src.shape))
+    pos = [np.asarray(p, dtype=np.float64) for p in positions]
+    plans, box = [], []
+    for p, n in zip(pos, shape):
+        outside = (p < -0.5) | (p > n - 0.5)
+        i0, i1, w = _indices(p, n, linear)
+        inside = ~outside
+        if not inside.any():   # the whole output is padding: read nothing
+            out = np.full(tuple(len(q) for q in pos), pad,
+                          dtype=out_dtype or (np.float32 if linear else src.dtype))
+            return out
+        used = i0[inside] if i1 is None else np.concatenate([i0[inside], i1[inside]])
+        lo, hi = int(used.min()), int(used.max()) + 1
+        box.append(slice(lo, hi))
+        # outside positions keep any in-box index: they are overwritten with pad
+        i0 = np.where(inside, i0, lo) - lo
+        i1 = None if i1 is None else np.where(inside, i1, lo) - lo
+        plans.append((i0, i1, w, outside))
+    t = np.asarray(src[tuple(box)])
+    for ax in axis_order(pos, shape):
+        i0, i1, w, outside = plans[ax]
+        if not (i1 is None and not outside.any() and _is_identity(i0.astype(np.float64), t.shape[ax])):
+            t = _gather(t, ax, i0, i1, w, outside, pad)
+    return _finish(t, src.dtype, linear, out_dtype)
