@@ -140,14 +140,17 @@ class Model:
     # ------------------------------------------------------------------ description
     @property
     def anatomies(self) -> list[str]:
+        """Anatomy ids of the per-anatomy embeddings, in model order."""
         return list(getattr(self.net, "anatomies", []) or [])
 
     @property
     def names(self) -> list[str]:
+        """Embedding keys: ``anatomies`` plus ``"global"`` when the model has it."""
         return list(getattr(self.net, "names", []) or [])
 
     @property
     def embed_dim(self) -> int:
+        """Size E of every embedding."""
         return int(self.meta.get("embed_dim") or self.net.cfg.embed_dim)
 
     def __repr__(self) -> str:

@@ -114,6 +114,31 @@ def test_predict_equals_fvlm_predict(built, tmp_path, capsys):
         m.predict(str(CT), mask=str(SEG), thresholds=other)
 
 
+def test_embed_dicom_folder_and_totalsegmentator_fallback(built, ct_samples, monkeypatch):
+    m = built["model"]
+    emb = m.embed(str(ct_samples / "example_ct_dicom"), mask=str(ct_samples / "example_seg_dicom.nii.gz"))
+    assert emb.global_.shape == (32,) and any(emb.present.values())
+    # no mask: TotalSegmentator when its weights are found, else one clear error (never a download)
+    import preprocess.case as case_mod
+
+    monkeypatch.setattr(case_mod, "ts_available", lambda: False)
+    with pytest.raises(FvlmError, match="TotalSegmentator weights are not installed"):
+        m.embed(str(CT))
+    calls = []
+
+    def fake_ts(arr, affine, *a, **k):  # stands in for the real network: returns the shipped mask's labels
+        import nibabel as nib
+
+        calls.append(arr.shape)
+        return np.asarray(nib.load(str(SEG)).dataobj).astype(np.uint8)
+
+    monkeypatch.setattr(case_mod, "ts_available", lambda: True)
+    monkeypatch.setattr(case_mod, "run_totalsegmentator", fake_ts)
+    monkeypatch.setattr(case_mod, "ts_version", lambda: "fake")
+    auto = m.embed(str(CT))
+    assert calls and np.allclose(auto.global_, m.embed(str(CT), mask=str(SEG)).global_, atol=1e-6)
+
+
 def test_similarity_and_embed_text(built):
     m = built["model"]
     emb = m.embed(str(CT), mask=str(SEG))
@@ -167,5 +192,10 @@ def test_import_is_light_and_all_is_public():
     for name in fvlm.__all__:
         obj = getattr(fvlm, name)
         assert isinstance(obj, str) or (obj.__doc__ and obj.__doc__.strip()), name
-    for meth in ("embed", "predict", "similarity", "embed_text", "preprocess", "embed_records"):
+    for meth in ("embed", "predict", "similarity", "embed_text", "preprocess", "embed_records", "anatomies",
+                 "names", "embed_dim", "logit_scale", "sha256", "preprocess_config"):
         assert getattr(fvlm.Model, meth).__doc__, meth
+    for cls, names in ((fvlm.Embedding, ("vector", "as_dict")),
+                       (fvlm.Prediction, ("scores", "thresholds", "calls", "positives", "to_dict"))):
+        for n in names:
+            assert getattr(cls, n).__doc__, (cls, n)
