@@ -194,8 +194,8 @@ def test_training_on_real_radiographs_loss_falls(tmp_path, sample_cache, method,
     last = sum(losses[s] for s in range(27, 31)) / 4
     print(method, "loss", [round(losses[s], 3) for s in sorted(losses)])
     assert last < 0.85 * first, (first, last)
-    with Image.open(tmp_path / "vis" / "step000030.png") as im:   # 4 rows: original | input | reconstruction
-        assert im.size == (3 * 256, 4 * 256)
+    with Image.open(tmp_path / "vis" / "step000030.png") as im:   # 4 rows x 4 labelled columns, 128 px tiles
+        assert 4 * 128 < im.size[0] < 4 * 256 and 4 * 128 < im.size[1] < 4 * 256  # native size, not blown up
     assert (tmp_path / "checkpoints" / "latest_complete").read_text() == "step_00000030"
     enc, spec = load_encoder(tmp_path / "encoder.pt")
     assert spec["name"] == "vit2d_nano"

@@ -147,7 +147,7 @@ def _ground(args, cfg) -> int:
     dump_config(cfg, out / "config.yaml")
     image, affine, iinfo = load_image(args.image, model, info.get("meta", {}))
     heat = ground_texts(model, info, image, args.text, _text_encoder(info, cfg), cfg.eval)
-    results = [save_overlays(image, h, t, out, affine) for t, h in zip(args.text, heat)]
+    results = [save_overlays(image, h, t, out, affine, iinfo.get("window_hu")) for t, h in zip(args.text, heat)]
     write_ground_json(out, args.image, args.checkpoint, iinfo, results)
     for r in results:
         print(f"{r['text']!r}: peak {r['peak_voxel']} score {r['peak']:.3f} -> {out / r['files']['overlay_png']}")

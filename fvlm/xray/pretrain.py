@@ -39,7 +39,7 @@ def run(cfg, source: str | None = None) -> dict:
     from ..train.engine import Trainer, init_distributed
     from .batch import XrayCollate, XrayPretrainTask, XrayStream
     from .data import XrayDataset
-    from .visualize import reconstruction_images, save_grid
+    from .visualize import save_reconstruction_figure
 
     d, t = cfg.data, cfg.train
     out = Path(t.out_dir)
@@ -70,8 +70,9 @@ def run(cfg, source: str | None = None) -> dict:
         losses.setdefault("first", float(res["loss"].detach().float()))
         losses["last"] = float(res["loss"].detach().float())
         if rank == 0 and t.vis_every and (step % t.vis_every == 0 or step == t.steps):
-            cols = reconstruction_images(batch, res["pred"], model.patch_size, task.loss.norm_pix, task.method)
-            save_grid(out / "vis" / f"step{step:06d}.png", list(cols))
+            names = [ds.entries[int(i)].path.stem for i in batch["index"]]
+            save_reconstruction_figure(out / "vis" / f"step{step:06d}.png", batch, res["pred"], model.patch_size,
+                                       task.loss.norm_pix, task.method, step=step, names=names)
 
     def save_model(path: Path, module, step: int, state_dict: dict | None = None) -> None:
         enc = None if state_dict is None else {
