@@ -354,6 +354,73 @@ def test_losses_behave():
     assert float(s) == pytest.approx(-3.0, abs=1e-5)
 
 
+def test_class_weighted_cross_entropy():
+    from fvlm.losses.dense import DiceCELoss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2, 6, 6))
+    w = torch.tensor([0.2, 1.0, 5.0])
+    ce = torch.nn.functional.nll_loss(logits.log_softmax(1), y, weight=w, reduction="none").mean()
+    got = DiceCELoss(dice_weight=0.0, ce_class_weight=w)(logits, y)
+    assert float(got) == pytest.approx(float(ce), rel=1e-5)
+    assert float(DiceCELoss(dice_weight=0.0)(logits, y)) != pytest.approx(float(got), rel=1e-3)
+
+
+def test_class_weights_from_voxel_counts():
+    from fvlm.dense.train import class_weights
+
+    w = class_weights(np.array([900, 90, 10, 0]), cap=100.0)
+    share = np.array([0.9, 0.09, 0.01])
+    expect = 1 / np.sqrt(share)
+    assert np.allclose(w[:3], expect / expect.mean(), rtol=1e-5) and w[3] == 1.0  # absent class: weight 1
+    assert w[:3].mean() == pytest.approx(1.0)
+    assert class_weights(np.array([900, 90, 10, 0]), cap=1.5).max() == pytest.approx(1.5)
+
+
+# --------------------------------------------------------------------------- crop sampling
+
+
+def _lab_case(name, shape, boxes):
+    from fvlm.dense.data import DenseCase
+
+    lab = np.zeros(shape, np.uint8)
+    for k, sl in boxes:
+        lab[sl] = k
+    return DenseCase(name, np.random.default_rng(0).random(shape).astype(np.float32), lab)
+
+
+def test_class_balanced_centres_draw_each_class_equally():
+    from fvlm.dense.data import ClassBalancedCentres, class_voxel_counts
+
+    a = _lab_case("a", (20, 20, 10), [(1, np.s_[:, :, :5]), (2, np.s_[0:2, 0:2, 9])])  # 2000 and 4 voxels
+    b = _lab_case("b", (16, 16, 8), [(3, np.s_[4:8, 4:8, 2:4]), (2, np.s_[10, 10, 5])])  # 32, and 1 of class 2
+    cases = [a, b]
+    assert class_voxel_counts(cases, 4).tolist() == [4000 - 2004 + 2048 - 33, 2000, 5, 32, 0]
+    draw = ClassBalancedCentres(cases, 4)
+    assert draw.classes == [1, 2, 3]
+    rng = np.random.default_rng(0)
+    got = []
+    for _ in range(3000):
+        ci, c = draw(rng, [x.image.shape for x in cases])
+        got.append(int(cases[ci].label[tuple(c)]))
+    freq = np.bincount(got, minlength=4) / len(got)
+    assert freq[0] == 0 and np.allclose(freq[1:], 1 / 3, atol=0.04)  # not 2000 : 5 : 32
+    # class 2: case a holds 4 of its 5 voxels, so it is drawn there ~4/5 of the time
+    twos = [ci for ci, c in (draw(rng, [x.image.shape for x in cases]) for _ in range(3000))
+            if cases[ci].label[tuple(c)] == 2]
+    assert np.mean(np.array(twos) == 0) == pytest.approx(0.8, abs=0.06)
+    assert ClassBalancedCentres([_lab_case("e", (4, 4, 4), [])], 2)(rng, [(4, 4, 4)]) is None
+
+
+def test_sample_crop_at_a_given_centre():
+    from fvlm.dense.data import sample_crop
+
+    case = _lab_case("a", (40, 30, 20), [(1, np.s_[30, 5, 12])])
+    img, lab, _, origin = sample_crop(case, (16, 16, 8), np.random.default_rng(0), 0.0, jitter=0.0,
+                                      centre=np.array([30, 5, 12]))
+    assert origin == (22, 0, 8) and lab[8, 5, 4] == 1 and lab.sum() == 1
+
+
 # --------------------------------------------------------------------------- model, checkpoint, CLI errors
 
 

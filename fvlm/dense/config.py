@@ -75,6 +75,14 @@ class TrainConfig:
     foreground_crop: float = opt(0.7, "probability that a crop is centred on a labelled voxel")
     crop_jitter: float = opt(0.25, "the crop centre moves up to this fraction of the crop size away from the chosen "
                                    "voxel; 0.5 lets a target lie anywhere in the crop (no 'target at the centre' prior)")
+    crop_sampling: str = opt("foreground", "what a foreground crop is centred on: foreground (a random labelled voxel, "
+                                           "so mostly the largest organs) or class_balanced (a class drawn uniformly "
+                                           "among the labelled ones, then one of its voxels)",
+                             choices=("foreground", "class_balanced"))
+    class_weights: str = opt("none", "seg head: cross-entropy class weights: none, or inverse_sqrt (1/sqrt of each "
+                                     "class's share of the training voxels, mean 1 over the classes present, "
+                                     "capped at train.max_class_weight)", choices=("none", "inverse_sqrt"))
+    max_class_weight: float = opt(10.0, "seg head: cap of a class weight relative to the mean (class_weights)")
     focal_alpha: float = opt(0.25, "text head: focal-loss weight of positive voxels (negatives get 1 - alpha; "
                                    "-1 = unweighted)")
     finding_negatives: int = opt(0, "text head: extra prompt slots per sample filled with a training finding text of "

@@ -23,10 +23,11 @@ import numpy as np
 
 from ..errors import FvlmError
 from .config import DenseConfig
-from .data import DenseCase, class_names_for, class_prompts, load_cases, sample_crop
+from .data import (ClassBalancedCentres, DenseCase, class_names_for, class_prompts, class_voxel_counts, load_cases,
+                   sample_crop)
 from .demo_corpus import diagnosis_phrase
 
-__all__ = ["train_dense", "resolve_device", "PromptBank"]
+__all__ = ["train_dense", "resolve_device", "PromptBank", "class_weights"]
 
 log = logging.getLogger("fvlm.dense")
 
@@ -97,6 +98,35 @@ def _schedule(opt, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+def class_weights(counts: np.ndarray, cap: float = 10.0) -> np.ndarray:
+    """Cross-entropy weights ``(K + 1,)`` from voxel counts per label (index 0 = background).
+
+    ``1 / sqrt(share)``, scaled to mean 1 over the labels with voxels and capped at ``cap``;
+    labels without training voxels get weight 1 (they only ever appear as false positives).
+    """
+    counts = np.asarray(counts, np.float64)
+    present = counts > 0
+    w = np.ones_like(counts)
+    if present.any():
+        w[present] = 1.0 / np.sqrt(counts[present] / counts.sum())
+        w[present] /= w[present].mean()
+        w = np.minimum(w, cap)
+    return w.astype(np.float32)
+
+
+def _seg_loss(cfg: DenseConfig, cases: Sequence[DenseCase], n_classes: int, dev):
+    import torch
+
+    from ..losses.dense import DiceCELoss
+
+    weight = None
+    if cfg.train.class_weights == "inverse_sqrt":
+        w = class_weights(class_voxel_counts(cases, n_classes), cfg.train.max_class_weight)
+        log.info("cross-entropy class weights: %s", " ".join(f"{v:.2f}" for v in w))
+        weight = torch.from_numpy(w).to(dev)
+    return DiceCELoss(focal_gamma=cfg.train.focal_gamma if cfg.train.loss == "dice_focal" else 0.0, ce_class_weight=weight)
+
+
 def text_encoder_for(cfg: DenseConfig):
     from ..encoders import TextEncoder
 
@@ -140,9 +170,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     opt = _optimizer(model, cfg)
     sched = _schedule(opt, cfg.train.steps)
     if cfg.model.head == "seg":
-        from ..losses.dense import DiceCELoss
-
-        loss_fn = DiceCELoss(focal_gamma=cfg.train.focal_gamma if cfg.train.loss == "dice_focal" else 0.0)
+        loss_fn = _seg_loss(cfg, cases, len(class_names), dev)
     else:
         from ..losses.dense import MixedSupervisionLoss
 
@@ -151,13 +179,14 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     phrases = class_prompts(cfg.data, class_names)
     text_pool = sorted({(f.text, diagnosis_phrase(f.diagnosis)) for c in cases for f in c.findings if f.diagnosis})
     size = tuple(cfg.model.img_size)
+    balanced = ClassBalancedCentres(cases, len(class_names)) if cfg.train.crop_sampling == "class_balanced" else None
     history = []
     t0 = time.time()
     model.train()
     logf = open(out / "train_log.jsonl", "w", encoding="utf-8")
     try:
         for step in progress(range(cfg.train.steps), desc="dense train", unit="step"):
-            crops = [_crop(cases[rng.integers(len(cases))], size, rng, cfg.train.foreground_crop, cfg.train.crop_jitter)
+            crops = [_crop(cases, size, rng, cfg.train.foreground_crop, cfg.train.crop_jitter, balanced)
                      for _ in range(cfg.train.batch_size)]
             x = torch.from_numpy(np.stack([c["image"] for c in crops]))[:, None].to(dev)
             if cfg.model.head == "seg":
@@ -200,9 +229,18 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
             "seconds": meta["seconds"]}
 
 
-def _crop(case: DenseCase, size, rng, fg_prob, jitter) -> dict:
+def _crop(cases: Sequence[DenseCase], size, rng, fg_prob, jitter, balanced: ClassBalancedCentres | None = None
+          ) -> dict:
+    """One training crop: a random case (or, with ``balanced``, the case of a class-balanced centre)."""
+    centre = None
+    if balanced is not None and rng.random() < fg_prob:
+        picked = balanced(rng, [c.image.shape for c in cases])
+        if picked is not None:
+            case, centre = cases[picked[0]], picked[1]
+    if centre is None:
+        case = cases[rng.integers(len(cases))]
     masks = [f.mask for f in case.findings]
-    img, lab, fm, _ = sample_crop(case, size, rng, fg_prob, masks, jitter)
+    img, lab, fm, _ = sample_crop(case, size, rng, fg_prob if balanced is None else 0.0, masks, jitter, centre)
     return {"image": img.astype(np.float32), "label": lab if lab is not None else np.zeros(img.shape, np.uint8),
             "has_label": lab is not None,
             "findings": [(f.text, m, diagnosis_phrase(f.diagnosis)) for f, m in zip(case.findings, fm)], "case": case}

@@ -77,13 +77,16 @@ class SoftmaxFocalLoss(nn.Module):
 
 
 class DiceCELoss(nn.Module):
-    """``dice_weight * Dice + ce_weight * (CE or focal)`` for softmax segmentation."""
+    """``dice_weight * Dice + ce_weight * (CE or focal)`` for softmax segmentation.
+
+    ``ce_class_weight``: ``(K,)`` per-class weights of the cross-entropy/focal term (None = equal).
+    """
 
     def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0, focal_gamma: float = 0.0,
-                 ignore_index: int | None = None):
+                 ignore_index: int | None = None, ce_class_weight: torch.Tensor | None = None):
         super().__init__()
         self.dice = SoftmaxDiceLoss(ignore_index=ignore_index)
-        self.ce = SoftmaxFocalLoss(gamma=focal_gamma, ignore_index=ignore_index)
+        self.ce = SoftmaxFocalLoss(gamma=focal_gamma, ignore_index=ignore_index, weight=ce_class_weight)
         self.dice_weight = dice_weight
         self.ce_weight = ce_weight
 
