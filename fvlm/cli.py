@@ -14,7 +14,9 @@ Subcommands live in ``fvlm/commands/<name>.py``; adding one is one line in
   :func:`resolve_config` builds the config, and ``fvlm config show <name>`` documents it.
 
 Errors caused by input are raised as :class:`fvlm.errors.FvlmError` and printed as
-one line; exit code 2.
+one line; exit code 2 (``e.exit_code``: 3 for :class:`fvlm.errors.CasesFailedError`).
+OS errors and undecodable text that a command did not check itself are the same one
+line with exit 2; anything else is a bug: one line, exit 1, the traceback with ``--debug``.
 """
 from __future__ import annotations
 
@@ -109,17 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
         description="fvlm: fine-grained vision-language pretraining on 3D CT "
                     "(preprocess -> pretrain -> zero-shot evaluation).")
     parser.add_argument("--version", action="version", version=f"fvlm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod in available_commands().items():
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
         if not getattr(mod, "NO_COMMON", False):
             add_common(p, with_config=hasattr(mod, "SCHEMA"))
+        if not any("--debug" in a.option_strings for a in p._actions):
+            # SUPPRESS: `fvlm --debug CMD` is not undone by the subcommand's default
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show the Python traceback of any error")
         p.set_defaults(_module=mod, _name=name)
     return parser
 
 
+def _os_error_line(e: OSError) -> str:
+    """One line for an OS-level failure: what went wrong and on which path."""
+    import errno
+
+    what = {errno.ENOENT: "file not found", errno.EACCES: "permission denied", errno.EROFS: "read-only file system",
+            errno.ENOSPC: "no space left on device", errno.EEXIST: "already exists",
+            errno.EISDIR: "is a directory (a file was expected)",
+            errno.ENOTDIR: "not a directory"}.get(e.errno, e.strerror or type(e).__name__)
+    paths = [x for x in (e.filename, e.filename2) if x]
+    return f"{what}: {' -> '.join(map(str, paths))}" if paths else f"{what}: {e}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (README, "Exit codes").
+
+    0 done; 2 bad input, usage or an environment problem (one line on stderr); 3 the job ran
+    but too many cases failed; 130 interrupted; 1 a bug (traceback with ``--debug``).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -128,17 +152,35 @@ def main(argv: list[str] | None = None) -> int:
     from .progress import set_quiet
 
     set_quiet(getattr(args, "quiet", False))
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("FVLM_DEBUG", "") not in ("", "0")
+    name = args._name
     try:
         rc = args._module.run(args)
     except FvlmError as e:
-        print(f"fvlm {args._name}: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:  # an input path that a command did not check itself
-        print(f"fvlm {args._name}: error: file not found: {e.filename or e}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        print(f"fvlm {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print(f"fvlm {args._name}: interrupted", file=sys.stderr)
+        print(f"fvlm {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path a command did not check itself: missing, unreadable, read-only, disk full
+        if debug:
+            raise
+        print(f"fvlm {name}: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        if debug:
+            raise
+        print(f"fvlm {name}: error: an input file is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: say so in one line, the traceback is behind --debug
+        if debug:
+            raise
+        print(f"fvlm {name}: internal error (a bug, please report it): {type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''} (re-run with --debug for the traceback)", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

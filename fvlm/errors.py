@@ -7,8 +7,23 @@ config key), with a message that says what to change.
 """
 
 
+#: exit codes of every ``fvlm`` command (README, "Exit codes")
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_CASES_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
 class FvlmError(Exception):
-    """An error caused by user input; the message is shown as-is."""
+    """An error caused by user input; the message is shown as-is (exit code 2)."""
+
+    exit_code = EXIT_INPUT
+
+
+class CasesFailedError(FvlmError):
+    """The job ran, but too many of its cases failed (or none landed); exit code 3.
+
+    Everything that succeeded is kept; the message says where the failures are recorded.
+    """
+
+    exit_code = EXIT_CASES_FAILED
 
 
 class ConfigError(FvlmError):
