@@ -4,11 +4,14 @@ Restart model. Every case result is first written atomically by its worker as a
 compressed one-case shard (``.state/cases/<id>.h5``; failures to
 ``.state/errors/<id>.json``). A shard is assembled from the staged cases of its slot
 once all of them are resolved, by copying their compressed chunks (no recompression,
-so the serial step is cheap) into ``<shard>.tmp`` and renaming; then its staging files go. A re-run skips shards that
-exist, skips staged cases, and re-assembles any shard left half-written. Shard contents
-depend only on the plan (manifest order, ``--shard-index/--num-shards``,
-``samples_per_shard``), never on worker timing, so an interrupted + resumed run
-produces the same bytes as an uninterrupted one.
+so the serial step is cheap) into ``<shard>.tmp`` and renaming; then its staging files go. Which
+case goes into which shard is planned by case id before any work and saved
+(``.state/plan.json``, preprocess/resume.py): a re-run reuses the finished cases it still
+finds in the manifest with unchanged inputs, wherever their rows moved, re-processes
+changed ones, reports stale ones, skips staged cases, and re-assembles any shard left
+half-written. Shard contents depend only on the plan, never on worker timing, so an
+interrupted + resumed run produces the same bytes as an uninterrupted one. Workers are
+watched (preprocess/runner.py): a killed worker fails its case, Ctrl-C stops them all.
 """
 from __future__ import annotations
 
@@ -29,10 +32,11 @@ from .case import HU_HIST_EDGES
 from .config import PreprocessConfig
 from .errors import CaseError
 from .inputs import CaseSpec
-from . import writer
+from . import resume, runner, writer
 from .qc import montage, qc_sample, write_summary
 
-__all__ = ["run_preprocess", "merge_parts", "build_layout", "plan_shards", "make_labeler"]
+__all__ = ["run_preprocess", "check_output", "merge_parts", "build_layout", "plan_shards", "make_labeler",
+           "is_disk_full"]
 
 log = logging.getLogger("fvlm.preprocess")
 
@@ -64,6 +68,20 @@ def make_labeler(cfg: PreprocessConfig):
         log.info("report labeler not available (%s); shards get report text without silver labels", e)
         return None
     return ReportLabeler(cfg.reports.taxonomy)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC, also in the shape h5py reports it (``RuntimeError: ... errno = 28``)."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and ("errno = 28" in str(e) or "No space left" in str(e))
+
+
+def _disk_full_error(where) -> FvlmError:
+    return FvlmError(f"no space left on device writing {where}; free space and run the same command again "
+                     "(finished cases are kept)")
 
 
 # --------------------------------------------------------------------------- staging
@@ -114,7 +132,9 @@ def _work(spec: CaseSpec) -> tuple[str, str, str, float]:
         return spec.case_id, "error", f"unexpected {type(e).__name__}: {e}", time.perf_counter() - t0
     try:  # a one-case shard, compressed here in the worker; assembly only copies its chunks
         write_shard(staged, layout, [rec], n=1)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # h5py reports a full disk as RuntimeError (errno = 28)
+        if is_disk_full(e):  # every later case would fail the same way: the job stops
+            return spec.case_id, "disk_full", str(staged), time.perf_counter() - t0
         _write_error(errp, spec.case_id, "write", f"cannot write staging file: {e}")
         return spec.case_id, "error", f"[write] {e}", time.perf_counter() - t0
     if errp.exists():
@@ -179,27 +199,87 @@ def _check_dataset_info(out: Path, info_extra: dict, layout: ShardLayout) -> Non
                             "use a new --out directory or the same config")
 
 
-def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path, num_workers: int = 1,
-                   shard_index: int = 0, num_shards: int = 1) -> dict:
-    """Process this job's part of ``specs`` into ``out``; returns the summary dict."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _settings(cfg: PreprocessConfig):
     aset = load_anatomy_set(cfg.anatomy_set)
     layout = build_layout(cfg, aset)
     if cfg.masks.class_map not in aset.class_maps:
         raise FvlmError(f"anatomy set {aset.name!r} has no class names for TotalSegmentator map "
                         f"{cfg.masks.class_map!r} (it has {', '.join(aset.class_maps)})")
-    labeler = make_labeler(cfg)  # fail early on a bad taxonomy name
     info_extra = {"anatomy_set": aset.name, "anatomy_set_def": aset.to_dict(), "class_map": cfg.masks.class_map,
                   "target_spacing_mm": list(cfg.target_spacing_mm),
                   "whole_spacing_mm": list(cfg.whole.spacing_mm or cfg.target_spacing_mm),
                   "orientation": cfg.orientation.upper(), "window_default": list(cfg.window),
                   "crop_oversize": cfg.crop.oversize}
-    _check_dataset_info(out, info_extra, layout)
+    return aset, layout, info_extra
+
+
+def check_output(cfg: PreprocessConfig, out: str | Path) -> None:
+    """Refuse ``out`` before anything is written there: not a directory, or shards made with other settings."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FvlmError(f"--out {out} is a file; give a directory")
+    _, layout, info_extra = _settings(cfg)
+    if out.is_dir():
+        _check_dataset_info(out, info_extra, layout)
+
+
+def _plan_path(out: Path, shard_index: int, num_shards: int) -> Path:
+    tag = "" if num_shards == 1 else "-" + part_tag(shard_index, num_shards)
+    return out / ".state" / f"plan{tag}.json"
+
+
+def _shard_case_ids(path: Path) -> list[str]:
+    with open_h5(path, "r") as f:
+        return list(f["case_id"].asstr()[:]) if int(f.attrs["n_cases"]) else []
+
+
+def _discard_staged(out: Path, case_id: str) -> None:
+    for p in _stage_paths(out, case_id):
+        p.unlink(missing_ok=True)
+
+
+def _plan(out: Path, specs: list[CaseSpec], shard_index: int, num_shards: int, per_shard: int):
+    """This part's slots, keyed by case id (preprocess/resume.py); the plan is saved before any work."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise FvlmError(f"--shard-index must be in 0..{num_shards - 1} (got {shard_index}, --num-shards {num_shards})")
+    mine = specs[shard_index::num_shards]
+    by_id = {s.case_id: s for s in mine}
+    plan_path = _plan_path(out, shard_index, num_shards)
+    res = resume.plan_part(out, plan_path, mine, f"shards/{shard_index:03d}-", per_shard, _shard_case_ids,
+                           lambda c: _discard_staged(out, c))
+    resume.write_plan(plan_path, res.slots)
+    if res.stale:
+        log.warning("%d case(s) in finished shards are no longer in the manifest and are left out of the index: %s",
+                    len(res.stale), ", ".join(res.stale[:10]) + (" ..." if len(res.stale) > 10 else ""))
+    if res.changed:
+        log.info("%d case(s) whose inputs changed are processed again: %s", len(res.changed),
+                 ", ".join(res.changed[:10]) + (" ..." if len(res.changed) > 10 else ""))
+    return [_Slot(sl.rel, [by_id[c] for c in sl.ids]) for sl in res.slots], res
+
+
+def _died(out: Path):
+    def died(spec: CaseSpec, how: str) -> tuple:
+        reason = f"the worker process {how} while processing this case (out of memory?)"
+        _write_error(_stage_paths(out, spec.case_id)[1], spec.case_id, "internal", reason)
+        return spec.case_id, "error", f"[internal] {reason}", 0.0
+    return died
+
+
+def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path, num_workers: int = 1,
+                   shard_index: int = 0, num_shards: int = 1) -> dict:
+    """Process this job's part of ``specs`` into ``out``; returns the summary dict.
+
+    Resumes by case id (preprocess/resume.py). Raises :class:`FvlmError` when the disk is full.
+    """
+    out = Path(out)
+    check_output(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    aset, layout, info_extra = _settings(cfg)
+    labeler = make_labeler(cfg)  # fail early on a bad taxonomy name
     write_dataset_info(out, layout, info_extra)
     attrs = {"anatomy_set": aset.name, "class_map": cfg.masks.class_map,
              "target_spacing_mm": list(cfg.target_spacing_mm)}
-    slots = [_Slot(rel, ss) for rel, ss in plan_shards(specs, shard_index, num_shards, cfg.shards.samples_per_shard)]
+    slots, res = _plan(out, specs, shard_index, num_shards, cfg.shards.samples_per_shard)
     for sl in slots:  # a crash mid-assembly leaves <shard>.tmp: discard, it is rebuilt from staging
         tmp = out / (sl.rel + ".tmp")
         if tmp.exists():
@@ -218,13 +298,19 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
     qc_ids = {c for c in qc_ids if not (out / "qc" / f"{c}.png").exists()}
     log.info("%d cases in this part (%d shard slots, %d already final); %d to process with %d worker(s)",
              n_mine, len(slots), len(done_slots), len(todo), num_workers)
-    run = {"processed_ok": 0, "failed": 0, "reused": n_mine - len(todo)}
+    run = {"processed_ok": 0, "failed": 0, "reused": n_mine - len(todo), "stale": res.stale,
+           "reprocessed_changed": res.changed}
     pending = [sl for sl in slots if not (out / sl.rel).exists()]
 
     def flush():
         for sl in list(pending):
             if _slot_resolved(out, sl):
-                _assemble(out, sl, layout, attrs)
+                try:
+                    _assemble(out, sl, layout, attrs)
+                except (OSError, RuntimeError) as e:
+                    if is_disk_full(e):
+                        raise _disk_full_error(out / sl.rel) from None
+                    raise
                 pending.remove(sl)
 
     from fvlm.progress import progress
@@ -234,17 +320,17 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
     workers = max(1, int(num_workers))
     if workers == 1 or len(todo) <= 1:
         _init_worker(cfg, str(out), qc_ids, labeler)
-        results = map(_work, todo)
-        pool = None
+        results = iter(map(_work, todo))
     else:
         import multiprocessing as mp
 
         # spawn, not fork: the parent may hold HDF5 handles or threads
-        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(cfg, str(out), qc_ids),
-                                            maxtasksperchild=50)
-        results = pool.imap_unordered(_work, todo)
+        results = runner.run_pool(todo, workers, _init_worker, (cfg, str(out), qc_ids), _work, out / ".state",
+                                  _died(out), mp.get_context("spawn"))
     try:
         for cid, status, msg, secs in progress(results, desc="preprocess", total=len(todo), unit="case"):
+            if status == "disk_full":
+                raise _disk_full_error(msg)
             if status == "ok":
                 run["processed_ok"] += 1
                 log.debug("%s: ok (%.1f s)", cid, secs)  # the progress bar shows progress; the log file keeps failures
@@ -253,12 +339,16 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
                 log.warning("%s: failed %s", cid, msg)
             flush()
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        if hasattr(results, "close"):  # stops and reaps the workers on any exit, Ctrl-C included
+            results.close()
     flush()
     run["seconds"] = round(time.perf_counter() - t0, 1)
-    return finish_part(out, slots, aset.ids, shard_index, num_shards, cfg, run)
+    try:
+        return finish_part(out, slots, aset.ids, shard_index, num_shards, cfg, run)
+    except (OSError, RuntimeError) as e:
+        if is_disk_full(e):
+            raise _disk_full_error(out) from None
+        raise
 
 
 def _errors_for(out: Path, specs) -> list[dict]:
@@ -274,10 +364,12 @@ def finish_part(out: Path, slots, anatomies, shard_index, num_shards, cfg, run) 
     rows, metas, present = [], [], []
     for sl in slots:
         if (out / sl.rel).exists():
-            r, m, p = _shard_rows(out, sl.rel, anatomies)
-            rows += r
-            metas += m
-            present += p
+            live = {s.case_id for s in sl.specs}  # rows of stale or superseded cases stay unindexed
+            for r, m, p in zip(*_shard_rows(out, sl.rel, anatomies)):
+                if r["case_id"] in live:
+                    rows.append(r)
+                    metas.append(m)
+                    present.append(p)
     errors = _errors_for(out, [s for sl in slots for s in sl.specs])
     # an error file of a case that finally made it into a shard is stale
     ok_ids = {r["case_id"] for r in rows}
