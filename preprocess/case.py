@@ -23,7 +23,7 @@ from .geometry import check_affine, resample, spacing_of, to_canonical
 from .hu import apply_hu_policy, to_int16_hu
 from .inputs import CaseSpec, hash_id
 from .load import load_volume
-from .masks import NO_WEIGHTS_HINT, load_precomputed, run_totalsegmentator, ts_available, ts_version
+from .masks import NO_MASK_REASON, load_precomputed, run_totalsegmentator, ts_available, ts_version
 
 __all__ = ["process_case", "crop_shapes", "HU_HIST_EDGES", "affine_from_axcodes"]
 
@@ -128,11 +128,11 @@ def process_case(spec: CaseSpec, cfg: PreprocessConfig, aset: AnatomySet, labele
             except CaseError as e:
                 raise CaseError("mask", e.reason) from None
         ts_lab = load_precomputed(spec.mask, spec.mask_dir, arr_c.shape, aff_c, cfg.orientation,
-                                  cfg.masks.class_map, cfg.masks.grid_tolerance_mm, preloaded=pre)
+                                  cfg.masks.class_map, cfg.masks.grid_tolerance_mm, preloaded=pre,
+                                  blank_affine=affine)
         mask_source = "precomputed"
     else:
-        raise CaseError("mask", f"no anatomy mask for this case: {NO_WEIGHTS_HINT}, and the manifest gives no "
-                                "mask or mask_dir (or set masks.source=none for whole volumes only)")
+        raise CaseError("mask", NO_MASK_REASON)
     A = len(aset)
     lut = aset.lookup(cfg.masks.class_map)
     if ts_lab is None:

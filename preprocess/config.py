@@ -37,6 +37,8 @@ class MaskConfig:
     ts_device: str = opt("gpu", "TotalSegmentator device (gpu, cpu, mps)")
     min_voxels: int = opt(10, "an anatomy with fewer mask voxels (at target spacing) is recorded absent")
     grid_tolerance_mm: float = opt(1.0, "a precomputed mask must lie on the image grid within this distance")
+    dir: str | None = opt(None, "folder of TotalSegmentator label maps named by case id / VolumeName "
+                          "(<name>.nii.gz multilabel, or <name>/<class>.nii.gz); --masks DIR")
 
 
 @dataclass
@@ -88,7 +90,11 @@ class QCConfig:
 class CTRateConfig:
     spacing_from: str = opt("auto", "spacing source: auto (metadata CSV when the NIfTI header is blank), "
                             "header, metadata", choices=("auto", "header", "metadata"))
-    blank_header_axcodes: str = opt("LPS", "voxel axis codes assumed for a blank header (DICOM order)")
+    blank_header_axcodes: str = opt("LPS", "voxel axis codes assumed for a blank header (DICOM order); a "
+                                    "blank-header mask gets the same geometry as its image")
+    volumes: str = opt("prefer_fixed", "which copy of a CT-RATE volume: prefer_fixed (the v2 *_fixed/ copy "
+                       "where it exists, else the v1 original), fixed (v2 only), original (v1 only)",
+                       choices=("prefer_fixed", "fixed", "original"))
 
 
 @dataclass

@@ -16,11 +16,17 @@ from fvlm.resources import totalsegmentator_weights_dir
 from .errors import CaseError
 from .geometry import to_canonical
 
-__all__ = ["ts_available", "run_totalsegmentator", "load_precomputed", "check_labels", "NO_WEIGHTS_HINT"]
+__all__ = ["ts_available", "run_totalsegmentator", "load_precomputed", "check_labels", "detect_class_map",
+           "NO_WEIGHTS_HINT", "NO_MASK_REASON"]
 
 NO_WEIGHTS_HINT = ("TotalSegmentator weights are not installed locally (checked TOTALSEG_WEIGHTS_PATH, "
                    "TOTALSEG_HOME_DIR and ~/.totalsegmentator; download them once with "
                    "`totalseg_download_weights -t total` on a machine with internet)")
+
+
+#: the per-case error when a case has no label map (check_masks says it once per run first)
+NO_MASK_REASON = ("no anatomy mask for this case: none was given or found under --masks / the input's "
+                  "segmentation folder, and " + NO_WEIGHTS_HINT + " (or set masks.source=none for whole volumes only)")
 
 
 def ts_available() -> bool:
@@ -83,7 +89,9 @@ def check_labels(lab: np.ndarray, class_map: str, name: str) -> None:
                                 f"{n} classes{hint}")
 
 
-def _load_label_file(path: Path, preloaded=None):
+def _load_label_file(path: Path, preloaded=None, blank_affine=None):
+    """A label file as uint8 and its affine; a blank header takes ``blank_affine`` (the geometry
+    assumed for its image, e.g. CT-RATE v1: LPS + metadata spacing) when one is given."""
     from .load import load_nifti
 
     v = preloaded if preloaded is not None else load_nifti(path, want_hash=False)
@@ -93,17 +101,98 @@ def _load_label_file(path: Path, preloaded=None):
             raise CaseError("mask", f"{path.name}: mask holds non-integer values")
     if a.min() < 0 or a.max() > 255:
         raise CaseError("mask", f"{path.name}: mask values must lie in 0..255, found {a.min()}..{a.max()}")
-    return a.astype(np.uint8), v.affine
+    aff = v.affine
+    if v.blank_header and blank_affine is not None:
+        aff = np.asarray(blank_affine, dtype=np.float64)
+    return a.astype(np.uint8), aff
+
+
+#: label-id ranges that tell the two class maps apart on a chest CT: v2 ids 10-12 are lung lobes
+#: (v1: pancreas and adrenals), v1 ids 15-17 are the right lung lobes (v2: esophagus, trachea, thyroid)
+_V2_LUNG, _V1_LUNG = slice(10, 13), slice(15, 18)
+
+
+def detect_class_map(mask: str | None, mask_dir: str | None) -> tuple[str | None, str]:
+    """Which TotalSegmentator class map a label map uses: ``("v2"|"v1"|None, why)``.
+
+    A multilabel file: an id above 104 means v2; else lung lobes decide (v2 puts them at
+    10-14, v1 at 13-17; the other map's classes at those ids are small organs), so the id
+    range holding 5x more voxels wins. A folder of class files: the class names.
+    """
+    from fvlm.anatomy import load_class_map
+
+    if mask_dir:
+        names = {f.name.split(".nii")[0] for f in Path(mask_dir).glob("*.nii*")}
+        v1, v2 = set(load_class_map("v1").values()), set(load_class_map("v2").values())
+        if names and names <= v2 and not names <= v1:
+            return "v2", f"class files {sorted(names - v1)[:2]} exist only in v2"
+        if names and names <= v1 and not names <= v2:
+            return "v1", f"class files {sorted(names - v2)[:2]} exist only in v1"
+        return None, "class file names fit both maps"
+    try:
+        a, _ = _load_label_file(Path(mask))
+    except CaseError as e:
+        raise CaseError("mask", e.reason) from None
+    counts = np.bincount(a.ravel(), minlength=256)
+    top = int(np.nonzero(counts)[0].max()) if counts[1:].any() else 0
+    if top > CLASS_MAP_VERSIONS["v1"][0]:
+        return "v2", f"label {top} is above v1's {CLASS_MAP_VERSIONS['v1'][0]} classes"
+    sides = _side_votes(a)
+    if sides is not None:
+        (best, sb), (other, so) = sorted(sides.items(), key=lambda kv: -kv[1])
+        if sb > 0 and sb > 2 * max(so, 0) + 100:
+            return best, f"left/right classes lie on the spleen/liver side under {best} ids"
+    lo, hi = int(counts[_V2_LUNG].sum()), int(counts[_V1_LUNG].sum())
+    if lo > 5 * hi and lo > 1000:
+        return "v2", "lung lobes at ids 10-14"
+    if hi > 5 * lo and hi > 1000:
+        return "v1", "lung lobes at ids 13-17"
+    return None, "no lungs to tell v1 from v2"
+
+
+def _side_votes(a: np.ndarray, step: int = 2) -> dict | None:
+    """Per class map, voxels of ``*_left``/``*_right`` classes on the side their name says (minus
+    those on the other side); the liver (id 5) marks the patient's right, the spleen (1) the left,
+    in both maps. None when either is missing."""
+    from fvlm.anatomy import load_class_map
+
+    s = a[::step, ::step, ::step]
+    flat = s.ravel()
+    n = np.bincount(flat, minlength=256).astype(np.float64)
+    if n[1] < 20 or n[5] < 20:
+        return None
+    cen = np.zeros((256, 3))
+    for ax in range(3):
+        shape = [1, 1, 1]
+        shape[ax] = s.shape[ax]
+        coord = np.broadcast_to(np.arange(s.shape[ax], dtype=np.float64).reshape(shape), s.shape).ravel()
+        cen[:, ax] = np.bincount(flat, weights=coord, minlength=256) / np.maximum(n, 1)
+    axis = cen[5] - cen[1]                                  # towards the patient's right
+    mid = 0.5 * (cen[5] + cen[1])
+    out = {}
+    for ver in ("v2", "v1"):
+        score = 0.0
+        for i, name in load_class_map(ver).items():
+            if i in (1, 5) or n[i] == 0 or not name.endswith(("_left", "_right")):
+                continue
+            p = float((cen[i] - mid) @ axis)
+            score += n[i] if (p > 0) == name.endswith("_right") else -n[i]
+        out[ver] = score
+    return out
 
 
 def load_precomputed(mask: str | None, mask_dir: str | None, shape_ras, affine_ras, orientation: str,
-                     class_map: str, tol_mm: float, preloaded=None) -> np.ndarray:
-    """Read a multilabel NIfTI (TS ids) or a folder of ``<class>.nii.gz`` binary masks onto the image grid."""
+                     class_map: str, tol_mm: float, preloaded=None, blank_affine=None) -> np.ndarray:
+    """Read a multilabel NIfTI (TS ids) or a folder of ``<class>.nii.gz`` binary masks onto the image grid.
+
+    ``blank_affine``: the voxel->world affine the image was given (file voxel order); a mask
+    file with a blank header gets it too, as such a mask was saved in its image's voxel order.
+    """
     if mask:
         p = Path(mask)
         if not p.exists():
             raise CaseError("mask", f"mask not found: {p.name}")
-        a, aff = _load_label_file(p, preloaded)
+        a, aff = _load_label_file(p, preloaded, blank_affine)
         lab, aff_c, _ = to_canonical(a, aff, orientation)
         _grid_check(p.name, shape_ras, affine_ras, lab.shape, aff_c, tol_mm)
         check_labels(lab, class_map, p.name)
@@ -121,7 +210,7 @@ def load_precomputed(mask: str | None, mask_dir: str | None, shape_ras, affine_r
                                 f"class names: {', '.join(unknown[:5])}")
     lab = np.zeros(tuple(shape_ras), np.uint8)
     for f in files:  # in name order; a voxel claimed by two classes keeps the later one
-        a, aff = _load_label_file(f)
+        a, aff = _load_label_file(f, None, blank_affine)
         m, aff_c, _ = to_canonical(a, aff, orientation)
         _grid_check(f.name, shape_ras, affine_ras, m.shape, aff_c, tol_mm)
         lab[np.asarray(m) > 0] = ids[f.name.split(".nii")[0]]

@@ -97,6 +97,7 @@ def write_summary(out: Path, metas: list[dict], present: list[dict], errors: lis
         "hu_hist": {"edges": [int(e) for e in hu_edges], "counts": hu.tolist()},
         "source_axcodes": dict(Counter(m.get("source_axcodes", "?") for m in metas)),
         "mask_source": dict(Counter(m.get("mask_source", "?") for m in metas)),
+        "source_copy": dict(Counter(m["source_copy"] for m in metas if m.get("source_copy"))),
     }
     (out / f"summary{suffix}.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
@@ -106,7 +107,11 @@ def write_summary(out: Path, metas: list[dict], present: list[dict], errors: lis
           f"- this run: {', '.join(f'{k} {v}' for k, v in run.items())}",
           f"- HU handling: {', '.join(f'{k} {v}' for k, v in sorted(hu_actions.items()))}",
           f"- source orientation: {', '.join(f'{k} {v}' for k, v in summary['source_axcodes'].items())}",
-          "", "## Anatomies present", "", "| anatomy | cases |", "|---|---|"]
+          f"- anatomy masks: {', '.join(f'{k} {v}' for k, v in sorted(summary['mask_source'].items()))}"]
+    if summary["source_copy"]:
+        sc = summary["source_copy"]
+        md.append(f"- CT-RATE volume copies: fixed (v2) {sc.get('v2', 0)}, original (v1) {sc.get('v1', 0)}")
+    md += ["", "## Anatomies present", "", "| anatomy | cases |", "|---|---|"]
     md += [f"| {a} | {c} |" for a, c in anat.items()]
     md += ["", "## Source slice spacing (z)", "", "| mm | cases | |", "|---|---|---|"]
     labels = [f"{sp_edges[i]}-{sp_edges[i + 1] if sp_edges[i + 1] < 1e9 else 'inf'}" for i in range(len(sp_edges) - 1)]

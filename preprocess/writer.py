@@ -26,7 +26,7 @@ from .geometry import check_affine, resample, spacing_of, to_canonical
 from .hu import apply_hu_policy, to_int16_hu
 from .inputs import CaseSpec, hash_id
 from .load import load_volume
-from .masks import NO_WEIGHTS_HINT, load_precomputed, run_totalsegmentator, ts_available, ts_version
+from .masks import NO_MASK_REASON, load_precomputed, run_totalsegmentator, ts_available, ts_version
 
 __all__ = ["case_record", "build_layout"]
 
@@ -81,8 +81,9 @@ def _affine(spec: CaseSpec, cfg: PreprocessConfig, vol) -> tuple[np.ndarray, str
     return affine, note
 
 
-def _labels(spec: CaseSpec, cfg: PreprocessConfig, arr_c, aff_c, mask_future):
-    """TotalSegmentator ids on the canonical grid (or None), mask source, TS version."""
+def _labels(spec: CaseSpec, cfg: PreprocessConfig, arr_c, aff_c, mask_future, src_affine=None):
+    """TotalSegmentator ids on the canonical grid (or None), mask source, TS version.
+    ``src_affine``: the image's affine in file voxel order (a blank-header mask gets it too)."""
     src = cfg.masks.source
     has_pre = bool(spec.mask or spec.mask_dir)
     if src == "none":
@@ -99,10 +100,10 @@ def _labels(spec: CaseSpec, cfg: PreprocessConfig, arr_c, aff_c, mask_future):
             except CaseError as e:
                 raise CaseError("mask", e.reason) from None
         lab = load_precomputed(spec.mask, spec.mask_dir, arr_c.shape, aff_c, cfg.orientation,
-                               cfg.masks.class_map, cfg.masks.grid_tolerance_mm, preloaded=pre)
+                               cfg.masks.class_map, cfg.masks.grid_tolerance_mm, preloaded=pre,
+                               blank_affine=src_affine)
         return lab, "precomputed", None
-    raise CaseError("mask", f"no anatomy mask for this case: {NO_WEIGHTS_HINT}, and the manifest gives no "
-                            "mask or mask_dir (or set masks.source=none for whole volumes only)")
+    raise CaseError("mask", NO_MASK_REASON)
 
 
 def _report(spec: CaseSpec, cfg: PreprocessConfig, labeler) -> tuple[dict, dict, dict]:
@@ -162,7 +163,7 @@ def case_record(spec: CaseSpec, cfg: PreprocessConfig, aset: AnatomySet, layout:
     arr_c, aff_c, src_codes = to_canonical(arr, affine, cfg.orientation)
     sp_c = spacing_of(aff_c)
     hu_hist = _hist(arr_c)
-    ts_lab, mask_source, ts_ver = _labels(spec, cfg, arr_c, aff_c, mask_future)
+    ts_lab, mask_source, ts_ver = _labels(spec, cfg, arr_c, aff_c, mask_future, affine)
 
     # one resample per array (nearest labels commute with the id -> anatomy lookup, so the
     # lookup runs on the smaller resampled grid)
@@ -194,6 +195,7 @@ def case_record(spec: CaseSpec, cfg: PreprocessConfig, aset: AnatomySet, layout:
         "resampled_shape": list(vol_t.shape), "whole_offset_vox": whole_offset,
         "whole_spacing_mm": list(layout.whole_spacing_mm or tsp), "target_spacing_mm": list(tsp),
         "report_labeler": cfg.reports.taxonomy if labeler is not None else None,
+        "source_copy": spec.extra.get("ctrate_version"),      # CT-RATE: v1 original or v2 fixed copy
     }
     return CaseRecord(case_id=spec.case_id, patient_id=pid, split=spec.split, spacing_mm=tsp, volume=vol_t,
                       label_map=lab_t, present=present, report=report, anatomy_text=anatomy_text, labels=labels,

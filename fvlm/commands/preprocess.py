@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     shorthand(p, "--anatomy-set", "anatomy_set", "anatomy set name or YAML")
     shorthand(p, "--samples-per-shard", "shards.samples_per_shard", "cases per HDF5 shard", type=int)
     shorthand(p, "--mask-source", "masks.source", "auto, totalsegmentator, precomputed or none")
+    shorthand(p, "--masks", "masks.dir", "folder of TotalSegmentator label maps named by case id / VolumeName "
+                                         "(<name>.nii.gz or <name>/<class>.nii.gz)")
 
 
 def run(args) -> int:
@@ -70,7 +72,7 @@ def run(args) -> int:
     from preprocess.inputs import collect_cases
     from preprocess.pipeline import part_tag, run_preprocess
 
-    specs = collect_cases(args.manifest, args.input, cfg.layout)
+    specs = collect_cases(args.manifest, args.input, cfg.layout, cfg=cfg)
     tag = "" if args.num_shards == 1 else "-" + part_tag(max(0, args.shard_index), args.num_shards)
     log = setup_logging(out, f"preprocess{tag}", quiet=args.quiet)
     dump_config(cfg, out / f"config{tag}.yaml")
