@@ -107,6 +107,8 @@ class PreprocessConfig:
     layout: str = opt("auto", "input layout for --input: auto, folder, ctrate", choices=("auto", "folder", "ctrate"))
     patient_id: str = opt("keep", "manifest patient ids: keep, or hash (sha256 prefix)", choices=("keep", "hash"))
     window: list[float] = opt([-1150.0, 350.0], "default window recorded for readers (HU)")
+    max_error_fraction: float = opt(0.5, "exit code 3 when more than this fraction of the part's cases failed "
+                                    "(the good ones are still written); a run where no case lands always exits 3")
     hu: HUConfig = field(default_factory=HUConfig, metadata={"help": "HU sanity checks"})
     masks: MaskConfig = field(default_factory=MaskConfig, metadata={"help": "anatomy masks"})
     crop: CropConfig = field(default_factory=CropConfig, metadata={"help": "per-anatomy crops"})

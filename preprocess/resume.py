@@ -96,11 +96,12 @@ def _read_plan(path: Path) -> list[Slot] | None:
 
 
 def write_plan(path: Path, slots: Iterable[Slot]) -> None:
-    doc = {"format": PLAN_FORMAT, "version": PLAN_VERSION,
-           "slots": [{"rel": s.rel, "cases": [list(c) for c in s.cases], "dropped": s.dropped} for s in slots]}
+    head = json.dumps({"format": PLAN_FORMAT, "version": PLAN_VERSION})[:-1]
+    lines = [json.dumps({"rel": s.rel, "cases": [list(c) for c in s.cases], "dropped": s.dropped}, ensure_ascii=False)
+             for s in slots]  # one slot a line: readable, and diffs between runs stay small
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    tmp.write_text(head + ', "slots": [\n' + ",\n".join(lines) + "\n]}\n", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -8,11 +8,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import io
+import signal
+from pathlib import Path
 
 from preprocess.config import PreprocessConfig
 
 from ..cli import shorthand
-from ..errors import FvlmError
+from ..errors import CasesFailedError, FvlmError
 
 HELP = "turn raw CT volumes + reports into training shards (crops, masks, whole volumes, labels)"
 DESCRIPTION = (HELP + ". Re-running the same command resumes: finished shards are kept, half-written ones "
@@ -42,8 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from ..cli import resolve_config
     from ..config import dump_config
     from ..logs import setup_logging
@@ -68,21 +71,80 @@ def run(args) -> int:
     if args.num_workers < 1:
         raise FvlmError("--num-workers must be >= 1")
     cfg = resolve_config(args)
+    if not 0 <= cfg.max_error_fraction <= 1:
+        raise FvlmError(f"max_error_fraction must be in [0, 1] (got {cfg.max_error_fraction})")
     out = Path(args.out)
     from preprocess.inputs import collect_cases
-    from preprocess.pipeline import part_tag, run_preprocess
+    from preprocess.lock import RunLock
+    from preprocess.pipeline import check_output, part_tag, run_preprocess
+
+    if args.manifest:
+        check_manifest(args.manifest)
 
     specs = collect_cases(args.manifest, args.input, cfg.layout, cfg=cfg)
     tag = "" if args.num_shards == 1 else "-" + part_tag(max(0, args.shard_index), args.num_shards)
-    log = setup_logging(out, f"preprocess{tag}", quiet=args.quiet)
-    dump_config(cfg, out / f"config{tag}.yaml")
-    log.info("fvlm preprocess: %d cases from %s -> %s", len(specs), args.manifest or args.input, out)
-    s = run_preprocess(cfg, specs, out, num_workers=args.num_workers, shard_index=args.shard_index,
-                       num_shards=args.num_shards)
+    check_output(cfg, out)  # a refused re-run writes nothing: no log, no config.yaml, no lock
+    with RunLock(out / f".preprocess{tag}.lock"), _sigterm_interrupts():
+        log = setup_logging(out, f"preprocess{tag}", quiet=args.quiet)
+        dump_config(cfg, out / f"config{tag}.yaml")
+        log.info("fvlm preprocess: %d cases from %s -> %s", len(specs), args.manifest or args.input, out)
+        s = run_preprocess(cfg, specs, out, num_workers=args.num_workers, shard_index=args.shard_index,
+                           num_shards=args.num_shards)
     msg = (f"{out}: {s['cases_ok']} cases written, {s['cases_failed']} failed"
            + (f" ({', '.join(f'{k} {v}' for k, v in s['failed_by_stage'].items())}; see errors{tag}.jsonl)"
               if s["cases_failed"] else "")
            + f"; this run processed {s['this_run']['processed_ok']}, reused {s['this_run']['reused']}")
     log.info(msg)
     print(msg)
+    n = s["cases_ok"] + s["cases_failed"]
+    if n and not s["cases_ok"]:
+        raise CasesFailedError(f"no case was written: all {n} failed (see {out / f'errors{tag}.jsonl'})")
+    if n and s["cases_failed"] / n > cfg.max_error_fraction:
+        raise CasesFailedError(f"{s['cases_failed']} of {n} cases failed, more than max_error_fraction="
+                               f"{cfg.max_error_fraction:g} (see {out / f'errors{tag}.jsonl'}); the "
+                               f"{s['cases_ok']} good cases are written")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's cancel) stops the run like Ctrl-C: workers stopped, lock released, exit 130."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def check_manifest(path) -> None:
+    """One-line errors for a manifest that cannot be read as text or has rows longer than its header."""
+    p = Path(path)
+    if p.is_dir():
+        raise FvlmError(f"--manifest {p} is a directory (did you mean --input {p}?)")
+    if not p.exists():
+        return  # read_manifest says "manifest not found"
+    try:
+        raw = p.read_bytes()
+    except PermissionError:
+        raise FvlmError(f"{p}: cannot read the manifest (permission denied)") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FvlmError(f"{p}:{line}: the manifest is not UTF-8 text (byte {raw[e.start:e.start + 1]!r}); "
+                        "save it as UTF-8") from None
+    if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+        return
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None) or []
+    for row in reader:
+        if len(row) > len(header):
+            raise FvlmError(f"{p}:{reader.line_num}: {len(row)} fields but the header has {len(header)} "
+                            "(an unquoted comma? quote fields that contain commas)")
