@@ -57,6 +57,17 @@ def test_meter_per_case_vs_pooled():
     json.dumps(s)  # JSON-safe (no nan)
 
 
+def test_meter_mean_over_present_classes():
+    m = SegmentationMeter(["a", "b", "c"])
+    t = np.array([0, 1, 1, 2, 2, 0])
+    p = np.array([3, 1, 1, 2, 0, 0])  # a perfect, b half found, c never in the target but predicted
+    m.update(p, t)
+    s = m.summary()
+    assert s["per_class"]["c"]["dice"] == 0.0 and s["per_class"]["c"]["support_voxels"] == 0
+    assert s["mean"]["dice"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert s["mean_present"]["dice"] == pytest.approx((1 + 2 / 3) / 2)
+
+
 def test_pointing_game_and_chance():
     h = np.zeros((5, 5))
     m = np.zeros((5, 5), bool)
@@ -369,12 +380,9 @@ def test_class_weighted_cross_entropy():
 def test_class_weights_from_voxel_counts():
     from fvlm.dense.train import class_weights
 
-    w = class_weights(np.array([900, 90, 10, 0]), cap=100.0)
-    share = np.array([0.9, 0.09, 0.01])
-    expect = 1 / np.sqrt(share)
-    assert np.allclose(w[:3], expect / expect.mean(), rtol=1e-5) and w[3] == 1.0  # absent class: weight 1
-    assert w[:3].mean() == pytest.approx(1.0)
-    assert class_weights(np.array([900, 90, 10, 0]), cap=1.5).max() == pytest.approx(1.5)
+    w = class_weights(np.array([900, 90, 9, 0]), cap=100.0)
+    assert np.allclose(w, [1.0, np.sqrt(10), 10.0, 1.0])  # background 1; absent class 1
+    assert np.allclose(class_weights(np.array([900, 90, 9, 0]), cap=3.0), [1.0, 3.0, 3.0, 1.0])
 
 
 # --------------------------------------------------------------------------- crop sampling

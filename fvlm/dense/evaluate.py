@@ -304,6 +304,10 @@ def markdown_report(doc: dict) -> str:
         m = doc.get("mean", {})
         lines += ["", f"mean Dice {_f(m.get('dice'))}, mean IoU {_f(m.get('iou'))} "
                       f"(over classes with a defined score; pooled: Dice {_f(m.get('dice_global'))}, IoU {_f(m.get('iou_global'))})"]
+        mp = doc.get("mean_present")
+        if mp:
+            lines.append(f"mean over the classes present in the targets: Dice {_f(mp.get('dice'))}, "
+                         f"IoU {_f(mp.get('iou'))}")
         for tag in ("mean_seen", "mean_unseen"):
             if doc.get(tag):
                 lines.append(f"{tag.replace('_', ' ')}: Dice {_f(doc[tag]['dice'])}, IoU {_f(doc[tag]['iou'])}")

@@ -176,7 +176,11 @@ class SegmentationMeter:
             }
         mean = {m: _num(nanmean([v[m] for v in per_class.values()]))
                 for m in ("dice", "iou", "dice_global", "iou_global")}
-        return {"per_class": per_class, "mean": mean, "n_cases": len(self.case_ids)}
+        # a class absent from every target but predicted scores 0 in `mean`; this one asks only
+        # how well the classes that are there were found
+        there = [v for v in per_class.values() if v["support_voxels"] > 0]
+        mean_present = {m: _num(nanmean([v[m] for v in there])) for m in ("dice", "iou")}
+        return {"per_class": per_class, "mean": mean, "mean_present": mean_present, "n_cases": len(self.case_ids)}
 
 
 def _num(x: float):

@@ -230,7 +230,8 @@ def load_dense(path: str | os.PathLike) -> tuple[DenseModel, dict]:
                           "to start from a pretraining checkpoint use `fvlm dense train --pretrained`")
     if blob.get("version") != FORMAT_VERSION:
         raise FormatError(f"{p}: dense checkpoint version {blob.get('version')} (this fvlm reads {FORMAT_VERSION})")
-    cfg = build(ModelConfig, {**blob["config"], "pretrained": None})
+    # checkpoints from before model.upsample existed were all transposed (the default then)
+    cfg = build(ModelConfig, {"upsample": "transposed", **blob["config"], "pretrained": None})
     model = build_dense_model(cfg, blob["class_names"], blob.get("text_dim"))
     model.load_state_dict(blob["state_dict"])
     model.eval()

@@ -101,17 +101,16 @@ def _schedule(opt, steps: int):
 def class_weights(counts: np.ndarray, cap: float = 10.0) -> np.ndarray:
     """Cross-entropy weights ``(K + 1,)`` from voxel counts per label (index 0 = background).
 
-    ``1 / sqrt(share)``, scaled to mean 1 over the labels with voxels and capped at ``cap``;
-    labels without training voxels get weight 1 (they only ever appear as false positives).
+    ``sqrt(background voxels / class voxels)``, capped at ``cap``: the background keeps weight 1,
+    a class 100x rarer gets 10. Labels without training voxels get 1 (they only ever appear
+    as false positives).
     """
     counts = np.asarray(counts, np.float64)
-    present = counts > 0
     w = np.ones_like(counts)
-    if present.any():
-        w[present] = 1.0 / np.sqrt(counts[present] / counts.sum())
-        w[present] /= w[present].mean()
-        w = np.minimum(w, cap)
-    return w.astype(np.float32)
+    present = counts > 0
+    if counts[0] > 0:
+        w[present] = np.sqrt(counts[0] / counts[present])
+    return np.clip(w, None, cap).astype(np.float32)
 
 
 def _seg_loss(cfg: DenseConfig, cases: Sequence[DenseCase], n_classes: int, dev):
