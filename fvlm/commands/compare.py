@@ -20,13 +20,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="FILE.md", help="also write the table to this file")
 
 
+def _read(path, section: str) -> dict:
+    """A results file checked for what the table needs, so a malformed one is a one-line error."""
+    from ..errors import FvlmError
+    from ..eval.report import read_results
+
+    try:
+        doc = read_results(path)
+    except UnicodeDecodeError as e:
+        raise FvlmError(f"{path}: not UTF-8 text (byte {e.start}); is it a results.json?") from None
+    sec = doc.get(section)
+    if sec is not None and not isinstance(sec, dict):
+        raise FvlmError(f"{path}: '{section}' must be an object, got {type(sec).__name__}")
+    diags = (sec or {}).get("diagnoses") or {}
+    if not isinstance(diags, dict):
+        raise FvlmError(f"{path}: '{section}.diagnoses' must be an object, got {type(diags).__name__}")
+    for did, d in diags.items():
+        if not isinstance(d, dict) or not isinstance(d.get("anatomy"), str):
+            raise FvlmError(f"{path}: diagnosis {did!r} in '{section}' has no 'anatomy' (the results file is "
+                            "malformed; write it again with `fvlm zeroshot`)")
+    return doc
+
+
 def run(args) -> int:
     from ..errors import FvlmError
-    from ..eval.report import compare_table, read_results
+    from ..eval.report import compare_table
 
     if len(args.results) < 2:
         raise FvlmError("compare needs at least two results files")
-    docs = [read_results(r) for r in args.results]
+    docs = [_read(r, args.section) for r in args.results]
     if args.names and len(args.names) != len(docs):
         raise FvlmError(f"--names has {len(args.names)} names for {len(docs)} results files")
 

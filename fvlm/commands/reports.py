@@ -23,7 +23,7 @@ from typing import Iterator, Literal
 
 from ..cli import resolve_config, shorthand
 from ..config import opt
-from ..errors import FvlmError
+from ..errors import CasesFailedError, FvlmError
 
 HELP = "label radiology reports per anatomy and diagnosis (label), or explain one report (explain)"
 DEFAULT_CONFIG = "reports/label.yaml"
@@ -158,24 +158,38 @@ def _label(args, cfg: ReportsConfig) -> int:
 
     if not args.inp or not args.out:
         raise FvlmError("reports label needs --in REPORTS.jsonl|.csv and --out LABELS.jsonl")
-    lab = make_labeler(cfg)
     out = Path(args.out)
+    # checked before labelling: these used to surface only after the whole file was labelled
+    if not Path(args.inp).is_file():
+        raise FvlmError(f"input not found: {args.inp}" + (" (a directory)" if Path(args.inp).is_dir() else ""))
+    if out.is_dir():
+        raise FvlmError(f"--out {out} is a directory; give the output file, e.g. {out / 'labels.jsonl'}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise FvlmError(f"--out {out}: {out.parent} is a file, not a directory")
+    lab = make_labeler(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     n_ok = n_err = 0
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line_no, rec, err in progress(read_reports(args.inp), desc="reports"):
-            if err is not None:
-                n_err += 1
-                f.write(json.dumps({"id": (rec or {}).get("id"), "line": line_no, "error": err},
-                                   ensure_ascii=False) + "\n")
-                continue
-            res = lab.label(findings=rec["findings"], impressions=rec["impressions"], text=rec["text"])
-            f.write(json.dumps({"id": rec["id"], **res.to_json(keys=cfg.label_keys)}, ensure_ascii=False) + "\n")
-            n_ok += 1
-    tmp.replace(out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line_no, rec, err in progress(read_reports(args.inp), desc="reports"):
+                if err is not None:
+                    n_err += 1
+                    f.write(json.dumps({"id": (rec or {}).get("id"), "line": line_no, "error": err},
+                                       ensure_ascii=False) + "\n")
+                    continue
+                res = lab.label(findings=rec["findings"], impressions=rec["impressions"], text=rec["text"])
+                f.write(json.dumps({"id": rec["id"], **res.to_json(keys=cfg.label_keys)}, ensure_ascii=False)
+                        + "\n")
+                n_ok += 1
+        tmp.replace(out)
+    except BaseException:  # no stray .tmp beside a failed or interrupted run; an older output stays as it was
+        tmp.unlink(missing_ok=True)
+        raise
     dump_config(cfg, out.with_name(out.name + ".config.yaml"))
     print(f"labelled {n_ok} reports, {n_err} error records -> {out}", file=sys.stderr)
+    if n_err and not n_ok:
+        raise CasesFailedError(f"no report could be labelled: all {n_err} lines are error records (see {out})")
     return 0
 
 
