@@ -18,6 +18,7 @@ from fvlm.anatomy import AnatomySet
 from fvlm.data.crop import crop_info, crop_positions
 from fvlm.data.shards import CaseRecord, ShardLayout, whole_positions
 
+from . import case as _case
 from .case import _hist, affine_from_axcodes, crop_shapes
 from .config import PreprocessConfig
 from .crop import label_boxes
@@ -26,7 +27,7 @@ from .geometry import check_affine, resample, spacing_of, to_canonical
 from .hu import apply_hu_policy, to_int16_hu
 from .inputs import CaseSpec, hash_id
 from .load import load_volume
-from .masks import NO_MASK_REASON, load_precomputed, run_totalsegmentator, ts_available, ts_version
+from .masks import NO_MASK_REASON, load_precomputed
 
 __all__ = ["case_record", "build_layout"]
 
@@ -88,10 +89,11 @@ def _labels(spec: CaseSpec, cfg: PreprocessConfig, arr_c, aff_c, mask_future, sr
     has_pre = bool(spec.mask or spec.mask_dir)
     if src == "none":
         return None, "none", None
-    if src == "totalsegmentator" or (src == "auto" and not has_pre and ts_available()):
-        lab = run_totalsegmentator(to_int16_hu(arr_c, cfg.hu.clip), aff_c, cfg.masks.ts_task, cfg.masks.ts_fast,
+    # TotalSegmentator is looked up through preprocess.case, its one home for both write paths
+    if src == "totalsegmentator" or (src == "auto" and not has_pre and _case.ts_available()):
+        lab = _case.run_totalsegmentator(to_int16_hu(arr_c, cfg.hu.clip), aff_c, cfg.masks.ts_task, cfg.masks.ts_fast,
                                    cfg.masks.ts_device)
-        return lab, "totalsegmentator", ts_version()
+        return lab, "totalsegmentator", _case.ts_version()
     if has_pre:
         pre = None
         if mask_future is not None:

@@ -45,3 +45,36 @@ def test_crops_equal_the_full_volume_cut(ct_samples, tmp_path):
     assert scales == {True, False}
     np.testing.assert_array_equal(rec.volume, center_fit(vol, L.whole_shape, -1024)[0])
     np.testing.assert_array_equal(rec.label_map, center_fit(lab, L.whole_shape, 0)[0])
+
+
+def test_crops_resized_on_read_equal_the_resized_full_crop(ct_samples, tmp_path):
+    """``get(crop_size=...)`` samples the stored volume where a trilinear resize of the full crop
+    would: for native crops inside the scan the two agree (float rounding only), masks exactly."""
+    import torch
+    import torch.nn.functional as F
+
+    man = tmp_path / "m.csv"
+    man.write_text(f"case_id,image,mask,split\nct,{ct_samples / 'example_ct.nii.gz'},"
+                   f"{ct_samples / 'example_seg_fast_force_split.nii.gz'},train\n")
+    out = tmp_path / "o"
+    assert main(["preprocess", "--manifest", str(man), "--out", str(out), "--config", "preprocess/small", "-q",
+                 "--set", "reports.labeler=false"]) == 0
+    ds = ShardDataset(out)
+    full = ds.get("ct", volume=False)
+    size = (20, 16, 12)
+    small = ds.get("ct", volume=False, crop_size=size)
+    checked = 0
+    for a, info in full.meta["crop"].items():
+        inside = all(o >= 0 for o in info["origin_vox"]) and all(
+            o + n <= s for o, n, s in zip(info["origin_vox"], ds.layout.crop_shapes[a], full.meta["resampled_shape"]))
+        assert small.crops[a].shape == size and small.crop_masks[a].shape == size
+        if info["scale"] != 1 or not inside:
+            continue
+        ref = F.interpolate(torch.from_numpy(full.crops[a].astype(np.float32))[None, None], size=size,
+                            mode="trilinear", align_corners=False)[0, 0].numpy()
+        np.testing.assert_allclose(small.crops[a], ref, atol=0.05)
+        m = F.interpolate(torch.from_numpy(full.crop_masks[a])[None, None].float(), size=size,
+                          mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+        np.testing.assert_array_equal(small.crop_masks[a], m)
+        checked += 1
+    assert checked >= 1

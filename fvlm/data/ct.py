@@ -6,7 +6,7 @@ zero-shot suite (``make_batch_fn``). A sample holds (A = number of anatomies of 
 =================  ==========================  ============================================
 key                type / shape                meaning
 =================  ==========================  ============================================
-``volume``         float32 ``(1, X, Y, Z)``    windowed to [0, 1], resized to ``volume_size``
+``volume``         float32 ``(1, X, Y, Z)``    windowed to [0, 1], fitted into ``volume_size`` (aspect kept, air-padded)
 ``label_map``      uint8 ``(X, Y, Z)``         0 background, ``i + 1`` = ``anatomies[i]``
 ``crops``          float32 ``(A, 1, x, y, z)`` windowed crops resized to ``crop_size``
 ``crop_masks``     uint8 ``(A, x, y, z)``      the anatomy mask on its crop
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..config import opt
 from ..errors import FvlmError
 from ..losses.calibration import STATUS_ABNORMAL, STATUS_CODES, STATUS_NORMAL, STATUS_NOT_MENTIONED
-from .shards import window
+from .shards import AIR_HU, window
 from .stream import BatchStream
 
 __all__ = ["AugmentConfig", "CTDataConfig", "record_to_sample", "collate", "make_batch_fn", "CTStream",
@@ -144,6 +144,26 @@ def _resize(x: torch.Tensor, size: Sequence[int] | None, mode: str) -> torch.Ten
     return F.interpolate(x[None], size=tuple(size), mode="trilinear", align_corners=False)[0]
 
 
+def fit_size(shape: Sequence[int], size: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Aspect-keeping fit of a ``shape`` grid into ``size``: one zoom factor on every axis
+    (the largest ``shape / size``), so voxels keep their proportions. Returns ``(resized,
+    before)``: the resized shape and the padding before it per axis (the rest goes after)."""
+    f = max(float(n) / float(m) for n, m in zip(shape, size))
+    resized = [min(int(m), max(1, int(round(n / f)))) for n, m in zip(shape, size)]
+    return resized, [(int(m) - r) // 2 for m, r in zip(size, resized)]
+
+
+def _fit(x: torch.Tensor, size: Sequence[int] | None, mode: str, pad: float) -> torch.Tensor:
+    """``(C, *S)`` -> ``(C, *size)`` without distortion: resized by one factor, centre-padded with ``pad``."""
+    if size is None or tuple(x.shape[1:]) == tuple(size):
+        return x
+    resized, before = fit_size(x.shape[1:], size)
+    y = _resize(x, resized, mode)
+    out = torch.full((x.shape[0], *size), pad, dtype=y.dtype)
+    out[(slice(None), *(slice(b, b + r) for b, r in zip(before, resized)))] = y
+    return out
+
+
 def _text(sentences: list[str], opts: SampleOptions, rng: np.random.Generator | None) -> str:
     s = list(sentences)
     if opts.sentences == "random" and rng is not None and len(s) > 1:
@@ -192,8 +212,11 @@ def record_to_sample(rec, opts: SampleOptions | CTDataConfig, rng: np.random.Gen
             if a in anats:
                 lut[j + 1] = anats.index(a) + 1
         lab = torch.from_numpy(lut[np.asarray(rec.label_map)])[None]
-        out["volume"] = _resize(vol, opts.volume_size, "trilinear")
-        out["label_map"] = _resize(lab, opts.volume_size, "nearest")[0]
+        # one zoom factor on all axes (a 384 x 384 x 128 grid into 64 x 64 x 32 is 64 x 64 x 21,
+        # padded with air): stretching each axis on its own would distort the anatomy
+        air = float(window(np.full(1, AIR_HU, np.int16), lo, hi)[0])
+        out["volume"] = _fit(vol, opts.volume_size, "trilinear", air)
+        out["label_map"] = _fit(lab, opts.volume_size, "nearest", 0)[0]
     if opts.crop_size is not None:
         crops = torch.zeros(A, 1, *opts.crop_size)
         masks = torch.zeros(A, *opts.crop_size, dtype=torch.uint8)
@@ -332,8 +355,10 @@ class CTStream(BatchStream):
         rng = np.random.default_rng([self.seed, self.rank, b, 7])
         samples = []
         for cid in self.batch_ids(b):
+            kw = {"crop_size": self.opts.crop_size} if self.load_crops and getattr(
+                self.source, "resizes_on_read", False) else {}  # crops cut at the model's size
             rec = self.source.get(cid, anatomies=self.opts.anatomies if self.load_crops else None,
-                                  volume=self.load_volume, crops=self.load_crops)
+                                  volume=self.load_volume, crops=self.load_crops, **kw)
             samples.append(record_to_sample(rec, self.opts, rng=rng, augment=self.augment,
                                             source_anatomies=self.source_anatomies))
         batch = collate(samples)

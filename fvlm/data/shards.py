@@ -36,7 +36,7 @@ from .crop import AIR_HU, crop_positions, cut_crop
 from .sampling import cut
 
 __all__ = ["ShardDataset", "CaseRecord", "ShardLayout", "window", "write_shard", "concat_shards", "write_index",
-           "read_index", "write_dataset_info", "read_dataset_info", "open_h5", "SHARD_FORMAT", "DATASET_FORMAT",
+           "read_index", "InMemoryCase", "write_dataset_info", "read_dataset_info", "open_h5", "SHARD_FORMAT", "DATASET_FORMAT",
            "SCHEMA_VERSION", "INDEX_NAME", "DATASET_INFO_NAME", "AIR_HU", "CODECS"]
 
 SHARD_FORMAT = "fvlm-shard"
@@ -417,6 +417,18 @@ def whole_positions(shape, spacing, whole_spacing, whole_shape) -> tuple[list, l
     return pos, offset
 
 
+def resized_positions(positions, size) -> list:
+    """Positions (on the volume grid) of a crop at ``positions`` resized to ``size``: where a
+    trilinear ``align_corners=False`` resize of the crop samples it (clamped to the crop)."""
+    out = []
+    for p, m in zip(positions, size):
+        n = len(p)
+        step = (p[-1] - p[0]) / (n - 1) if n > 1 else 1.0
+        c = np.clip((np.arange(int(m), dtype=np.float64) + 0.5) * n / int(m) - 0.5, 0.0, n - 1.0)
+        out.append(p[0] + c * step)
+    return out
+
+
 def _scaled_boxes(lab: np.ndarray, n: int) -> dict:
     from scipy import ndimage
 
@@ -543,11 +555,11 @@ class ShardDataset:
                               "(index and shards disagree; re-run `fvlm preprocess merge`)")
         return r, f, i
 
-    def _crops(self, f, i: int, anats: Sequence[str], bb: np.ndarray, present: dict) -> tuple[dict, dict]:
+    def _crops(self, vol, lab, anats: Sequence[str], bb: np.ndarray, present: dict,
+               size: Sequence[int] | None = None) -> tuple[dict, dict]:
         """Cut the crops of ``anats``: from one in-memory read when they cover much of the
-        volume, else each from its own hyperslab."""
+        volume, else each from its own hyperslab; ``size``: resized while cut (see ``get``)."""
         L = self.layout
-        vol, lab = f["volume"][str(i)], f["label_map"][str(i)]
         shape = vol.shape
         all_anats = self.anatomies
         plans = {}
@@ -560,22 +572,28 @@ class ShardDataset:
             touched = sum(float(np.prod([min(n, max(0.0, p.max() - p.min() + 2)) for p, n in zip(pos, shape)]))
                           for _, pos, _ in plans.values())
             if touched > self.WHOLE_READ_FRACTION * float(np.prod(shape)):
-                vol, lab = vol[()], lab[()]
+                vol, lab = np.asarray(vol[()]), np.asarray(lab[()])
         crops, masks = {}, {}
         for a in anats:
             cs = tuple(int(x) for x in L.crop_shapes[a])
-            if a in plans:
+            if a in plans and size is not None:
+                label, pos, scale = plans[a]
+                q = resized_positions(pos, size)
+                crops[a] = cut(vol, q, linear=True, pad=AIR_HU, shape=shape)
+                masks[a] = (cut(lab, q, linear=False, pad=0, shape=shape) == label).astype(np.uint8)
+            elif a in plans:
                 label, pos, scale = plans[a]
                 crops[a], masks[a] = cut_crop(vol, lab, label, pos, scale, shape=shape)
+            elif size is not None:
+                crops[a], masks[a] = np.full(tuple(size), AIR_HU, np.float32), np.zeros(tuple(size), np.uint8)
             else:  # absent anatomy: the padding value, as if cut outside the scan
                 crops[a], masks[a] = np.full(cs, AIR_HU, np.int16), np.zeros(cs, np.uint8)
         return crops, masks
 
-    def _whole(self, f, i: int, bb: np.ndarray, present: dict):
+    def _whole(self, vol, lab, bb: np.ndarray, present: dict):
         """Volume-mode ``(volume, label_map, bbox)``, cut (and resampled when the whole spacing
         differs from the stored one) at read time."""
         L = self.layout
-        vol, lab = f["volume"][str(i)], f["label_map"][str(i)]
         boxes = {a: (tuple(int(v) for v in bb[j]) if present[a] else None) for j, a in enumerate(self.anatomies)}
         if not L.whole_shape:  # preprocessed with whole.enabled=false: no volume-mode input
             return None, None, boxes
@@ -600,13 +618,21 @@ class ShardDataset:
         j = self.anatomies.index(anatomy)
         present = {a: False for a in self.anatomies}
         present[anatomy] = bool(f["present"][i][j])
-        crops, masks = self._crops(f, i, [anatomy], f["bbox"][i], present)
+        crops, masks = self._crops(f["volume"][str(i)], f["label_map"][str(i)], [anatomy], f["bbox"][i], present)
         return crops[anatomy], masks[anatomy], present[anatomy]
 
+    #: ``get`` takes ``crop_size`` (readers check this before passing it)
+    resizes_on_read = True
+
     def get(self, case_id: str, anatomies: Sequence[str] | None = None, volume: bool = True,
-            crops: bool = True) -> CaseRecord:
+            crops: bool = True, crop_size: Sequence[int] | None = None) -> CaseRecord:
         """Read one case. ``anatomies`` limits the crops cut (default all); ``volume`` gives the
-        volume-mode volume and label map; ``crops`` the per-anatomy crops and masks."""
+        volume-mode volume and label map; ``crops`` the per-anatomy crops and masks.
+
+        ``crop_size`` (x, y, z): every crop comes resized to it in the same cut (float32 HU,
+        sampled where ``F.interpolate(..., mode="trilinear", align_corners=False)`` of the
+        full crop would sample, straight from the stored volume; masks nearest): the
+        crop-mode model input without materialising the full-size crop."""
         anats = self._check_anatomies(anatomies)
         r, f, i = self._open_row(case_id)
 
@@ -626,8 +652,41 @@ class ShardDataset:
                          spacing_mm=spacing, present=present,
                          report=js("report"), anatomy_text=js("anatomy_text"), labels=js("labels"),
                          meta=js("meta"), bbox=bbox)
+        return self._cut(rec, f["volume"][str(i)], f["label_map"][str(i)], bb, anats, volume, crops, crop_size)
+
+    def _cut(self, rec: CaseRecord, vol, lab, bb, anats, volume: bool, crops: bool, crop_size) -> CaseRecord:
         if volume:
-            rec.volume, rec.label_map, rec.bbox = self._whole(f, i, bb, present)
+            rec.volume, rec.label_map, rec.bbox = self._whole(vol, lab, bb, rec.present)
         if crops:
-            rec.crops, rec.crop_masks = self._crops(f, i, anats, bb, present)
+            rec.crops, rec.crop_masks = self._crops(vol, lab, anats, bb, rec.present,
+                                                    None if crop_size is None else tuple(int(x) for x in crop_size))
         return rec
+
+
+class InMemoryCase(ShardDataset):
+    """A one-case reader of a record as written (``preprocess.writer.case_record``): gives the
+    record ``ShardDataset.get`` would give after writing and reading it, without a file (the
+    single-scan path of ``fvlm predict`` and the Python API, so they see what training saw)."""
+
+    def __init__(self, rec: CaseRecord, layout: ShardLayout):
+        self.layout, self.info, self._rec = layout, {"layout": layout.to_dict()}, rec
+        self._rows = [{"case_id": rec.case_id, "patient_id": rec.patient_id, "split": rec.split}]
+        self._by_id = {rec.case_id: self._rows[0]}
+        self._files, self._pid, self.root = {}, None, Path(".")
+
+    def get(self, case_id: str | None = None, anatomies: Sequence[str] | None = None, volume: bool = True,
+            crops: bool = True, crop_size: Sequence[int] | None = None) -> CaseRecord:
+        w = self._rec
+        A = self.anatomies
+        bb = np.full((len(A), 6), -1, np.int64)
+        for j, a in enumerate(A):
+            if w.present.get(a) and w.bbox.get(a) is not None:
+                bb[j] = w.bbox[a]
+        present = {a: bool(w.present.get(a)) for a in A}
+        L = self.layout
+        spacing = tuple(L.whole_spacing_mm or L.spacing_mm) if L.whole_shape else tuple(L.spacing_mm)
+        rec = CaseRecord(case_id=w.case_id, patient_id=w.patient_id, split=w.split, spacing_mm=spacing,
+                         present=present, report=dict(w.report), anatomy_text=dict(w.anatomy_text),
+                         labels=dict(w.labels), meta=dict(w.meta),
+                         bbox={a: (tuple(int(v) for v in bb[j]) if present[a] else None) for j, a in enumerate(A)})
+        return self._cut(rec, w.volume, w.label_map, bb, self._check_anatomies(anatomies), volume, crops, crop_size)

@@ -111,9 +111,11 @@ def predict_record(model, make_batch, record, taxonomy, scoring: Scoring) -> lis
 
 
 def preprocess_in_memory(image: str, mask: str | None, mask_dir: str | None, pcfg, case_id: str | None = None):
-    """``preprocess.case.process_case`` on one scan; returns the ``CaseRecord`` (nothing written)."""
+    """One scan through the preprocess write path, read back as from its shard (nothing written):
+    the ``CaseRecord`` ``ShardDataset.get`` would give for it."""
     from fvlm.anatomy import load_anatomy_set
-    from preprocess.case import process_case
+    from fvlm.data.shards import InMemoryCase
+    from preprocess.writer import build_layout, case_record
     from preprocess.errors import CaseError
     from preprocess.inputs import CaseSpec, sanitize_case_id
 
@@ -128,7 +130,8 @@ def preprocess_in_memory(image: str, mask: str | None, mask_dir: str | None, pcf
     aset = load_anatomy_set(pcfg.anatomy_set)
     t0 = time.time()
     try:
-        rec = process_case(spec, pcfg, aset)
+        layout = build_layout(pcfg, aset)
+        rec = InMemoryCase(case_record(spec, pcfg, aset, layout), layout).get()
     except CaseError as e:
         raise FvlmError(f"preprocessing {p.name} failed: {e}") from None
     rec.meta = dict(rec.meta or {}, preprocess_seconds=round(time.time() - t0, 3))
