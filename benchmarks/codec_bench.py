@@ -12,7 +12,9 @@ Cases (default preprocess config: 1 x 1 x 3 mm, fvlm15 default crop shapes, whol
 - ``decode MB/s``: full read of volume + label map (uncompressed MB per second, one core);
 - ``crop-mode cases/s``: ``ShardDataset.get(volume=False)``, every present anatomy at its
   default crop shape (what a crop-mode training sample reads), and crops/s;
-- ``1 crop/s``: one random anatomy crop per read (``ShardDataset.crop``).
+- ``1 crop/s``: one random anatomy crop per read (``ShardDataset.crop``);
+- ``crops/s cut at MODEL_CROP``: crop mode as the loader reads it, every crop resized to the
+  model input while it is cut (``get(crop_size=...)``).
 
 The baseline is today's layout (v1) with its default gzip-1 + shuffle: whole volume, label map,
 every crop and crop mask stored, one chunk per crop, measured in the same run.
@@ -36,6 +38,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ctrate_case import ctrate_case, shipped_cases  # noqa: E402
 
+#: crop-mode model input the resized-on-read column cuts to (x, y, z)
+MODEL_CROP = (96, 96, 48)
 # (name, compression, level, shuffle)
 CODECS = [("none", "none", 0, "none"), ("gzip-1 +shuffle", "gzip", 1, "byte"), ("gzip-4 +shuffle", "gzip", 4, "byte"),
           ("lzf +shuffle", "lzf", 0, "byte"), ("zstd-3 (no shuffle)", "zstd", 3, "none"), ("lz4 (no shuffle)", "lz4", 0, "none"),
@@ -109,6 +113,7 @@ def measure_v2(tmp: Path, base_layout, rec, comp, level, shuffle, reads: int) ->
 
     t_full = _timed(full, reads)
     t_crops = _timed(lambda: ds.get("b", volume=False), reads)
+    t_small = _timed(lambda: ds.get("b", volume=False, crop_size=MODEL_CROP), reads)
     rng = np.random.default_rng(0)
     seq = [present[i] for i in rng.integers(len(present), size=max(reads * 3, len(present)))]
     t0 = time.perf_counter()
@@ -121,7 +126,7 @@ def measure_v2(tmp: Path, base_layout, rec, comp, level, shuffle, reads: int) ->
     raw = rec.volume.size * 3
     return {"write_s": write_s, "bytes": nbytes, "vol_bytes": vol_bytes, "raw_bytes": raw,
             "decode_mb_s": raw / 2**20 / t_full, "crop_cases_s": 1 / t_crops, "crops_s": len(present) / t_crops,
-            "one_crop_s": 1 / t_one, "n_crops": len(present)}
+            "one_crop_s": 1 / t_one, "resized_crops_s": len(present) / t_small, "n_crops": len(present)}
 
 
 def measure_v1(tmp: Path, base_layout, rec, reads: int) -> dict:
@@ -195,13 +200,14 @@ def _print_case(name, rec, v1, rows) -> None:
     print(f"v1 today (gzip-1, crops stored): {v1['bytes'] / 2**20:.1f} MB/case, write {v1['write_s']:.2f} s, "
           f"crop-mode {v1['crop_cases_s']:.2f} cases/s = {v1['crops_s']:.1f} crops/s\n")
     print("| v2 codec | MB/case | / vol alone | / uncompressed | v1 MB / v2 MB | write s | decode MB/s | "
-          "crop-mode cases/s | crops/s | vs v1 | 1 crop/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"crop-mode cases/s | crops/s | vs v1 | 1 crop/s | crops/s cut at {MODEL_CROP} | vs v1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['codec']} | {r['bytes'] / 2**20:.2f} | {r['bytes'] / r['vol_bytes']:.2f} | "
               f"{r['bytes'] / raw:.3f} | {v1['bytes'] / r['bytes']:.1f}x | {r['write_s']:.2f} | "
               f"{r['decode_mb_s']:.0f} | {r['crop_cases_s']:.2f} | {r['crops_s']:.1f} | "
-              f"{r['crops_s'] / v1['crops_s']:.1f}x | {r['one_crop_s']:.1f} |", flush=True)
+              f"{r['crops_s'] / v1['crops_s']:.1f}x | {r['one_crop_s']:.1f} | {r['resized_crops_s']:.0f} | "
+              f"{r['resized_crops_s'] / v1['crops_s']:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":
