@@ -79,6 +79,35 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("errno = 28" in str(e) or "No space left" in str(e))
 
 
+_FREE_MARGIN = 1 << 20  # bytes kept free beyond an estimate
+
+
+def _no_room(path: Path, need: int) -> bool:
+    """True when ``path``'s file system has less than ``need`` bytes (+ a margin) free.
+
+    Checked before HDF5 writes: libhdf5 reports ENOSPC while closing a file and the
+    process then segfaults (exit 139), so a full disk must be seen before writing.
+    """
+    import shutil
+
+    try:
+        return shutil.disk_usage(path).free < need + _FREE_MARGIN
+    except OSError:
+        return False
+
+
+def _record_nbytes(rec) -> int:
+    """Uncompressed bytes of a record's arrays: an upper bound of its staged file's size."""
+    import numpy as np
+
+    n = 0
+    for v in vars(rec).values():
+        for a in (v.values() if isinstance(v, dict) else (v,)):
+            if isinstance(a, np.ndarray):
+                n += a.nbytes
+    return n
+
+
 def _disk_full_error(where) -> FvlmError:
     return FvlmError(f"no space left on device writing {where}; free space and run the same command again "
                      "(finished cases are kept)")
@@ -130,6 +159,9 @@ def _work(spec: CaseSpec) -> tuple[str, str, str, float]:
         log.exception("%s: unexpected error", spec.case_id)
         _write_error(errp, spec.case_id, "internal", f"unexpected {type(e).__name__}: {e} (see the log)")
         return spec.case_id, "error", f"unexpected {type(e).__name__}: {e}", time.perf_counter() - t0
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    if _no_room(staged.parent, _record_nbytes(rec)):
+        return spec.case_id, "disk_full", str(staged), time.perf_counter() - t0
     try:  # a one-case shard, compressed here in the worker; assembly only copies its chunks
         write_shard(staged, layout, [rec], n=1)
     except (OSError, RuntimeError) as e:  # h5py reports a full disk as RuntimeError (errno = 28)
@@ -305,6 +337,9 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
     def flush():
         for sl in list(pending):
             if _slot_resolved(out, sl):
+                staged = [_stage_paths(out, s.case_id)[0] for s in sl.specs]
+                if _no_room(out, sum(p.stat().st_size for p in staged if p.exists())):
+                    raise _disk_full_error(out / sl.rel)
                 try:
                     _assemble(out, sl, layout, attrs)
                 except (OSError, RuntimeError) as e:

@@ -140,7 +140,8 @@ def test_bad_cases_are_reported_and_others_finish(ct_samples, tmp_path):
             {"case_id": "nomask", "image": good},
             {"case_id": "../../../etc/x", "image": good, "mask": seg}]
     man = _manifest(tmp_path / "m.csv", rows)
-    assert main(["preprocess", "--manifest", man, "--out", str(tmp_path / "o"), *SMALL]) == 0
+    # 7 of 10 failed > max_error_fraction 0.5: exit 3, the 3 good cases still written
+    assert main(["preprocess", "--manifest", man, "--out", str(tmp_path / "o"), *SMALL]) == 3
     errs = {e["case_id"]: e for e in map(json.loads, (tmp_path / "o" / "errors.jsonl").read_text().splitlines())}
     assert set(errs) == {"corrupt", "trunc", "wrongmask", "raw", "flat", "nan", "nomask"}
     assert errs["corrupt"]["stage"] == "load" and errs["trunc"]["stage"] == "load"
@@ -270,7 +271,7 @@ def test_totalsegmentator_without_weights(ct_samples, tmp_path, monkeypatch):
         run_totalsegmentator(np.zeros((4, 4, 4), np.int16), np.eye(4), "total", False, "cpu")
     man = _manifest(tmp_path / "m.csv", [{"case_id": "a", "image": str(ct_samples / "example_ct_sm.nii.gz")}])
     assert main(["preprocess", "--manifest", man, "--out", str(tmp_path / "o"), *SMALL,
-                 "--mask-source", "totalsegmentator"]) == 0
+                 "--mask-source", "totalsegmentator"]) == 3  # no case landed
     err = json.loads((tmp_path / "o" / "errors.jsonl").read_text())
     assert err["stage"] == "mask" and "weights are not installed" in err["reason"]
 
@@ -334,6 +335,6 @@ def test_mask_dir_and_class_map_check(ct_samples, tmp_path):
     # v2 labels (up to 117) declared as v1 (104 classes): caught, with the fix named
     man2 = _manifest(tmp_path / "m2.csv", [{"case_id": "v1", "image": img, "mask": str(ct_samples / "example_seg.nii.gz")}])
     assert main(["preprocess", "--manifest", man2, "--out", str(tmp_path / "o2"), *SMALL,
-                 "--set", "masks.class_map=v1"]) == 0
+                 "--set", "masks.class_map=v1"]) == 3  # no case landed
     err = json.loads((tmp_path / "o2" / "errors.jsonl").read_text())
     assert err["stage"] == "mask" and "masks.class_map=v2" in err["reason"]
