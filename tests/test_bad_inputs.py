@@ -354,3 +354,36 @@ def test_compare_truncated_and_wrong_format(tmp_path, good_results, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"format": "something-else", "version": 1}))
     assert main(["compare", good_results, str(tmp_path / "other.json")]) == 2
     _one_line(capsys, "other.json")
+
+
+# --------------------------------------------------------------------------- checkpoints (fixes landed elsewhere)
+
+
+@pytest.mark.parametrize("cmd", [
+    ["zeroshot", "--data", "{t}", "--out", "{t}/zs"],
+    ["predict", "--image", "{t}/none.nii.gz"],
+    ["export", "--out", "{t}/ex"],
+])
+@pytest.mark.parametrize("kind", ["empty", "pickle", "truncated"])
+def test_bad_checkpoint_is_one_line_and_never_unpickled(cmd, kind, tmp_path, capsys):
+    import pickle
+
+    import torch
+
+    ck = tmp_path / "model.pt"
+    marker = tmp_path / "PWNED"
+    if kind == "empty":
+        ck.write_bytes(b"")
+    elif kind == "pickle":  # a crafted pickle whose load would create `marker`
+        class Payload:
+            def __reduce__(self):
+                return (open, (str(marker), "w"))
+
+        torch.save({"model": Payload()}, ck, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    else:
+        torch.save({"model": {"w": torch.zeros(64, 64)}}, ck)
+        ck.write_bytes(ck.read_bytes()[:300])
+    rc = main([cmd[0], "--checkpoint", str(ck), *[a.format(t=tmp_path) for a in cmd[1:]]])
+    assert rc == 2
+    _one_line(capsys, f"fvlm {cmd[0]}: error:")
+    assert not marker.exists()
