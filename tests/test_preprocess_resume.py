@@ -185,3 +185,35 @@ def test_sigint_stops_all_workers_exits_130_and_next_run_resumes(ct_samples, tmp
     _, err = p.communicate(timeout=240)
     assert p.returncode == 0, err
     assert sorted(r["case_id"] for r in _index(out)) == ["a", "b", "c", "d"]
+
+
+def test_second_concurrent_run_exits_2_naming_the_first(ct_samples, tmp_path, capsys):
+    man = _manifest(tmp_path / "m.csv", ct_samples, ["a", "b", "c"])
+    out = tmp_path / "o"
+    p = _start(man, out, workers=1)
+    t0 = time.time()
+    while not (out / ".preprocess.lock").exists():
+        assert p.poll() is None and time.time() - t0 < 120
+        time.sleep(0.02)
+    p.send_signal(signal.SIGSTOP)  # hold the first run mid-job (it may be quick) while the second tries
+    try:
+        assert _run(man, out) == 2
+    finally:
+        p.send_signal(signal.SIGCONT)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"pid {p.pid} on {socket.gethostname()}" in err
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err  # the first run was not disturbed
+    assert sorted(r["case_id"] for r in _index(out)) == ["a", "b", "c"]
+
+
+def test_sigterm_stops_like_ctrl_c(ct_samples, tmp_path):
+    man = _manifest(tmp_path / "m.csv", ct_samples, ["a", "b", "c", "d"])
+    out = tmp_path / "o"
+    p = _start(man, out)
+    _, pid = _wait_marker(out, p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    time.sleep(0.5)
+    assert not _alive(pid) and not (out / ".preprocess.lock").exists()
