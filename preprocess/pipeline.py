@@ -265,6 +265,22 @@ def _shard_case_ids(path: Path) -> list[str]:
         return list(f["case_id"].asstr()[:]) if int(f.attrs["n_cases"]) else []
 
 
+def _set_aside_damaged(out: Path, prefix: str) -> None:
+    """A finished shard that no longer opens (truncated, overwritten) is renamed ``*.damaged``; its cases
+    are then processed again. Renamed, not deleted: nothing written before is lost."""
+    for p in sorted(out.glob(prefix + "*.h5")):
+        try:
+            with open_h5(p, "r") as f:
+                int(f.attrs["n_cases"])
+                if int(f.attrs["n_cases"]):
+                    f["case_id"].shape  # noqa: B018 - touches the dataset index
+        except (OSError, KeyError, ValueError) as e:
+            bad = p.with_name(p.name + ".damaged")
+            os.replace(p, bad)
+            log.warning("%s cannot be read (%s); renamed to %s, its cases are processed again",
+                        p, str(e).splitlines()[0][:200], bad.name)
+
+
 def _discard_staged(out: Path, case_id: str) -> None:
     for p in _stage_paths(out, case_id):
         p.unlink(missing_ok=True)
@@ -277,6 +293,7 @@ def _plan(out: Path, specs: list[CaseSpec], shard_index: int, num_shards: int, p
     mine = specs[shard_index::num_shards]
     by_id = {s.case_id: s for s in mine}
     plan_path = _plan_path(out, shard_index, num_shards)
+    _set_aside_damaged(out, f"shards/{shard_index:03d}-")
     res = resume.plan_part(out, plan_path, mine, f"shards/{shard_index:03d}-", per_shard, _shard_case_ids,
                            lambda c: _discard_staged(out, c))
     resume.write_plan(plan_path, res.slots)

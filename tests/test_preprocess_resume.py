@@ -217,3 +217,15 @@ def test_sigterm_stops_like_ctrl_c(ct_samples, tmp_path):
     assert p.returncode == 130 and "Traceback" not in err, err
     time.sleep(0.5)
     assert not _alive(pid) and not (out / ".preprocess.lock").exists()
+
+
+def test_truncated_finished_shard_is_set_aside_and_rebuilt(ct_samples, out, base):
+    shard = out / "shards" / "000-00000.h5"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:5000])
+    assert _run(str(base.parent / "m.csv"), out) == 0
+    assert "000-00000.h5 cannot be read" in (out / "preprocess.log").read_text()
+    assert (out / "shards" / "000-00000.h5.damaged").read_bytes() == good[:5000]  # kept, not deleted
+    assert sorted(r["case_id"] for r in _index(out)) == ["a", "b", "c"]
+    ds = ShardDataset(out)
+    assert ds.get("a").report["findings"] == "case a" and ds.get("b").volume is not None
