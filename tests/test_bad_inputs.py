@@ -387,3 +387,37 @@ def test_bad_checkpoint_is_one_line_and_never_unpickled(cmd, kind, tmp_path, cap
     assert rc == 2
     _one_line(capsys, f"fvlm {cmd[0]}: error:")
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- --out of zeroshot / predict
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from api_helpers import make_checkpoint, make_shards
+
+    d = tmp_path_factory.mktemp("tiny")
+    shards = make_shards(d)
+    return make_checkpoint(d / "model.pt", shards), shards
+
+
+def test_zeroshot_out_is_a_file(tiny_model, tmp_path, capsys):
+    ck, shards = tiny_model
+    (tmp_path / "afile").write_text("keep")
+    assert main(["zeroshot", "--checkpoint", str(ck), "--data", str(shards), "--out", str(tmp_path / "afile"),
+                 "-q"]) == 2
+    _one_line(capsys, "already exists", "afile")
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+@pytest.mark.parametrize("out, words", [("{t}", ["is a directory"]), ("{t}/afile/p.json", ["afile is a file"])])
+def test_predict_out_checked_before_the_model_runs(tiny_model, tmp_path, capsys, monkeypatch, out, words):
+    from fvlm.eval import loading
+
+    ck, _ = tiny_model
+    (tmp_path / "afile").write_text("keep")
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded before --out was checked"))
+    assert main(["predict", "--checkpoint", str(ck), "--image", str(ck), "--out", out.format(t=tmp_path)]) == 2
+    _one_line(capsys, *words)
+    assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(tmp_path.name)) == [tmp_path.name]
+    assert (tmp_path / "afile").read_text() == "keep"

@@ -50,6 +50,15 @@ def run(args) -> int:
                                 resolve_preprocess_config, scoring_for)
     from ..eval.report import write_json
 
+    if args.out:  # checked before the model runs; a directory used to fail only at the end (and leave a .tmp)
+        from pathlib import Path
+
+        o = Path(args.out)
+        if o.is_dir():
+            raise FvlmError(f"--out {o} is a directory; give the JSON file to write, e.g. {o / 'predictions.json'}")
+        if any(p.exists() and not p.is_dir() for p in o.parents):
+            raise FvlmError(f"--out {o}: {next(p for p in o.parents if p.exists() and not p.is_dir())} is a file, "
+                            "not a directory")
     t0 = time.time()
     sha = loading.checkpoint_sha256(args.checkpoint)
     model, meta, make_batch = loading.load_model(args.checkpoint, args.device)
