@@ -394,6 +394,7 @@ def test_bad_checkpoint_is_one_line_and_never_unpickled(cmd, kind, tmp_path, cap
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parent))
     from api_helpers import make_checkpoint, make_shards
 
     d = tmp_path_factory.mktemp("tiny")
