@@ -219,6 +219,34 @@ def _diagnosis(raw: dict, where: str, anatomy_ids: set[str]) -> Diagnosis:
                      ctrate=raw.get("ctrate"), **kw)
 
 
+def _merged_raws(data: dict, path: Path, depth: int = 0) -> list[dict]:
+    """The raw diagnosis mappings of a taxonomy, ``from:`` entries merged with the ``inherit``
+    taxonomy's (itself resolved the same way: ctrate16 -> ctrate18 -> fvlm54)."""
+    where = str(path)
+    if depth > 8:
+        raise FormatError(f"{where}: 'inherit' chain is too deep (a cycle?)")
+    parent: dict[str, dict] = {}
+    if data.get("inherit"):
+        ppath = _resolve(data["inherit"], "diagnoses")
+        pdata = _read(ppath)
+        _check_format(pdata, ppath, FORMAT, VERSION)
+        parent = {d["id"]: d for d in _merged_raws(pdata, ppath, depth + 1) if isinstance(d, dict) and "id" in d}
+    out = []
+    for raw in data.get("diagnoses") or []:
+        if not isinstance(raw, dict):
+            raise FormatError(f"{where}: each diagnosis must be a mapping, got {raw!r}")
+        if "from" in raw:
+            if raw["from"] not in parent:
+                raise FormatError(f"{where}: diagnosis {raw.get('id')!r} inherits from unknown "
+                                  f"'{raw['from']}' (inherit: {data.get('inherit')!r})")
+            merged = copy.deepcopy(parent[raw["from"]])
+            merged.pop("from", None)
+            merged.update(raw)
+            raw = merged
+        out.append(raw)
+    return out
+
+
 def load_taxonomy(name_or_path: str | os.PathLike) -> Taxonomy:
     """Load a taxonomy by name (``"fvlm54"``, ``"ctrate18"`` under ``configs/diagnoses/``) or path.
 
@@ -239,24 +267,7 @@ def load_taxonomy(name_or_path: str | os.PathLike) -> Taxonomy:
     raws = data.get("diagnoses")
     if not isinstance(raws, list) or not raws:
         raise FormatError(f"{where}: 'diagnoses' must be a non-empty list")
-    parent: dict[str, dict] = {}
-    if data.get("inherit"):
-        ppath = _resolve(data["inherit"], "diagnoses")
-        pdata = _read(ppath)
-        _check_format(pdata, ppath, FORMAT, VERSION)
-        parent = {d["id"]: d for d in pdata.get("diagnoses", []) if isinstance(d, dict) and "id" in d}
-    diagnoses = []
-    for raw in raws:
-        if not isinstance(raw, dict):
-            raise FormatError(f"{where}: each diagnosis must be a mapping, got {raw!r}")
-        if "from" in raw:
-            if raw["from"] not in parent:
-                raise FormatError(f"{where}: diagnosis {raw.get('id')!r} inherits from unknown "
-                                  f"'{raw['from']}' (inherit: {data.get('inherit')!r})")
-            merged = copy.deepcopy(parent[raw["from"]])
-            merged.update(raw)
-            raw = merged
-        diagnoses.append(_diagnosis(raw, where, anatomy_ids))
+    diagnoses = [_diagnosis(raw, where, anatomy_ids) for raw in _merged_raws(data, path)]
     ids = {d.id for d in diagnoses}
     for d in diagnoses:
         bad = [y for y in d.yields_to if y not in ids]

@@ -209,3 +209,42 @@ def test_two_copies_of_one_version_are_an_error(ct_samples, tmp_path, capsys):
     assert main(["preprocess", "--input", str(tmp_path / "dataset"), "--out", str(tmp_path / "o"), *SMALL,
                  "--mask-source", "none"]) == 2
     assert "two v1 copies of valid_1_a_1.nii.gz" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- comparison protocols
+
+
+def test_ctrate16_is_ctrate18_minus_the_two_global_labels():
+    from fvlm.taxonomy import load_taxonomy
+    t16, t18 = load_taxonomy("ctrate16"), load_taxonomy("ctrate18")
+    assert [d.name for d in t16.diagnoses] == [d.name for d in t18.diagnoses
+                                               if d.name not in ("Medical material", "Lymphadenopathy")]
+    assert {d.anatomy for d in t16.diagnoses} == {"lung", "heart", "esophagus", "aorta"}
+    # everything inherited through ctrate18 from fvlm54, CT-RATE conventions included
+    assert t16.diagnosis("Lung opacity").yields_to == t18.diagnosis("Lung opacity").yields_to != ()
+    assert t16.diagnosis("Emphysema").prompts_positive == t18.diagnosis("Emphysema").prompts_positive
+
+
+@pytest.mark.parametrize("preset,taxonomy,name", [("fvlm", "ctrate16", "fvlm-ctrate16"),
+                                                  ("ctclip", "ctrate18", "ctclip-ctrate18")])
+def test_protocol_presets_are_honest_and_named(preset, taxonomy, name):
+    from fvlm.config import load_config
+    from fvlm.eval.config import ZeroShotConfig
+    from fvlm.eval.report import published_anchors
+    from fvlm.resources import config_path
+    cfg = load_config(ZeroShotConfig, [str(config_path(f"eval/ctrate_{preset}.yaml"))])
+    assert cfg.taxonomy == taxonomy and cfg.protocol == name
+    assert cfg.thresholds.source == "train_subset" and cfg.splits.test == "valid"     # never from test
+    assert name in published_anchors()
+
+
+def test_results_md_shows_ours_beside_published():
+    from fvlm.eval.report import published_block
+    v = lambda x: {"value": x, "ci": [None, None]}  # noqa: E731
+    doc = {"protocol": {"name": "fvlm-ctrate16"},
+           "zeroshot": {"macro": {"overall": {"auc": v(0.701), "accuracy": v(0.65), "precision": v(0.3)}},
+                        "weighted_f1": v(0.6)}}
+    text = "\n".join(published_block(doc))
+    assert "| AUC (macro) | 70.1 | 77.8 |" in text and "| F1 (support-weighted) | 60.0 | 75.1 |" in text
+    assert "ICLR 2025" in text
+    assert published_block({"protocol": {"name": "fvlm"}, "zeroshot": doc["zeroshot"]}) == []

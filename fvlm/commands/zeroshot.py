@@ -19,7 +19,7 @@ DEFAULT_CONFIG = "eval/zeroshot.yaml"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     shorthand(p, "--checkpoint", "checkpoint", "consolidated checkpoint to evaluate", metavar="CKPT")
     shorthand(p, "--data", "data", "shard directory written by `fvlm preprocess`", metavar="SHARDS")
-    shorthand(p, "--taxonomy", "taxonomy", "fvlm54, ctrate18 or a taxonomy YAML", metavar="NAME|FILE.yaml")
+    shorthand(p, "--taxonomy", "taxonomy", "fvlm54, ctrate18, ctrate16 or a taxonomy YAML", metavar="NAME|FILE.yaml")
     shorthand(p, "--out", "out", "output directory", metavar="DIR")
     p.add_argument("--labels", action="append", metavar="LABELS.csv|jsonl",
                    help="ground-truth label file (repeatable, e.g. CT-RATE's train and valid CSVs); "
@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctrate", action="store_true",
                    help="CT-RATE protocol: configs/eval/ctrate.yaml (test = 'valid', thresholds from a "
                         "patient-disjoint train subset, ctrate18 taxonomy)")
+    p.add_argument("--protocol", choices=("fvlm", "ctclip"), dest="protocol_preset",
+                   help="a published CT-RATE protocol: fvlm (configs/eval/ctrate_fvlm.yaml: ctrate16, 4 anatomies) "
+                        "or ctclip (configs/eval/ctrate_ctclip.yaml: ctrate18, CT-CLIP prompts); results.md shows "
+                        "our number beside the published one")
     p.add_argument("--clip-baseline", action="store_true",
                    help="score every diagnosis on the global embedding (config key: scoring.clip_baseline)")
     p.add_argument("--write-thresholds", action="store_true",
@@ -42,6 +46,8 @@ def resolve(args) -> ZeroShotConfig:
 
     if args.ctrate:
         args.config = [str(config_path("eval/ctrate.yaml"))] + list(args.config or [])
+    if getattr(args, "protocol_preset", None):
+        args.config = [str(config_path(f"eval/ctrate_{args.protocol_preset}.yaml"))] + list(args.config or [])
     extra: dict = {}
     if args.labels:
         extra["labels"] = list(args.labels)

@@ -90,6 +90,39 @@ def _metric_block(res: dict, title: str) -> list[str]:
     return lines
 
 
+def published_anchors() -> dict:
+    """``configs/eval/published.yaml``: protocol name -> published numbers and their protocol."""
+    import yaml
+
+    from ..resources import config_path
+    with open(config_path("eval/published.yaml"), encoding="utf-8") as f:
+        return (yaml.safe_load(f) or {}).get("protocols") or {}
+
+
+def published_block(doc: dict) -> list[str]:
+    """Ours beside the published number when the run's protocol names a published one."""
+    name = (doc.get("protocol") or {}).get("name")
+    pub = published_anchors().get(name)
+    if not pub:
+        return []
+    res = doc["zeroshot"]
+    ours = {"auc": res["macro"]["overall"].get("auc"), "accuracy": res["macro"]["overall"].get("accuracy"),
+            "precision": res["macro"]["overall"].get("precision"), "weighted_f1": res.get("weighted_f1")}
+    label = {"auc": "AUC (macro)", "accuracy": "ACC (macro)", "precision": "precision (macro)",
+             "weighted_f1": "F1 (support-weighted)"}
+    rows = []
+    for k, v in pub.get("metrics", {}).items():
+        m = ours.get(k)
+        mine = "-" if not m or m.get("value") is None else f"{100 * m['value']:.1f}"
+        rows.append([label.get(k, k), mine, f"{float(v):.1f}"])
+    lines = [f"## Published numbers, protocol `{name}`", "",
+             f"- {pub.get('paper')}; {pub.get('data')}",
+             f"- labels: {pub.get('labels')}; anatomies: {pub.get('anatomies')}",
+             f"- thresholds: {pub.get('thresholds')}", f"- caveat: {pub.get('caveat')}", ""]
+    lines += _table(["metric (%)", "ours", "published"], rows)
+    return lines + [""]
+
+
 def render_markdown(doc: dict) -> str:
     """The human-readable report of a results document."""
     ck = doc.get("checkpoint") or {}
@@ -112,6 +145,7 @@ def render_markdown(doc: dict) -> str:
     for n in proto.get("notes") or []:
         lines.append(f"- note: {n}")
     lines.append("")
+    lines += published_block(doc)
     lines += _metric_block(doc["zeroshot"], "Zero-shot")
     lp = doc.get("linear_probe")
     if lp and lp.get("status") == "ok":
