@@ -61,11 +61,11 @@ class WholeConfig:
 @dataclass
 class ShardConfig:
     samples_per_shard: int = opt(32, "cases per HDF5 shard")
-    compression: str = opt("blosc2-lz4", "HDF5 filter of the volume and label map (measured table: "
+    compression: str = opt("blosc2-zstd", "HDF5 filter of the volume and label map (measured table: "
                            "docs/FORMATS.md §2, benchmarks/codec_bench.py); blosc2-*, zstd, lz4 need "
                            "hdf5plugin imported to read",
-                           choices=("blosc2-lz4", "blosc2-zstd", "gzip", "lzf", "zstd", "lz4", "none"))
-    compression_level: int = opt(5, "codec level (gzip 1-9, blosc2 0-9, zstd 1-22)")
+                           choices=("blosc2-zstd", "blosc2-lz4", "gzip", "lzf", "zstd", "lz4", "none"))
+    compression_level: int = opt(1, "codec level (gzip 1-9, blosc2 0-9, zstd 1-22)")
     shuffle: str = opt("bit", "shuffle before compressing: bit (blosc2 only), byte, none",
                        choices=("bit", "byte", "none"))
     chunk_shape: list[int] = opt([64, 64, 32], "HDF5 chunk [x, y, z] of stored volumes: a crop read "

@@ -117,8 +117,8 @@ class ShardLayout:
     anatomies: list
     crop_shapes: dict                     # anatomy -> (x, y, z)
     whole_shape: tuple | None = None      # (X, Y, Z) or None
-    compression: str | None = "blosc2-lz4"
-    compression_level: int = 5
+    compression: str | None = "blosc2-zstd"
+    compression_level: int = 1
     shuffle: str | bool = "bit"
     spacing_mm: tuple = (1.0, 1.0, 3.0)
     whole_spacing_mm: tuple | None = None
@@ -184,7 +184,7 @@ class ShardLayout:
         return cls(anatomies=list(d["anatomies"]),
                    crop_shapes={a: tuple(s) for a, s in d["crop_shapes"].items()},
                    whole_shape=tuple(d["whole_shape"]) if d.get("whole_shape") else None,
-                   compression=d.get("compression") or "none", compression_level=int(d.get("compression_level", 5)),
+                   compression=d.get("compression") or "none", compression_level=int(d.get("compression_level", 1)),
                    shuffle=d.get("shuffle", "bit"), spacing_mm=tuple(d.get("spacing_mm", (1.0, 1.0, 3.0))),
                    whole_spacing_mm=tuple(d["whole_spacing_mm"]) if d.get("whole_spacing_mm") else None,
                    margins_mm=dict(d.get("margins_mm") or {}), margin_mm=float(d.get("margin_mm", 5.0)),
