@@ -265,3 +265,39 @@ def test_embed_command_parquet_resume_and_npz(built, tmp_path, capsys):
     assert main(["embed", "--checkpoint", str(built["ck"]), "--data", str(built["shards"]),
                  "--out", str(tmp_path / "e.csv")]) == 2
     assert "parquet or .npz" in _one_line_error(capsys)
+
+
+def test_export_with_the_text_model_loads_from_the_folder(built, tmp_path, capsys):
+    """A frozen pretrained text encoder is not stored in model.pt (external); --include-text-model
+    copies its files (safetensors only) into DIR/text, and loading uses that copy."""
+    from fvlm.data import ShardDataset
+    from fvlm.models import create_model
+    from fvlm.models.checkpoint import save_consolidated
+    from fvlm.resources import default_text_model_dir
+
+    if default_text_model_dir() is None:
+        pytest.skip("the shipped MiniLM text model is not installed")
+    an = ShardDataset(built["shards"]).anatomies
+    torch.manual_seed(1)
+    model = create_model("fvlm", {"anatomies": an, "embed_dim": 16,
+                                  "image": {"encoder": "vit3d_tiny", "img_size": [32, 32, 16], "patch_size": [8, 8, 4]}})
+    from fvlm.data.ct import SampleOptions
+
+    ck = save_consolidated(tmp_path / "minilm.pt", model,
+                           {"data": SampleOptions(anatomies=an, volume_size=[32, 32, 16]).to_dict()})
+    out = tmp_path / "dir"
+    assert main(["export", "--checkpoint", str(ck), "--out", str(out), "--include-text-model"]) == 0
+    capsys.readouterr()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["text"]["weights"] == "external" and cfg["text"]["dir"] == "text"
+    assert (out / "text" / "model.safetensors").is_file() and (out / "text" / "tokenizer.json").is_file()
+    stored = safetensors_torch.load_file(str(out / "model.safetensors"))
+    assert not any(k.startswith("text_encoder.") for k in stored)
+    m = fvlm.load(out, device="cpu")
+    assert Path(m.net.text_identity["path"]) == out / "text"
+    texts = ["The liver is normal."]
+    assert np.array_equal(m.embed_text(texts, "liver"), fvlm.load(ck, device="cpu").embed_text(texts, "liver"))
+    # the tiny test text model has no folder to copy: one line
+    assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(tmp_path / "d3"),
+                 "--include-text-model"]) == 2
+    assert "nothing to copy" in _one_line_error(capsys)
