@@ -71,6 +71,22 @@ def build_source(cfg: CTDataConfig):
         raise FvlmError(f"data.synthetic: {e}") from None
 
 
+def _shard_settings(source) -> dict | None:
+    """The preprocessing settings of the shard directory (``meta["preprocess"]`` of the checkpoint,
+    FORMATS.md): its ``config.yaml`` and ``dataset.json``, so ``fvlm predict`` and ``fvlm.load``
+    preprocess a single scan as the training shards were; None for sources that are not shards."""
+    info, root = getattr(source, "info", None), getattr(source, "root", None)
+    if not isinstance(info, dict) or root is None:
+        return None
+    conf = {}
+    p = Path(root) / "config.yaml"
+    if p.is_file():
+        import yaml
+
+        conf = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    return {"config": conf, "dataset": info}
+
+
 def _diagnoses(cfg: PretrainConfig, source) -> tuple[list[str], list, dict[str, str]]:
     """Diagnosis ids carried as labels, their prompt records, anatomy display names."""
     diags, names = [], {}
@@ -168,7 +184,7 @@ def run(cfg: PretrainConfig) -> dict:
     meta = {"data": opts.to_dict(), "hu_window": list(cfg.data.window), "model_name": cfg.model_name,
             "loss": {"kind": cfg.loss.kind, "calibration": list(cfg.loss.calibration)},
             "anatomy_set": getattr(source, "info", {}).get("anatomy_set") if hasattr(source, "info") else None,
-            "taxonomy": cfg.data.taxonomy}
+            "taxonomy": cfg.data.taxonomy, "preprocess": _shard_settings(source)}
 
     def save_model(path, module, step, state_dict=None):
         save_consolidated(path, module, {**meta, "step": step}, model_name=cfg.model_name, state_dict=state_dict)
