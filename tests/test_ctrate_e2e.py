@@ -28,6 +28,10 @@ def test_ctrate_preprocess_pretrain_zeroshot(ct_samples, tmp_path, capsys):
                "--set", "train.steps=2", "--set", "train.ckpt_every=2", "--set", "val.enabled=false",
                "--set", "train.tensorboard=false", "--set", "data.batch_size=2"])
     assert rc == 0, capsys.readouterr().err[-3000:]
+    import torch
+    raw = torch.load(pt / "model.pt", map_location="cpu", weights_only=True)
+    assert raw["meta"]["step"] == 2
+    assert raw["meta"]["preprocess"]["dataset"]["layout"]["anatomies"] == ds.anatomies    # trained on the shards
     res = tmp_path / "res"
     rc = main(["zeroshot", "--checkpoint", str(pt / "model.pt"), "--data", str(shards), "--taxonomy", "ctrate18",
                "--labels", str(ds_dir / "multi_abnormality_labels" / "predicted_labels.csv"), "--out", str(res),
@@ -37,6 +41,7 @@ def test_ctrate_preprocess_pretrain_zeroshot(ct_samples, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err[-3000:]
     doc = json.loads((res / "results.json").read_text())
     zs = doc["zeroshot"]
+    assert doc["compute"]["image_forwards"] == 4
     listed = set(zs["diagnoses"]) | {s["id"] for s in zs["skipped"]}
     assert listed == {d.id for d in load_taxonomy("ctrate18").diagnoses}, listed
 
