@@ -33,7 +33,7 @@ def test_null_pvalue_is_calibrated():
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path):
+def test_demo_quick_end_to_end(tmp_path, caplog, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -60,3 +60,22 @@ def test_demo_quick_end_to_end(tmp_path):
                                 diags[d]["support"]["negatives"]) for d in checked}
     aucs = {d: diags[d]["auc"]["value"] for d in checked}
     assert sum(p < alpha for p in pvals.values()) >= 2, (aucs, pvals)
+
+    # the README's Python API example runs as written on the checkpoint this demo wrote, and that
+    # checkpoint carries the shards' preprocessing settings (no fallback warning)
+    import logging
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = re.search(r"<!-- python-api-example -->\s*```python\n(.*?)```", (repo / "README.md").read_text(),
+                     re.S).group(1)
+    code = code.replace("runs/demo/train/fvlm/model.pt", str(out / "train" / "fvlm" / "model.pt"))
+    caplog.clear()
+    capsys.readouterr()
+    monkeypatch.chdir(repo)
+    with caplog.at_level(logging.WARNING):
+        exec(compile(code, "README.md", "exec"), {})
+    assert "no preprocessing settings" not in caplog.text
+    printed = capsys.readouterr().out
+    assert "liver" in printed and "[" in printed
