@@ -219,3 +219,32 @@ def test_tiny_random_text_encoder_trains():
     out.sum().backward()
     assert out.shape == (2, te.embed_dim)
     assert any(p.grad is not None for p in te.parameters())
+
+
+@pytest.mark.parametrize("pos", ["sincos", "learned"])
+@pytest.mark.parametrize("name", ["vit2d_nano", "vit3d_nano"])
+def test_no_weight_decay_names_tokens_norms_and_biases(name, pos):
+    enc, _ = _make(name, pos_embed=pos, stem="conv" if name.startswith("vit3d") else "linear")
+    nwd = enc.no_weight_decay()
+    params = dict(enc.named_parameters())
+    assert nwd <= params.keys()
+    assert "cls_token" in nwd and "norm.weight" in nwd and "norm.bias" in nwd
+    assert ("pos_embed" in nwd) == (pos == "learned")      # the sin-cos table is a buffer, not a parameter
+    assert "blocks.0.norm1.weight" in nwd and "blocks.0.attn.qkv.bias" in nwd and "patch_embed.proj.bias" in nwd
+    # every matrix/kernel weight is decayed: only tokens and 1-d parameters are exempt
+    decayed = params.keys() - nwd
+    assert {"blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "patch_embed.proj.weight"} <= decayed
+    assert all(params[n].ndim >= 2 for n in decayed)
+    if name.startswith("vit3d"):
+        assert "patch_embed.stem.1.weight" in nwd and "patch_embed.stem.0.weight" in decayed  # instance norm gain
+
+
+def test_text_encoder_no_weight_decay():
+    from fvlm.encoders import TextEncoder
+
+    te = TextEncoder.tiny_random()
+    nwd = te.no_weight_decay()
+    params = dict(te.named_parameters())
+    assert any(n.endswith("LayerNorm.weight") for n in nwd) and any(n.endswith(".bias") for n in nwd)
+    assert not any(n.endswith("query.weight") for n in nwd)
+    assert all(params[n].ndim == 1 for n in nwd)

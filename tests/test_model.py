@@ -191,3 +191,17 @@ def test_augmentation_is_seeded_and_keeps_masks_aligned(source):
     assert torch.equal(a["volume"], b["volume"]) and not torch.equal(a["volume"], plain["volume"])
     assert a["label_map"].dtype == torch.uint8 and set(a["label_map"].unique().tolist()) <= {0, 1, 2, 3, 4}
     assert a["crops"].shape == plain["crops"].shape
+
+
+def test_no_weight_decay_covers_model_tokens_and_encoder_sets():
+    model = create_model("fvlm", _cfg(logit_bias_init=-10.0, proj_hidden=8))
+    nwd = model.no_weight_decay()
+    params = dict(model.named_parameters())
+    assert nwd <= params.keys()
+    enc = {"image_encoder." + n for n in model.image_encoder.no_weight_decay()}
+    txt = {"text_encoder." + n for n in model.text_encoder.no_weight_decay()}
+    assert enc | txt <= nwd and "image_encoder.cls_token" in nwd
+    assert {"pool.q", "pool.norm.weight", "pool.k.bias", "logit_scale", "logit_bias",
+            "image_proj.b1", "image_proj.b2", "text_proj.b1"} <= nwd
+    assert {"pool.k.weight", "image_proj.w1", "image_proj.w2", "text_proj.w1",
+            "image_encoder.blocks.0.attn.qkv.weight"}.isdisjoint(nwd)

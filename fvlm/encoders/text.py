@@ -80,6 +80,10 @@ class TextEncoder(nn.Module):
                          num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128)
         return cls(max_tokens=max_tokens, _model=BertModel(cfg), _tokenizer=tok)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names without weight decay: biases and LayerNorm gains (every 1-d parameter)."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1}
+
     def tokenize(self, texts: list[str]) -> dict:
         if isinstance(texts, str):
             texts = [texts]

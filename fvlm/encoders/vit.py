@@ -12,7 +12,8 @@ Every encoder has the same contract:
   norm (``P = num_prefix_tokens``; ``keep`` = ``(B, K)`` indices of the visible
   patch tokens, for masked autoencoders, -> ``(B, P + K, C)``);
 - ``forward_intermediates(x, indices)`` -> list of ``(B, C, *grid)`` maps;
-- ``dense(x)`` -> ``(B, C, *grid)``.
+- ``dense(x)`` -> ``(B, C, *grid)``;
+- ``no_weight_decay()`` -> names of the parameters that get no weight decay.
 
 Parameter names follow the common ViT layout (``patch_embed.proj``,
 ``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1``, ``norm``, ``cls_token``,
@@ -239,6 +240,16 @@ class VisionTransformer(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) that must get no weight decay.
+
+        Decaying biases, norm gains, the class token or a learned position table pulls them
+        towards 0 rather than regularising anything; the trainer builds its parameter groups
+        from this set instead of guessing from names.
+        """
+        skip = {"cls_token", "pos_embed"}
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in skip}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

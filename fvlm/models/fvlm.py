@@ -423,6 +423,26 @@ class FVLM(nn.Module):
             out["logit_bias"] = self.logit_bias.float().squeeze(0)
         return out
 
+    def no_weight_decay(self) -> set[str]:
+        """Full parameter names that must get no weight decay.
+
+        The encoders' own sets (position/class tokens, norms, biases) under their prefixes, plus
+        this model's: the anatomy queries, norms, head biases, temperature and logit bias.
+        """
+        out = set()
+        for prefix, mod in (("image_encoder.", self.image_encoder), ("text_encoder.", self.text_encoder)):
+            nwd = getattr(mod, "no_weight_decay", None)
+            names = nwd() if nwd is not None else {n for n, p in mod.named_parameters() if p.ndim <= 1}
+            out |= {prefix + n for n in names}
+        own = ("pool.q", "logit_scale", "logit_bias")
+        for n, p in self.named_parameters():
+            if n.startswith(("image_encoder.", "text_encoder.")):
+                continue
+            leaf = n.rsplit(".", 1)[-1]
+            if n in own or p.ndim <= 1 or leaf in ("b1", "b2"):   # _Heads biases are (K, E)
+                out.add(n)
+        return out
+
     def param_groups_hint(self) -> dict[str, str]:
         """Parameter-name prefixes per group, for per-group learning rates."""
         return {"image_encoder.": "encoder", "text_encoder.": "text"}
