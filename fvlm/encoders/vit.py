@@ -223,7 +223,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches, embed_dim) * 0.02)
         else:
             self.register_buffer("pos_embed", sincos_pos_embed(self.grid_size, embed_dim)[None], persistent=False)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], attn_impl) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import opt
-from ..errors import FvlmError
+from ..errors import ConfigError, FvlmError
 
 __all__ = ["ImageConfig", "TextConfig", "FVLMConfig", "FVLM"]
 
@@ -184,8 +184,7 @@ class FVLM(nn.Module):
 
             load_encoder_weights(self.image_encoder, ic.pretrained)
         self.image_encoder.set_grad_checkpointing(ic.grad_checkpointing)
-        depth = self.image_encoder.depth
-        self.levels = sorted({i % depth for i in ic.levels})
+        self.levels = _check_levels(ic.levels, self.image_encoder.depth, ic.encoder)
         C = self.image_encoder.embed_dim
         L = len(self.levels)
         K = len(self.names)
@@ -446,6 +445,22 @@ class FVLM(nn.Module):
     def param_groups_hint(self) -> dict[str, str]:
         """Parameter-name prefixes per group, for per-group learning rates."""
         return {"image_encoder.": "encoder", "text_encoder.": "text"}
+
+
+def _check_levels(levels: Sequence[int], depth: int, encoder: str) -> list[int]:
+    """Sorted block indices for ``levels`` (negative = from the end); out of range is a ConfigError.
+
+    Wrapping an index modulo the depth once turned ViT-B's [2, 5, 8, 11] into [0, 1, 2, 3] of a
+    4-block encoder without a word.
+    """
+    levels = list(levels)
+    if not levels:
+        raise ConfigError("model.image.levels is empty: name at least one encoder block (e.g. [-1])")
+    bad = [i for i in levels if not -depth <= int(i) < depth]
+    if bad:
+        raise ConfigError(f"model.image.levels {levels}: block(s) {bad} do not exist in encoder {encoder} "
+                          f"of depth {depth} (valid: 0..{depth - 1}, or -{depth}..-1 from the end)")
+    return sorted({int(i) % depth for i in levels})
 
 
 def _make_text_encoder(tc: TextConfig) -> nn.Module:
