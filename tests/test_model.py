@@ -67,12 +67,54 @@ def test_text_cache_encodes_each_sentence_once(source):
     model = create_model("fvlm", _cfg())
     calls = []
     orig = model._text_forward
-    model._text_forward = lambda texts: calls.append(len(texts)) or orig(texts)
+    model._text_forward = lambda texts, **kw: calls.append(len(texts)) or orig(texts, **kw)
     b = make_batch_fn(_opts(source))([source.get(c) for c in source.case_ids()[:8]])
     model(b)
     n_unique = len({t for row in b["texts"] for t in row if t} | set(b["global_text"]))
+    G = model.cfg.text.encode_group
     model(b)
-    assert calls == [n_unique]
+    assert calls == [G] * -(-n_unique // G)     # fixed-size groups, none on the second pass
+
+
+@pytest.fixture(scope="module")
+def minilm_model():
+    """The shipped MiniLM: its features move by ~1e-6 with the padding length (the tiny BERT's do not)."""
+    torch.manual_seed(0)
+    return create_model("fvlm", _cfg(text={"model_dir": None, "center": False, "encode_group": 8}))
+
+
+def test_frozen_text_features_do_not_depend_on_the_batch(source, minilm_model):
+    """Cache on, cache off, and whatever came before: the same bits (resume after kill -9 is exact)."""
+    model = minilm_model
+    recs = [source.get(c) for c in source.case_ids()[:10]]
+    mk = make_batch_fn(_opts(source))
+    b1, b2 = mk(recs[:6]), mk(recs[3:10])
+    model._text_cache.clear()
+    model.text_features(b1)
+    warm = model.text_features(b2)           # b2's texts: part cached from b1, part new
+    model._text_cache.clear()
+    cold = model.text_features(b2)           # all new, encoded together
+    model.cfg.text.cache = False
+    try:
+        off = model.text_features(b2)
+    finally:
+        model.cfg.text.cache = True
+    for a, b in [(warm, cold), (warm, off)]:
+        assert torch.equal(a[2], b[2]) and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # and each text alone gives the same bits as inside any group
+    strings = [t for row in b2["texts"] for t in row if t][:5]
+    alone = torch.cat([model._frozen_text([t]) for t in strings])
+    assert torch.equal(alone, model._frozen_text(strings[::-1]).flip(0))
+    # the batch as given (dynamic padding) is not canonical: that is what made resume inexact
+    assert len({len(model.text_encoder.tokenize([t])["input_ids"][0]) for t in strings}) > 1
+
+
+def test_trained_text_encoder_is_never_cached(source):
+    model = create_model("fvlm", _cfg(text={"model_dir": "tiny-random", "freeze": False}))
+    b = make_batch_fn(_opts(source))([source.get(c) for c in source.case_ids()[:4]])
+    with torch.no_grad():
+        model.eval()(b)
+    assert not model._text_cache        # cached under no_grad, it would go stale after the next step
 
 
 def test_record_to_sample_text_rules(source):

@@ -12,7 +12,8 @@ Image side (``image_encoder``, the shared 3D ViT):
 - the global embedding (whole volume, all tokens) is trained alongside when ``use_global``.
 
 Text side: a Hugging Face encoder (``fvlm.encoders.TextEncoder``), frozen or trained; with a
-frozen encoder, each distinct sentence is encoded once and cached. Projection shared by all
+frozen encoder, each distinct sentence is encoded once (in fixed-shape groups, so its features
+do not depend on the batch it first came in) and cached. Projection shared by all
 anatomies or one per anatomy (and one for the global text).
 
 Anti-collapse options for near-identical scans: ``center_image`` (subtract the per-anatomy
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -62,6 +64,8 @@ class TextConfig:
     freeze: bool = opt(True, "freeze the text encoder (then sentence features are cached)")
     cache: bool = opt(True, "cache frozen sentence features (encode each distinct text once)")
     cache_size: int = opt(500000, "max cached texts")
+    encode_group: int = opt(32, "a frozen encoder encodes new texts in groups of exactly this many, padded to "
+                            "max_tokens, so features never depend on the batch (exact resume)")
     projection: Literal["shared", "per_anatomy"] = opt("per_anatomy", "text projection head(s)")
     center: bool = opt(False, "subtract each anatomy's running-mean text feature before projection")
     center_momentum: float = opt(0.99, "momentum of that running mean")
@@ -193,6 +197,8 @@ class FVLM(nn.Module):
         self.image_center = _MaskedCenter(K, cfg.embed_dim, cfg.center_momentum) if cfg.center_image else None
 
         tc = cfg.text
+        if tc.encode_group < 1:
+            raise ConfigError(f"model.text.encode_group must be at least 1, got {tc.encode_group}")
         if text_encoder is None:
             text_encoder = _make_text_encoder(tc)
         self.text_encoder = text_encoder
@@ -328,25 +334,59 @@ class FVLM(nn.Module):
 
     # ------------------------------------------------------------------ text
     def _raw_text(self, texts: list[str]) -> torch.Tensor:
-        """Text-encoder features ``(N, D)`` (float32), cached per distinct string when frozen."""
+        """Text-encoder features ``(N, D)`` (float32).
+
+        A frozen encoder's features are a function of the text alone (cache on, cache off and
+        any batch give the same bits, see :meth:`_frozen_text`), cached per distinct string. A
+        trained encoder runs on the batch as given, with gradients.
+        """
         tc = self.cfg.text
         dev = self._device()
-        if not texts:
-            return torch.zeros(0, self.text_encoder.embed_dim, device=dev)
-        frozen = tc.freeze or not torch.is_grad_enabled()
-        if not (frozen and tc.cache):
-            return self._text_forward(texts).float()
+        empty = torch.zeros(0, self.text_encoder.embed_dim, device=dev)
+        if not tc.freeze:
+            # no cache: cached features of a trained encoder would go stale after the next step
+            return self._text_forward(texts).float() if texts else empty
+        # the frozen paths run _frozen_text even with nothing to encode: ZeRO-3 ranks stay in step
+        if not tc.cache:
+            uniq = list(dict.fromkeys(texts))
+            f = dict(zip(uniq, self._frozen_text(uniq)))
+            return torch.stack([f[t] for t in texts]) if texts else empty
         missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        f = self._frozen_text(missing).cpu()
         if missing:
-            with torch.no_grad():
-                f = self._text_forward(missing).float().cpu()
             if len(self._text_cache) + len(missing) > tc.cache_size:
                 self._text_cache.clear()
             self._text_cache.update(zip(missing, f))
-        return torch.stack([self._text_cache[t] for t in texts]).to(dev)
+        return torch.stack([self._text_cache[t] for t in texts]).to(dev) if texts else empty
 
-    def _text_forward(self, texts: list[str]) -> torch.Tensor:
-        tok = {k: v.to(self._device()) for k, v in self.text_encoder.tokenize(texts).items()}
+    def _frozen_text(self, texts: list[str]) -> torch.Tensor:
+        """Frozen-encoder features ``(N, D)`` float32 that depend on each text only.
+
+        Texts are encoded in groups of exactly ``text.encode_group``, each padded to
+        ``text.max_tokens`` tokens (short groups filled with empty texts), so every forward has
+        the same shapes whatever the batch held and whatever was cached. With the text encoder
+        partitioned over ranks (ZeRO-3) every forward is a collective, so all ranks run as many
+        groups as the rank that needs most (:func:`text_groups_in_step`).
+        """
+        G = self.cfg.text.encode_group
+        D = self.text_encoder.embed_dim
+        dev = self._device()
+        n = text_groups_in_step(len(texts), G, sync=_is_partitioned(self.text_encoder), device=dev)
+        outs = []
+        with torch.no_grad():
+            for g in range(n):
+                chunk = texts[g * G:(g + 1) * G]
+                f = self._text_forward(chunk + [""] * (G - len(chunk)), fixed_length=True)
+                outs.append(f[:len(chunk)].float())
+        return torch.cat(outs) if outs else torch.zeros(0, D, device=dev)
+
+    def _text_forward(self, texts: list[str], fixed_length: bool = False) -> torch.Tensor:
+        if fixed_length:
+            tok = self.text_encoder.tokenizer(list(texts), padding="max_length", truncation=True,
+                                              max_length=self.text_encoder.max_tokens, return_tensors="pt")
+        else:
+            tok = self.text_encoder.tokenize(texts)
+        tok = {k: v.to(self._device()) for k, v in dict(tok).items()}
         return self.text_encoder(**tok)
 
     def _project_text(self, raw: torch.Tensor, name_idx: torch.Tensor) -> torch.Tensor:
@@ -390,8 +430,9 @@ class FVLM(nn.Module):
                     has[b, k] = True
         D = self.text_encoder.embed_dim
         raw = torch.zeros(B, K, D, device=dev)
-        if strings:
+        if strings or self.cfg.text.freeze:   # a frozen encoder takes part even with no text (ZeRO-3)
             f = self._raw_text(strings)
+        if strings:
             bi = torch.tensor([w[0] for w in where], device=dev)
             ki = torch.tensor([w[1] for w in where], device=dev)
             raw = raw.index_put((bi, ki), f)
@@ -445,6 +486,25 @@ class FVLM(nn.Module):
     def param_groups_hint(self) -> dict[str, str]:
         """Parameter-name prefixes per group, for per-group learning rates."""
         return {"image_encoder.": "encoder", "text_encoder.": "text"}
+
+
+def _is_partitioned(module: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned ``module``'s parameters (each forward gathers them)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def text_groups_in_step(n_texts: int, group: int, sync: bool, device=None) -> int:
+    """How many text-encoder forwards of ``group`` texts this rank runs for ``n_texts`` new texts.
+
+    ``sync``: the forwards are collectives (ZeRO-3), so every rank runs the maximum over ranks
+    (one all_reduce; ranks with fewer texts encode padding). Without a process group it is local.
+    """
+    n = -(-n_texts // group)
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([n], dtype=torch.long, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        n = int(t.item())
+    return n
 
 
 def _check_levels(levels: Sequence[int], depth: int, encoder: str) -> list[int]:
