@@ -31,7 +31,7 @@ class DemoConfig:
     seed: int = opt(0, "seed of the corpus generator and of training")
     preprocess_config: str = opt("demo/preprocess.yaml", "config of the preprocess stage")
     preprocess_set: list[str] = opt([], "extra key=value overrides for the preprocess stage")
-    num_workers: int = opt(2, "preprocess worker processes")
+    num_workers: int = opt(1, "preprocess worker processes")
     train_config: str = opt("demo/train.yaml", "config of the pretrain stage")
     train_set: list[str] = opt([], "extra key=value overrides for the pretrain stage")
     zeroshot_config: str = opt("demo/zeroshot.yaml", "config of the zero-shot stage")
