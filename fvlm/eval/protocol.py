@@ -17,13 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import FvlmError
-
-_ALIASES = [{"val", "valid", "validation", "dev"}, {"test", "testing"}, {"train", "training"}]
-
-
-def same_split(a: str, b: str) -> bool:
-    a, b = str(a).lower(), str(b).lower()
-    return a == b or any(a in g and b in g for g in _ALIASES)
+from ..splits import same_split
 
 
 @dataclass

@@ -15,14 +15,19 @@ Metrics (all means over names / diagnoses that can be scored):
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..data.ct import SampleOptions, collate, record_to_sample
+from ..errors import ConfigError
+from ..splits import resolve_split_ids
 
-__all__ = ["quick_validate", "diagnosis_prompts"]
+__all__ = ["quick_validate", "diagnosis_prompts", "check_val_config"]
+
+_log = logging.getLogger("fvlm.train")
 
 
 def _attr(d: Any, k: str, default=None):
@@ -105,3 +110,73 @@ def _img_present(vmask, name, img) -> np.ndarray:
     # validity in the forward pass requires text too; for scoring, image presence is what matters,
     # and an anatomy with no text is normal under unmentioned: normal, so vmask is a good proxy
     return vmask[name].numpy()
+
+
+def _config_diagnoses(cfg, source) -> list[dict]:
+    """Diagnoses with prompts that validation can score: the taxonomy's, else the source's own."""
+    if cfg.data.taxonomy:
+        from ..taxonomy import load_taxonomy
+
+        diags = list(load_taxonomy(cfg.data.taxonomy).diagnoses)
+    else:
+        diags = list(getattr(source, "diagnoses", []) or [])
+    scored = diagnosis_prompts(diags)
+    if cfg.data.diagnoses:
+        scored = [d for d in scored if d["id"] in set(cfg.data.diagnoses)]
+    return scored
+
+
+def check_val_config(cfg, source) -> list[str]:
+    """Validation case ids for a PretrainConfig and its opened source; raise where ``train.val_metric``
+    cannot be computed.
+
+    The split is ``data.val_split`` under the aliases of :mod:`fvlm.splits` (``valid`` finds shards
+    written as ``val``), capped at ``val.max_cases``. With no ``train.val_metric`` a missing split
+    only logs a warning (validation off); with one, every way it could never be computed is a
+    :class:`ConfigError` naming the key to set: validation disabled, no cases in the split, no
+    diagnoses with prompts (``data.taxonomy``) for ``val/auc_*``, an unknown metric name.
+    """
+    metric = cfg.train.val_metric
+    if not cfg.val.enabled:
+        if metric:
+            raise ConfigError(f"train.val_metric={metric} needs validation, but val.enabled=false")
+        return []
+    name, ids = resolve_split_ids(source, cfg.data.val_split)
+    if not ids:
+        msg = (f"no cases in validation split '{cfg.data.val_split}' (data.val_split, or its aliases "
+               f"val/valid/validation/dev) of the data")
+        if metric:
+            raise ConfigError(f"train.val_metric={metric}: {msg}")
+        _log.warning("validation off: %s", msg)
+        return []
+    if name != cfg.data.val_split:
+        _log.info("data.val_split %r: using split %r of the data", cfg.data.val_split, name)
+    ids = ids[:cfg.val.max_cases]
+    if metric:
+        _check_metric(metric, cfg, source)
+    return ids
+
+
+def _check_metric(metric: str, cfg, source) -> None:
+    anats = list(cfg.data.anatomies) or list(cfg.model.anatomies) or list(getattr(source, "anatomies", []))
+    if metric.startswith("val/auc_"):
+        diags = _config_diagnoses(cfg, source)
+        if not diags:
+            raise ConfigError(f"train.val_metric={metric} needs diagnoses with prompts: set data.taxonomy "
+                              f"(e.g. fvlm54, ctrate18); the data has none of its own")
+        did = metric[len("val/auc_"):]
+        if did != "mean" and did not in {d["id"] for d in diags}:
+            raise ConfigError(f"train.val_metric={metric}: no diagnosis {did!r} with prompts in "
+                              f"{'data.taxonomy=' + str(cfg.data.taxonomy) if cfg.data.taxonomy else 'the data'}")
+        return
+    if metric == "val/recall@1_mean":
+        return
+    for pre in ("val/R@1_", "val/R@5_"):
+        if metric.startswith(pre):
+            n = metric[len(pre):]
+            if n != "global" and n not in anats:
+                raise ConfigError(f"train.val_metric={metric}: anatomy {n!r} is not trained "
+                                  f"(data.anatomies: {', '.join(anats) or 'none'})")
+            return
+    raise ConfigError(f"train.val_metric={metric}: unknown metric (val/auc_mean, val/auc_<diagnosis>, "
+                      f"val/recall@1_mean, val/R@1_<anatomy>, val/R@5_<anatomy>)")
