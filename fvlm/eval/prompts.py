@@ -165,6 +165,29 @@ def score(image: np.ndarray, pos: np.ndarray, neg: np.ndarray, rule: str = "pair
     raise FvlmError(f"unknown scoring rule {rule!r} (pairwise, mean_embedding, softmax_all)")
 
 
+def score_prompt_sets(arrays: dict[str, np.ndarray], sets: Sequence[PromptSet], pe: PromptEmbeddings,
+                      rule: str = "pairwise", logit_scale: float = 100.0,
+                      rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Zero-shot scores per diagnosis: ``{diagnosis id: (N,)}`` by :func:`score`.
+
+    The one scoring path of ``fvlm zeroshot`` and of validation during pretraining (which picks
+    ``best.pt``), so both rank a model by the same rule and prompts.
+
+    Args:
+        arrays: image embeddings by key (``"global"`` or anatomy) ``(N_all, E)``, L2-normalised.
+        sets, pe: prompt sets and their encodings (:func:`encode_prompt_sets`); a set whose
+            embedding key is not in ``arrays`` is left out of the result.
+        rows: ``(N,)`` row indices into ``arrays`` (None = all rows).
+    """
+    out = {}
+    for ps in sets:
+        if ps.embedding not in arrays or ps.diagnosis not in pe.positives:
+            continue
+        img = arrays[ps.embedding] if rows is None else arrays[ps.embedding][rows]
+        out[ps.diagnosis] = score(img, pe.positives[ps.diagnosis], pe.negatives[ps.diagnosis], rule, logit_scale)
+    return out
+
+
 def model_logit_scale(model, default: float = 100.0) -> float:
     """The model's learned similarity scale, else ``default``.
 

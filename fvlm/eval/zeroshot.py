@@ -31,7 +31,7 @@ from . import probe as probe_mod
 from .config import ZeroShotConfig
 from .embed import CaseEmbeddings, EmbeddingCache, encode_cases
 from .labels import LabelTable, silver_matrix
-from .prompts import GLOBAL, build_prompt_sets, encode_prompt_sets, model_logit_scale, score
+from .prompts import GLOBAL, build_prompt_sets, encode_prompt_sets, model_logit_scale, score_prompt_sets
 from .protocol import CaseInfo, resolve
 from .retrieval import run_retrieval
 from .scoring import DiagnosisInfo, evaluate, roc_points
@@ -118,13 +118,13 @@ def run_suite(model, dataset, taxonomy, cfg: ZeroShotConfig, make_batch: Callabl
     infos_d = [DiagnosisInfo(ps.diagnosis, ps.name, ps.anatomy, ps.embedding) for ps in sets]
 
     def scores_for(ids: list[str]) -> np.ndarray:
-        rows = emb.rows(ids)
         out = np.full((len(ids), len(sets)), 0.5)
+        if not ids:
+            return out
+        by_diag = score_prompt_sets(emb.arrays, usable, pe, cfg.scoring.rule, scale, rows=emb.rows(ids))
         for j, ps in enumerate(sets):
-            if ps.diagnosis in unavailable or not ids:
-                continue
-            out[:, j] = score(emb.arrays[ps.embedding][rows], pe.positives[ps.diagnosis],
-                              pe.negatives[ps.diagnosis], cfg.scoring.rule, scale)
+            if ps.diagnosis in by_diag:
+                out[:, j] = by_diag[ps.diagnosis]
         return out
 
     # ---- ground truth

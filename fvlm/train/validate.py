@@ -8,9 +8,11 @@ Metrics (all means over names / diagnoses that can be scored):
 - ``val/R@1_<name>``, ``val/R@5_<name>``, ``val/recall@1_mean``: image->text retrieval among the
   validation cases where the anatomy is present and has text (a text identical to the
   query's own counts as correct, so repeated "X is normal." does not penalise);
-- ``val/auc_<diagnosis>``, ``val/auc_mean``: zero-shot score = mean similarity to the positive
-  prompts minus mean similarity to the negative prompts, on the diagnosis' own anatomy
-  embedding (global for whole-scan diagnoses or a global-only model); rows with an absent
+- ``val/auc_<diagnosis>``, ``val/auc_mean``: AUC of the zero-shot score of ``fvlm zeroshot``
+  (the same function, :func:`fvlm.eval.prompts.score_prompt_sets`, the taxonomy's prompts and
+  the ``pairwise`` rule with the model's logit scale by default) on the diagnosis' own anatomy
+  embedding (global for whole-scan diagnoses; every diagnosis on global for a global-only
+  model, and diagnoses whose anatomy the model lacks are not scored); rows with an absent
   anatomy or an uncertain label (-1) are left out.
 """
 from __future__ import annotations
@@ -22,7 +24,10 @@ import numpy as np
 import torch
 
 from ..data.ct import SampleOptions, collate, record_to_sample
+from ..devices import module_device, to_device
 from ..errors import ConfigError
+from ..eval.metrics import recall_at_k, roc_auc
+from ..eval.prompts import GLOBAL, build_prompt_sets, encode_prompt_sets, model_logit_scale, score_prompt_sets
 from ..splits import resolve_split_ids
 
 __all__ = ["quick_validate", "diagnosis_prompts", "check_val_config"]
@@ -46,36 +51,55 @@ def diagnosis_prompts(diagnoses: Sequence[Any]) -> list[dict]:
 
 @torch.no_grad()
 def quick_validate(model, source, case_ids: Sequence[str], opts: SampleOptions, diagnoses: Sequence[Any] = (),
-                   batch_size: int = 16, source_anatomies: Sequence[str] | None = None) -> dict[str, float]:
-    """Encode the validation cases once and compute the metrics above."""
-    from ..eval.metrics import recall_at_k, roc_auc
+                   batch_size: int = 16, source_anatomies: Sequence[str] | None = None,
+                   rule: str = "pairwise", logit_scale: float | None = None) -> dict[str, float]:
+    """Encode the validation cases once and compute the metrics above.
 
-    names = list(model.names)
+    ``rule`` and ``logit_scale`` (None = the model's learned scale) are ``scoring.rule`` and
+    ``scoring.logit_scale`` of ``fvlm zeroshot`` (defaults equal configs/eval/zeroshot.yaml).
+    """
+    enc = _encode_cases(model, source, case_ids, opts, batch_size, source_anatomies)
+    if enc is None:
+        return {}
+    img, txt, vmask, present, y_all = enc
+    metrics = _retrieval(img, txt, vmask)
+    metrics.update(_zero_shot_aucs(model, img, present, y_all, opts, diagnoses, rule, logit_scale))
+    return metrics
+
+
+def _encode_cases(model, source, case_ids, opts, batch_size, source_anatomies):
+    """``(img, txt, valid, present, labels)``: per-name ``(N, E)`` embeddings, ``(N,)`` masks, ``(N, D)``."""
+    names, dev = list(model.names), module_device(model)
     embs: dict[str, list] = {n: [] for n in names}
     txts: dict[str, list] = {n: [] for n in names}
     valid: dict[str, list] = {n: [] for n in names}
-    labels = []
+    present, labels = [], []
     for i in range(0, len(case_ids), batch_size):
         recs = [source.get(c, volume=opts.volume_size is not None, crops=opts.crop_size is not None)
                 for c in case_ids[i:i + batch_size]]
         batch = collate([record_to_sample(r, opts, source_anatomies=source_anatomies) for r in recs])
-        out = model(batch)
+        out = model(to_device(batch, dev))
         for n in names:
             embs[n].append(out["image"][n].float().cpu())
             txts[n].append(out["text"][n].float().cpu())
             valid[n].append(out["valid"][n].cpu())
+        present.append(batch["present"])
         labels.append(batch["labels"])
     if not labels:
-        return {}
-    metrics: dict[str, float] = {}
-    img = {n: torch.cat(embs[n]) for n in names}
-    vmask = {n: torch.cat(valid[n]) for n in names}
-    r1 = []
-    for n in names:
-        v = vmask[n]
+        return None
+    cat = {k: {n: torch.cat(v[n]).numpy() for n in names} for k, v in (("i", embs), ("t", txts), ("v", valid))}
+    pres = torch.cat(present).numpy()
+    pres_by_name = {a: pres[:, j] for j, a in enumerate(opts.anatomies)}
+    return cat["i"], cat["t"], cat["v"], pres_by_name, torch.cat(labels).numpy()
+
+
+def _retrieval(img, txt, vmask) -> dict[str, float]:
+    metrics, r1 = {}, []
+    for n in img:
+        v = vmask[n].astype(bool)
         if int(v.sum()) < 2:
             continue
-        i_, t_ = img[n][v].numpy(), torch.cat(txts[n])[v].numpy()
+        i_, t_ = img[n][v], txt[n][v]
         sim = i_ @ t_.T
         pos = np.isclose(t_ @ t_.T, (t_ * t_).sum(1)[:, None], atol=1e-5) | np.eye(len(t_), dtype=bool)
         r = recall_at_k(sim, ks=(1, 5), positives=pos)
@@ -83,33 +107,36 @@ def quick_validate(model, source, case_ids: Sequence[str], opts: SampleOptions, 
         r1.append(r["R@1"])
     if r1:
         metrics["val/recall@1_mean"] = float(np.mean(r1))
-    y_all = torch.cat(labels).numpy()
-    aucs = []
-    present = torch.ones(len(y_all), dtype=torch.bool)
-    for d in diagnosis_prompts(diagnoses):
-        if d["id"] not in opts.diagnoses:
-            continue
-        name = d["anatomy"] if d["anatomy"] in names else ("global" if "global" in names else None)
-        if name is None:
-            continue
-        pe = model.encode_text(d["pos"], anatomy=None if name == "global" else name).float().cpu().mean(0)
-        ne = model.encode_text(d["neg"], anatomy=None if name == "global" else name).float().cpu().mean(0)
-        s = (img[name] @ (pe - ne)).numpy()
-        y = y_all[:, opts.diagnoses.index(d["id"])]
-        keep = (y >= 0) & (present.numpy() if name == "global" else _img_present(vmask, name, img))
-        a = roc_auc(y[keep] > 0, s[keep]) if keep.sum() > 1 else float("nan")
-        if np.isfinite(a):
-            metrics[f"val/auc_{d['id']}"] = a
-            aucs.append(a)
-    if aucs:
-        metrics["val/auc_mean"] = float(np.mean(aucs))
     return metrics
 
 
-def _img_present(vmask, name, img) -> np.ndarray:
-    # validity in the forward pass requires text too; for scoring, image presence is what matters,
-    # and an anatomy with no text is normal under unmentioned: normal, so vmask is a good proxy
-    return vmask[name].numpy()
+def _zero_shot_aucs(model, img, present, y_all, opts, diagnoses, rule, logit_scale) -> dict[str, float]:
+    """The suite's scores (:func:`fvlm.eval.prompts.score_prompt_sets`) on the diagnoses' own embedding;
+    rows with an absent anatomy or an uncertain label (-1) left out, as ``fvlm zeroshot`` does."""
+    diags = [d for d in diagnoses if _attr(d, "id") in opts.diagnoses
+             and _attr(d, "prompts_positive") and _attr(d, "prompts_negative")]
+    if not diags:
+        return {}
+    sets = build_prompt_sets({"diagnoses": diags}, "taxonomy", clip_baseline=set(img) == {GLOBAL})
+    sets = [ps for ps in sets if ps.embedding in img]
+    if not sets:
+        return {}
+    pe = encode_prompt_sets(model, sets)
+    scale = logit_scale if logit_scale is not None else model_logit_scale(model)
+    scores = score_prompt_sets(img, sets, pe, rule, scale)
+    metrics, aucs = {}, []
+    for ps in sets:
+        y = y_all[:, opts.diagnoses.index(ps.diagnosis)]
+        keep = y >= 0
+        if ps.anatomy != GLOBAL and ps.anatomy in present:
+            keep &= present[ps.anatomy].astype(bool)
+        a = roc_auc(y[keep] > 0, scores[ps.diagnosis][keep]) if keep.sum() > 1 else float("nan")
+        if np.isfinite(a):
+            metrics[f"val/auc_{ps.diagnosis}"] = float(a)
+            aucs.append(float(a))
+    if aucs:
+        metrics["val/auc_mean"] = float(np.mean(aucs))
+    return metrics
 
 
 def _config_diagnoses(cfg, source) -> list[dict]:
