@@ -33,5 +33,26 @@ def setup_logging(out_dir: str | Path | None = None, name: str = "fvlm", quiet: 
     return log
 
 
+class HeldRecords(logging.Handler):
+    """Keeps log records until a run's log file may be opened; ``replay`` writes them to the file
+    handlers of ``log`` (a command that must not touch its output directory before its inputs are
+    checked logs to stderr and holds the records meanwhile)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def replay(self, log: logging.Logger) -> None:
+        for h in log.handlers:
+            if isinstance(h, logging.FileHandler):
+                for r in self.records:
+                    if r.levelno >= h.level:
+                        h.handle(r)
+        self.records = []
+
+
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"fvlm.{name}" if not name.startswith("fvlm") else name)

@@ -58,21 +58,39 @@ def run(args) -> int:
     from ..cli import resolve_config
     from ..config import dump_config
     from ..errors import FvlmError
-    from ..logs import setup_logging
+    from ..logs import HeldRecords, setup_logging
     from ..xray.data import build_cache
 
     cfg = resolve_config(args)
     out = Path(cfg.train.out_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     quiet = getattr(args, "quiet", False)
-    log = setup_logging(out if rank == 0 else None, "pretrain_xray", quiet=quiet or rank != 0)
-    if rank == 0:
-        dump_config(cfg, out / "config.yaml")
+    if out.exists() and not out.is_dir():
+        raise FvlmError(f"train.out_dir {out} exists and is not a directory")
+    # stderr only until the inputs are checked (and, when training, a resume accepted): a refused
+    # run leaves out_dir as it was
+    log = setup_logging(None, "pretrain_xray", quiet=quiet or rank != 0)
+    held = HeldRecords()
+    log.addHandler(held)
+
+    opened = []
+
+    def open_run_dir():
+        nonlocal log
+        if opened:
+            return
+        opened.append(True)
+        log = setup_logging(out if rank == 0 else None, "pretrain_xray", quiet=quiet or rank != 0)
+        held.replay(log)
+        if rank == 0:
+            dump_config(cfg, out / "config.yaml")
+
     d = cfg.data
 
     if args.probe_only:
         if not cfg.probe.labels:
             raise FvlmError("--probe-only needs --linear-probe LABELS.csv")
+        open_run_dir()
         return _probe(cfg, Path(args.encoder) if args.encoder else out / "encoder.pt", log)
 
     source = _resolve_source(d.source) if (d.source or not d.cache) else None
@@ -81,6 +99,7 @@ def run(args) -> int:
             raise FvlmError(f"cache {d.cache} does not exist; give data.source to build it")
         if world > 1:
             raise FvlmError(f"cache {d.cache} does not exist; build it first in one process with --build-cache")
+        open_run_dir()
         summary = build_cache(source, d.cache, d.size, d.orientation, d.normalize, d.contour, d.use_window,
                               d.cache_dtype)
         log.info("cache %s: %d images, %d skipped", summary["path"], summary["written"], len(summary["skipped"]))
@@ -91,7 +110,7 @@ def run(args) -> int:
 
     from ..xray.pretrain import run as run_pretrain
 
-    summary = run_pretrain(cfg, source)
+    summary = run_pretrain(cfg, source, on_ready=open_run_dir)
     if summary["interrupted"]:
         return 3
     if cfg.probe.labels and rank == 0:

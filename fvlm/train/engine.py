@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import time
@@ -35,14 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..config import opt
-from ..errors import ConfigError, FvlmError
+from ..errors import ConfigError, FormatError, FvlmError
 from ..logs import get_logger
 from ..progress import progress
+from .checkpoint_io import (check_files, make_engine_safe, read_trainer_state, set_rng_state,
+                            write_trainer_state)
 
 __all__ = ["TrainConfig", "Trainer", "build_param_groups", "cosine_with_warmup", "deepspeed_config",
            "init_distributed", "LATEST"]
@@ -173,21 +173,6 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world: int) -> dict:
     return ds
 
 
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -248,6 +233,7 @@ class Trainer:
         self.micro = 0
         self.best: float | None = None
         self._stop = False
+        self.resumed: bool | None = None   # set by resume(); fit() resumes unless the caller already did
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -263,9 +249,8 @@ class Trainer:
         tag = f"step_{self.step:08d}"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
-        state = {"step": self.step, "micro": self.micro, "best": self.best, "world": self.world,
-                 "rng": _rng_state()}
-        torch.save(state, self.ckpt_dir / tag / f"trainer_state_rank{self.rank}.pt")
+        write_trainer_state(self.ckpt_dir / tag, self.rank,
+                            {"step": self.step, "micro": self.micro, "best": self.best, "world": self.world})
         dist.barrier()
         if self.rank == 0:
             tmp = self.ckpt_dir / (LATEST + ".tmp")
@@ -301,35 +286,100 @@ class Trainer:
         own = self.module.state_dict()
         return {k: sd.get(k, v) for k, v in own.items()}
 
+    def _candidates(self, ckpt_dir: Path, explicit: str | None) -> list[str]:
+        """Tags to try, best first: the explicit one; else the ``latest_complete`` pointer, then
+        every older ``step_*`` directory (newest first), so a truncated or missing latest checkpoint
+        falls back to the previous complete one."""
+        if explicit is not None:
+            return [explicit]
+        tags = sorted((p.name for p in ckpt_dir.glob("step_*") if p.is_dir()), reverse=True)
+        latest = self._latest_tag(ckpt_dir)
+        if latest is None:
+            # no pointer: only directories whose save finished on every rank of this run's size
+            return [t for t in tags if all((ckpt_dir / t / f"trainer_state_rank{r}.json").is_file()
+                                           for r in range(self.world))]
+        return [latest] + [t for t in tags if t < latest]
+
+    def _agree(self, ok: bool) -> bool:
+        """True only if every rank says ``ok`` (so all ranks fall back together)."""
+        if self.world == 1:
+            return ok
+        t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
     def resume(self) -> bool:
-        """Restore from ``cfg.resume``; returns whether a checkpoint was loaded."""
+        """Restore from ``cfg.resume``; returns whether a checkpoint was loaded.
+
+        Nothing is unpickled (see :mod:`fvlm.train.checkpoint_io`). With ``resume: auto`` an
+        unreadable, truncated, incomplete or crafted latest checkpoint is skipped with a warning
+        and the previous complete one is used; a checkpoint written by another number of processes
+        is an error, never skipped."""
+        self.resumed = False
         r = self.cfg.resume
         if r == "never":
             return False
         ckpt_dir = self.ckpt_dir if r == "auto" else Path(r)
-        tag = None
-        if r != "auto" and (ckpt_dir / f"trainer_state_rank0.pt").is_file():
-            tag, ckpt_dir = ckpt_dir.name, ckpt_dir.parent
-        tag = tag or self._latest_tag(ckpt_dir)
-        if tag is None:
+        explicit = None
+        if r != "auto" and (ckpt_dir / "trainer_state_rank0.json").is_file():
+            explicit, ckpt_dir = ckpt_dir.name, ckpt_dir.parent
+        elif r != "auto" and (ckpt_dir / "trainer_state_rank0.pt").is_file():
+            raise FvlmError(f"train.resume: {ckpt_dir} was written by an older fvlm (pickled trainer state, "
+                            "which fvlm no longer unpickles); restart the run or resume from a newer checkpoint")
+        cands = self._candidates(ckpt_dir, explicit)
+        if not cands:
             if r != "auto":
                 raise FvlmError(f"train.resume: no checkpoint in {r}")
             return False
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise FvlmError(f"could not load the DeepSpeed checkpoint {ckpt_dir / tag}")
-        sp = ckpt_dir / tag / f"trainer_state_rank{self.rank}.pt"
-        if not sp.is_file():
-            raise FvlmError(f"{sp} is missing: the checkpoint was written with a different number of processes")
-        st = torch.load(sp, map_location="cpu", weights_only=False)
-        if st["world"] != self.world:
-            raise FvlmError(f"checkpoint {tag} was written by {st['world']} processes, this run has {self.world}; "
-                            "exact resume needs the same number")
-        self.step, self.micro, self.best = st["step"], st["micro"], st["best"]
-        _set_rng_state(st["rng"])
-        log.info("resumed from %s (step %d)", ckpt_dir / tag, self.step)
-        return True
+        make_engine_safe(self.engine)
+        reasons = []
+        for i, tag in enumerate(cands):
+            tag_dir = ckpt_dir / tag
+            why = None
+            st = ts = None
+            try:
+                if not tag_dir.is_dir():
+                    raise FormatError(f"{tag_dir} is missing")
+                st, ts = read_trainer_state(tag_dir, self.rank)
+                why = check_files(tag_dir)
+            except FormatError as e:
+                why = str(e)
+            if st is not None and st["world"] != self.world:
+                raise FvlmError(f"checkpoint {tag_dir} was written by {st['world']} processes, this run has "
+                                f"{self.world}; exact resume needs the same number")
+            if not self._agree(why is None):
+                why = why or "another rank could not read its part of it"
+                reasons.append(f"{tag}: {why}")
+                if explicit is None and i + 1 < len(cands):
+                    log.warning("cannot resume from %s (%s); falling back to %s", tag_dir, why, cands[i + 1])
+                continue
+            try:
+                path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+            except FvlmError as e:
+                path, why = None, str(e)
+            except (RuntimeError, KeyError, ValueError) as e:   # the files are fine; the model is not the same
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
+                    first = "the checkpoint's model does not match this run's model (another model config?)"
+                raise FvlmError(f"cannot resume from {tag_dir}: {first[:300]}; use a new output directory or "
+                                "train.resume=never") from None
+            if path is None:
+                why = why or "DeepSpeed could not load it"
+                if self.world > 1:   # ranks may be out of step inside DeepSpeed: do not guess further
+                    raise FvlmError(f"could not load the DeepSpeed checkpoint {tag_dir}: {why}")
+                reasons.append(f"{tag}: {why}")
+                if explicit is None and i + 1 < len(cands):
+                    log.warning("cannot resume from %s (%s); falling back to %s", tag_dir, why, cands[i + 1])
+                continue
+            self.step, self.micro, self.best = int(st["step"]), int(st["micro"]), st.get("best")
+            set_rng_state(st["rng"], ts)
+            if i:
+                log.warning("resumed from %s, an older checkpoint than the latest (%s)", tag_dir, cands[0])
+            log.info("resumed from %s (step %d)", tag_dir, self.step)
+            self.resumed = True
+            return True
+        raise FvlmError("train.resume: no usable checkpoint in " + str(ckpt_dir) + ": " + "; ".join(reasons))
 
     # ------------------------------------------------------------------ logging
     def _open_logs(self):
@@ -419,8 +469,9 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
+        if self.resumed is None:
+            self.resume()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.resume()
         self._open_logs()
         old = signal.signal(signal.SIGTERM, self._on_signal) if os.name == "posix" else None
         gas = cfg.grad_accum

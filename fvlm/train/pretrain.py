@@ -152,7 +152,7 @@ def run(cfg: PretrainConfig) -> dict:
     import torch
 
     from ..data.ct import CTStream
-    from ..logs import setup_logging
+    from ..logs import HeldRecords, setup_logging
     from ..models.checkpoint import save_consolidated
     from .engine import Trainer, init_distributed
     from .validate import quick_validate
@@ -161,13 +161,18 @@ def run(cfg: PretrainConfig) -> dict:
         torch.set_num_threads(cfg.train.threads)
     rank, world, _ = init_distributed()
     out = Path(cfg.out_dir)
-    log = setup_logging(out if rank == 0 else None, "pretrain", quiet=rank != 0)
+    if out.exists() and not out.is_dir():
+        raise FvlmError(f"--out {out} exists and is not a directory")
+    # Nothing is written into ``out`` until the inputs are checked and a resume (if any) was
+    # accepted: a refused run leaves the directory byte for byte as it was. Log records made
+    # before that are held and written to pretrain.log afterwards.
+    log = setup_logging(None, "pretrain", quiet=rank != 0)
+    held = HeldRecords()
+    log.addHandler(held)
     source, opts, model, loss_fn, diags = prepare(cfg)
-    if rank == 0:
-        dump_config(cfg, out / "config.yaml")
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("model %s (%s mode): %d anatomies, %.2fM trainable parameters; %d process(es)",
-                 cfg.model_name, cfg.model.mode, len(model.anatomies), n_train / 1e6, world)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model %s (%s mode): %d anatomies, %.2fM trainable parameters; %d process(es)",
+             cfg.model_name, cfg.model.mode, len(model.anatomies), n_train / 1e6, world)
     train_ids = source.case_ids(cfg.data.train_split)
     if not train_ids:
         raise FvlmError(f"no cases in split '{cfg.data.train_split}' of the data")
@@ -199,6 +204,11 @@ def run(cfg: PretrainConfig) -> dict:
 
     trainer = Trainer(model, loss_fn, make_loader, cfg.train, out, micro_batch=cfg.data.batch_size,
                       save_model=save_model, validate=validate)
+    trainer.resume()                       # raises (touching nothing) if the directory's run is not this one
+    log = setup_logging(out if rank == 0 else None, "pretrain", quiet=rank != 0)
+    held.replay(log)
+    if rank == 0:
+        dump_config(cfg, out / "config.yaml")
     summary = trainer.fit()
     if rank == 0:
         log.info("done at step %d; model: %s", summary["step"], out / "model.pt")

@@ -26,11 +26,13 @@ log = get_logger("xray.pretrain")
 _ENCODER_PREFIX = "model.encoder."
 
 
-def run(cfg, source: str | None = None) -> dict:
+def run(cfg, source: str | None = None, on_ready=None) -> dict:
     """Train; returns ``{"steps", "first_loss", "last_loss", "interrupted", "skipped"}``.
 
     ``source``: folder or manifest of radiographs (None when ``cfg.data.cache`` holds them).
     The losses are those of this process's last micro-batch at the first and last step of this run.
+    ``on_ready()`` is called once the inputs are read and a resume (if any) was accepted, before
+    anything is written (the command opens its log file and writes config.yaml there).
     """
     import torch
 
@@ -81,6 +83,9 @@ def run(cfg, source: str | None = None) -> dict:
 
     trainer = Trainer(task, lambda res, batch: (res["loss"], {}), make_loader, t, out, micro_batch=t.batch_size,
                       save_model=save_model, on_step=on_step, model_file="encoder.pt")
+    trainer.resume()
+    if on_ready is not None:
+        on_ready()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "deepspeed.json").write_text(json.dumps(trainer.ds_config, indent=2))
