@@ -422,3 +422,10 @@ def test_predict_out_checked_before_the_model_runs(tiny_model, tmp_path, capsys,
     _one_line(capsys, *words)
     assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(tmp_path.name)) == [tmp_path.name]
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_dense_eval_with_a_missing_checkpoint_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["dense", "eval", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(out)]) == 2
+    _one_line(capsys, "none.pt")
+    assert not out.exists()

@@ -95,8 +95,9 @@ def _eval(args, cfg) -> int:
     from ..logs import setup_logging
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    setup_logging(None, "eval", quiet=args.quiet)
+    model, info = load_dense(args.checkpoint)      # checked before anything is written under --out
     setup_logging(out, "eval", quiet=args.quiet)
-    model, info = load_dense(args.checkpoint)
     meta = info.get("meta", {})
     data = dataclasses.replace(cfg.data, classes=list(model.class_names),
                                anatomy_set=meta.get("anatomy_set", cfg.data.anatomy_set))
