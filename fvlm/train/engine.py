@@ -17,9 +17,10 @@ program draws its reconstruction grids there). ``save_model`` writes ``out_dir/<
 (default ``model.pt``) at every checkpoint.
 
 Checkpoints (``out_dir/checkpoints/<tag>/``): DeepSpeed's own files (model, optimizer,
-scheduler; resumable with ZeRO partitioning) plus ``trainer_state_rank<r>.pt`` per rank (step,
-micro-batch position, Python/NumPy/torch RNG states, best metric); ``checkpoints/latest`` is
-written last, so a SIGKILL mid-save leaves the previous checkpoint as the resume point.
+scheduler; resumable with ZeRO partitioning) plus ``trainer_state_rank<r>.json`` / ``.pt`` per
+rank (step, micro-batch position, RNG states, best metric; see :mod:`.checkpoint_io`: nothing is
+unpickled); ``checkpoints/latest_complete`` is written last, so a SIGKILL mid-save leaves the
+previous checkpoint as the resume point, and an unreadable latest one is skipped for the previous.
 """
 from __future__ import annotations
 
