@@ -105,7 +105,8 @@ def test_absent_anatomies_contribute_nothing():
     only_one = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.bool)
     total, logs = loss({"image": {"a": img, "b": img}, "text": {"a": txt, "b": txt},
                         "valid": {"a": valid, "b": only_one}, "logit_scale": scale}, {})
-    assert "loss/b" not in logs and torch.allclose(total, ref, atol=1e-6)
+    # (its log is 0 and its count says why: the loss never waits for the host to decide)
+    assert float(logs["loss/b"]) == 0 and float(logs["n/b"]) == 1 and torch.allclose(total, ref, atol=1e-6)
 
 
 def test_anatomy_weighting_and_global():
@@ -184,3 +185,94 @@ def test_collapsed_loss_is_log_n():
     # identical embeddings: the loss is ln(N) -- the collapse signature the model's centring avoids
     e = F.normalize(torch.ones(8, 4), dim=-1)
     assert soft_infonce(10 * e @ e.t(), torch.eye(8)).item() == pytest.approx(math.log(8), rel=1e-5)
+
+
+def _loss_inputs(B=10, anats=("a", "b", "c", "d"), E=8, F_=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    names = list(anats) + ["global"]
+    img = {n: F.normalize(torch.randn(B, E, generator=g), dim=-1).requires_grad_(True) for n in names}
+    txt = {n: F.normalize(torch.randn(B, E, generator=g), dim=-1).requires_grad_(True) for n in names}
+    valid = {n: torch.rand(B, generator=g) > 0.3 for n in names}
+    valid[anats[1]] = torch.zeros(B, dtype=torch.bool)
+    valid[anats[1]][3] = True                        # fewer than min_valid rows: does not count
+    valid["global"] = torch.ones(B, dtype=torch.bool)
+    ref = {n: torch.randn(B, F_, generator=g) for n in anats[:2]}   # text_ref for some names only
+    ref[anats[0]][1] = ref[anats[0]][0] * 2          # a text-rule positive pair
+    batch = {"status": torch.randint(0, 3, (B, len(anats)), generator=g),
+             "global_status": torch.randint(0, 3, (B,), generator=g),
+             "labels": torch.randint(-1, 2, (B, 6), generator=g).float()}
+    out = {"image": img, "text": txt, "valid": valid, "text_ref": ref, "logit_scale": torch.tensor(7.0),
+           "logit_bias": torch.tensor(-2.0)}
+    return out, batch
+
+
+LOSS_CASES = [
+    dict(),
+    dict(calibration=["normal", "disease", "text"], calibration_options={"text": {"threshold": 0.9},
+                                                                         "disease": {"partial": 0.5}}),
+    dict(kind="sigmoid", calibration=["normal", "disease"], anatomy_weighting="count", global_weight=0.5),
+    dict(calibration=["normal"], calibrate_global=False, anatomy_weighting="count", min_valid=5),
+    dict(global_weight=0.0, anatomy_weight=2.0, calibration=["text"]),
+    dict(anatomy_weight=0.0),
+]
+
+
+@pytest.mark.parametrize("case", range(len(LOSS_CASES)))
+def test_stacked_loss_equals_the_per_name_loss(case):
+    """One masked computation over all names == the old per-name loss over each name's valid rows."""
+    from loss_reference import per_name_loss
+
+    cfg = LossConfig(**LOSS_CASES[case])
+    loss = FineGrainedContrastiveLoss(cfg, ["a", "b", "c", "d"], {"a": [0, 1], "c": [2, 3, 4], "global": [0, 5]})
+    results = []
+    for fn in (loss, lambda o, b: per_name_loss(loss, o, b)):
+        out, batch = _loss_inputs()
+        total, logs = fn(out, batch)
+        total.backward()
+        grads = {k: out[k][n].grad for k in ("image", "text") for n in out[k]}
+        results.append((total.detach(), logs, grads))
+    (t_new, l_new, g_new), (t_old, l_old, g_old) = results
+    assert torch.allclose(t_new, t_old, atol=1e-6, rtol=1e-6), (t_new, t_old)
+    for k, v in l_old.items():
+        assert torch.allclose(l_new[k], v.to(l_new[k].dtype), atol=1e-6), k
+    for k in l_new.keys() - l_old.keys():           # names that do not count log 0 (old: no key)
+        assert k.startswith("loss/") and float(l_new[k]) == 0, k
+    for k, g in g_old.items():
+        if g is None:
+            assert g_new[k] is None or torch.all(g_new[k] == 0), k
+        else:
+            assert torch.allclose(g_new[k], g, atol=1e-6), k
+
+
+def test_stacked_input_equals_per_name_dicts():
+    out, batch = _loss_inputs()
+    loss = FineGrainedContrastiveLoss(LossConfig(calibration=["normal", "text"]), ["a", "b", "c", "d"])
+    names = list(out["image"])
+    ref = torch.stack([out["text_ref"].get(n, torch.zeros(10, 5)) for n in names], dim=1)
+    stacked = {"names": names, "image": torch.stack([out["image"][n] for n in names], 1),
+               "text": torch.stack([out["text"][n] for n in names], 1),
+               "valid": torch.stack([out["valid"][n] for n in names], 1), "text_ref": ref,
+               "has_ref": [n in out["text_ref"] for n in names]}
+    a, _ = loss(out, batch)
+    b, _ = loss({"stacked": stacked, "logit_scale": out["logit_scale"]}, batch)
+    assert torch.equal(a, b)
+
+
+def test_masked_losses_equal_row_selection():
+    from fvlm.losses.targets import masked_sigmoid_pair_loss, masked_soft_infonce
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 7, 7, generator=g) * 5
+    pw = torch.rand(3, 7, 7, generator=g) * (torch.rand(3, 7, 7, generator=g) > 0.6)
+    mask = torch.rand(3, 7, generator=g) > 0.4
+    mask[2] = False                                   # no valid row: 0, finite gradient
+    logits.requires_grad_(True)
+    pw = torch.maximum(pw, torch.eye(7).expand(3, 7, 7))     # pair weights always hold the true pair
+    got_i, got_s = masked_soft_infonce(logits, pw, mask), masked_sigmoid_pair_loss(logits, pw, mask)
+    for k in range(2):
+        v = mask[k]
+        assert torch.allclose(got_i[k], soft_infonce(logits[k][v][:, v], pw[k][v][:, v]), atol=1e-6)
+        assert torch.allclose(got_s[k], sigmoid_pair_loss(logits[k][v][:, v], pw[k][v][:, v]), atol=1e-5)
+    assert got_i[2] == 0 and got_s[2] == 0
+    (got_i.sum() + got_s.sum()).backward()
+    assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[2] == 0)

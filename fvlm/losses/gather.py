@@ -37,10 +37,11 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.scale, None
 
 
-def _all_gather(x: torch.Tensor, world: int) -> list[torch.Tensor]:
+def _all_gather(x: torch.Tensor, world: int) -> torch.Tensor:
+    """``(B, ...)`` -> ``(W * B, ...)`` in rank order, one collective into one buffer."""
     x = x.contiguous()
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x)
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x)
     return out
 
 
@@ -50,9 +51,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     rank, world = world_info()
     if world == 1:
         return x
-    parts = _all_gather(x.detach(), world)
-    parts[rank] = _ScaleGrad.apply(x, float(world))
-    return torch.cat(parts, dim=0)
+    b = x.shape[0]
+    full = _all_gather(x.detach(), world)
+    return torch.cat([full[:rank * b], _ScaleGrad.apply(x, float(world)), full[(rank + 1) * b:]], dim=0)
 
 
 def gather_nograd(x: torch.Tensor) -> torch.Tensor:
@@ -61,5 +62,5 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     if world == 1:
         return x
     if x.dtype == torch.bool:
-        return torch.cat(_all_gather(x.to(torch.uint8), world), dim=0).bool()
-    return torch.cat(_all_gather(x.detach(), world), dim=0)
+        return _all_gather(x.to(torch.uint8), world).bool()
+    return _all_gather(x.detach(), world)

@@ -11,7 +11,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["pair_weights_identity", "combine_pair_weights", "soft_targets", "soft_infonce",
-           "sigmoid_pair_loss"]
+           "sigmoid_pair_loss", "masked_soft_infonce", "masked_sigmoid_pair_loss"]
+
+#: stands in for -inf at masked logits: exp() of it is exactly 0 in float32, and unlike -inf it
+#: keeps an all-masked row finite (0 * -inf would be NaN in the loss and its gradient)
+_MASKED = -1.0e9
 
 
 def pair_weights_identity(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -64,3 +68,38 @@ def sigmoid_pair_loss(logits: torch.Tensor, pair_weights: torch.Tensor) -> torch
     """
     y = pair_weights.to(logits.dtype)
     return F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / logits.shape[0]
+
+
+def _pair_mask(mask: torch.Tensor) -> torch.Tensor:
+    return mask[:, :, None] & mask[:, None, :]
+
+
+def masked_soft_infonce(logits: torch.Tensor, pair_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`soft_infonce` of several names at once, each over its own valid rows.
+
+    ``logits``, ``pair_weights``: ``(K, N, N)``; ``mask``: ``(K, N)`` bool, the valid rows of each
+    name. Entry ``k`` equals ``soft_infonce(logits[k][v][:, v], pair_weights[k][v][:, v])`` with
+    ``v = mask[k]``, without selecting rows (no data-dependent shapes, so no host sync); a
+    name with no valid row gives 0. Returns ``(K,)``.
+    """
+    pm = _pair_mask(mask)
+    w = pair_weights.clamp_min(0) * pm
+    tiny = torch.finfo(w.dtype).tiny
+    t_i2t = w / w.sum(dim=2, keepdim=True).clamp_min(tiny)
+    wt = w.transpose(1, 2)
+    t_t2i = wt / wt.sum(dim=2, keepdim=True).clamp_min(tiny)
+    cols = ~mask[:, None, :]
+    lp_i = F.log_softmax(logits.masked_fill(cols, _MASKED), dim=2)
+    lp_t = F.log_softmax(logits.transpose(1, 2).masked_fill(cols, _MASKED), dim=2)
+    n = mask.sum(dim=1).clamp_min(1).to(logits.dtype)
+    li = -(t_i2t * lp_i).sum(dim=(1, 2)) / n
+    lt = -(t_t2i * lp_t).sum(dim=(1, 2)) / n
+    return 0.5 * (li + lt)
+
+
+def masked_sigmoid_pair_loss(logits: torch.Tensor, pair_weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`sigmoid_pair_loss` per name over its valid rows: ``(K, N, N)``, mask ``(K, N)`` -> ``(K,)``."""
+    pm = _pair_mask(mask)
+    y = (pair_weights * pm).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, y, reduction="none") * pm
+    return bce.sum(dim=(1, 2)) / mask.sum(dim=1).clamp_min(1).to(logits.dtype)

@@ -454,10 +454,14 @@ class FVLM(nn.Module):
         A = len(self.anatomies)
         if A and "has_text" in batch:
             tvalid[:, :A] &= batch["has_text"].to(tvalid.device)
+        valid = ivalid & tvalid
+        # the loss gathers these stacks once per step; the per-name views (no copies) serve
+        # validation and the API
+        out["stacked"] = {"names": list(self.names), "image": img, "text": txt, "valid": valid, "text_ref": raw}
         for k, n in enumerate(self.names):
             out["image"][n] = img[:, k]
             out["text"][n] = txt[:, k]
-            out["valid"][n] = ivalid[:, k] & tvalid[:, k]
+            out["valid"][n] = valid[:, k]
             out["text_ref"][n] = raw[:, k]
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias.float().squeeze(0)
