@@ -28,12 +28,21 @@ from .errors import FormatError, FvlmError
 from .resources import config_path
 
 __all__ = ["Anatomy", "Diagnosis", "Taxonomy", "load_taxonomy", "GLOBAL", "FORMAT", "VERSION",
-           "UNCERTAIN_POLICIES", "NOT_MENTIONED_POLICIES", "label_target", "anatomy_is_normal"]
+           "UNCERTAIN_POLICIES", "NOT_MENTIONED_POLICIES", "label_target", "anatomy_is_normal",
+           "ABNORMAL", "NORMAL", "NOT_MENTIONED", "STATUSES", "STATUS_NOT_MENTIONED", "STATUS_NORMAL",
+           "STATUS_ABNORMAL", "STATUS_CODES"]
 
 FORMAT = "fvlm-taxonomy"
 VERSION = 1
 #: the pseudo-anatomy of whole-scan diagnoses (no organ mask)
 GLOBAL = "global"
+
+#: anatomy statuses of the report labeler (``anatomy_text[a]["status"]`` in shards, FORMATS.md)
+ABNORMAL, NORMAL, NOT_MENTIONED = "abnormal", "normal", "not_mentioned"
+STATUSES = (ABNORMAL, NORMAL, NOT_MENTIONED)
+#: the same statuses as integer codes carried in batches (``batch["status"]``)
+STATUS_NOT_MENTIONED, STATUS_NORMAL, STATUS_ABNORMAL = 0, 1, 2
+STATUS_CODES = {NOT_MENTIONED: STATUS_NOT_MENTIONED, NORMAL: STATUS_NORMAL, ABNORMAL: STATUS_ABNORMAL}
 
 _LIST_FIELDS = ("synonyms", "context_synonyms", "context_terms", "negation", "uncertainty", "exclude",
                 "yields_to", "prompts_positive", "prompts_negative", "source")
@@ -323,10 +332,10 @@ def anatomy_is_normal(status: str, not_mentioned: str = "normal") -> bool | None
     if not_mentioned not in NOT_MENTIONED_POLICIES:
         raise FvlmError(f"not-mentioned policy must be one of {', '.join(NOT_MENTIONED_POLICIES)}, "
                         f"got {not_mentioned!r}")
-    if status == "abnormal":
+    if status == ABNORMAL:
         return False
-    if status == "normal":
+    if status == NORMAL:
         return True
-    if status == "not_mentioned":
+    if status == NOT_MENTIONED:
         return True if not_mentioned == "normal" else None
-    raise FvlmError(f"unknown anatomy status {status!r} (abnormal, normal, not_mentioned)")
+    raise FvlmError(f"unknown anatomy status {status!r} ({', '.join(STATUSES)})")

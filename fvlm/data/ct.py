@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..config import opt
 from ..errors import FvlmError
-from ..losses.calibration import STATUS_ABNORMAL, STATUS_CODES, STATUS_NORMAL, STATUS_NOT_MENTIONED
+from ..taxonomy import NOT_MENTIONED, STATUS_ABNORMAL, STATUS_CODES, STATUS_NORMAL, STATUS_NOT_MENTIONED
 from .shards import AIR_HU, window
 from .stream import BatchStream
 
@@ -235,7 +235,7 @@ def record_to_sample(rec, opts: SampleOptions | CTDataConfig, rng: np.random.Gen
     texts, status, has_text = [], [], []
     for a in anats:
         at = (rec.anatomy_text or {}).get(a) or {}
-        st = STATUS_CODES.get(at.get("status", "not_mentioned"), STATUS_NOT_MENTIONED)
+        st = STATUS_CODES.get(at.get("status", NOT_MENTIONED), STATUS_NOT_MENTIONED)
         t = _text(at.get("sentences") or [], opts, rng)
         if not t and opts.unmentioned == "normal" and st != STATUS_ABNORMAL:
             t = opts.normal_template.format(name=opts.anatomy_names.get(a, a.replace("_", " ")))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..taxonomy import ABNORMAL, NORMAL
 from .prompts import ctclip_prompts
 
 
@@ -97,7 +98,7 @@ class SyntheticDataset:
                     pos = [d for d, v in zip(taxonomy.diagnoses, y) if v]
                     report = {"findings": " ".join(f"{d.name}." for d in pos) or "No abnormality.",
                               "impressions": ""}
-                    at = {a: {"status": "abnormal" if any(d.anatomy == a for d in pos) else "normal",
+                    at = {a: {"status": ABNORMAL if any(d.anatomy == a for d in pos) else NORMAL,
                               "sentences": [f"{d.name}." for d in pos if d.anatomy == a] or [f"Normal {a}."]}
                           for a in self.anatomies}
                     self._cases[cid] = SyntheticRecord(cid, pid, split, y.astype(np.float32), present, labels,

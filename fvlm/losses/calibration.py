@@ -17,14 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+# status codes live in fvlm.taxonomy; re-exported here for the losses that import them from this module
+from ..taxonomy import STATUS_ABNORMAL, STATUS_CODES, STATUS_NORMAL, STATUS_NOT_MENTIONED
 
 __all__ = ["STATUS_NOT_MENTIONED", "STATUS_NORMAL", "STATUS_ABNORMAL", "STATUS_CODES", "PairContext",
            "CalibrationRule", "register_calibration", "create_calibration", "list_calibrations",
            "NormalCalibration", "DiseaseCalibration", "TextSimilarityCalibration"]
 
-#: anatomy status codes carried in batches (``batch["status"]``), from the report labeler's strings
-STATUS_NOT_MENTIONED, STATUS_NORMAL, STATUS_ABNORMAL = 0, 1, 2
-STATUS_CODES = {"not_mentioned": STATUS_NOT_MENTIONED, "normal": STATUS_NORMAL, "abnormal": STATUS_ABNORMAL}
 
 
 @dataclass
