@@ -8,16 +8,24 @@ from pathlib import Path
 _FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(out_dir: str | Path | None = None, name: str = "fvlm", quiet: bool = False) -> logging.Logger:
+def setup_logging(out_dir: str | Path | None = None, name: str = "fvlm", quiet: bool = False,
+                  hold: bool = False) -> logging.Logger:
     """Configure the ``fvlm`` logger: stderr (WARNING if quiet, else INFO) and ``out_dir/<name>.log``.
 
     The file also keeps DEBUG records (e.g. one line per preprocessed case) that would
     only clutter the terminal next to a progress bar.
+
+    ``hold``: also keep every record until the next call, which writes them to its log file (a
+    command that must not touch its output directory before its inputs are checked calls
+    ``setup_logging(None, hold=True)`` first and ``setup_logging(out_dir)`` once they are).
     """
     log = logging.getLogger("fvlm")
     log.setLevel(logging.DEBUG)
     log.propagate = False
+    held: list[logging.LogRecord] = []
     for h in list(log.handlers):
+        if isinstance(h, HeldRecords):
+            held += h.records
         log.removeHandler(h)
         h.close()
     sh = logging.StreamHandler(sys.stderr)
@@ -30,13 +38,15 @@ def setup_logging(out_dir: str | Path | None = None, name: str = "fvlm", quiet: 
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter(_FMT))
         log.addHandler(fh)
+        for r in held:
+            fh.handle(r)
+    if hold:
+        log.addHandler(HeldRecords())
     return log
 
 
 class HeldRecords(logging.Handler):
-    """Keeps log records until a run's log file may be opened; ``replay`` writes them to the file
-    handlers of ``log`` (a command that must not touch its output directory before its inputs are
-    checked logs to stderr and holds the records meanwhile)."""
+    """Keeps log records for the next :func:`setup_logging` call (see its ``hold``)."""
 
     def __init__(self):
         super().__init__(logging.DEBUG)
@@ -44,14 +54,6 @@ class HeldRecords(logging.Handler):
 
     def emit(self, record):
         self.records.append(record)
-
-    def replay(self, log: logging.Logger) -> None:
-        for h in log.handlers:
-            if isinstance(h, logging.FileHandler):
-                for r in self.records:
-                    if r.levelno >= h.level:
-                        h.handle(r)
-        self.records = []
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -7,7 +7,6 @@ for weight when it fell back to step 2.
 """
 import builtins
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,9 @@ import torch
 
 from fvlm.errors import FormatError
 from fvlm.train.checkpoint_io import check_files, make_engine_safe, safe_torch_load
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import subprocess_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = ("train.steps=6", "train.ckpt_every=2", "val.enabled=false", "train.log_every=1", "train.threads=1")
@@ -33,19 +35,11 @@ class _Payload:
         return (builtins.open, (self.marker, "w"))
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _train(out, *sets):
     args = [sys.executable, "-m", "fvlm.train", "--config", "train/tiny.yaml", "--out", str(out)]
     for s in SETS + sets:
         args += ["--set", s]
-    return subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
 def _tree(d: Path) -> dict[str, str]:

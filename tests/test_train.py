@@ -14,15 +14,10 @@ import torch
 from fvlm.errors import ConfigError
 from fvlm.models.checkpoint import load_consolidated
 
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import subprocess_env  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _env():
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def _cmd(out, *sets, launcher=None):
@@ -39,7 +34,7 @@ def _cmd(out, *sets, launcher=None):
 
 
 def _train(out, *sets, launcher=None, timeout=240):
-    r = subprocess.run(_cmd(out, *sets, launcher=launcher), cwd=REPO, env=_env(), capture_output=True, text=True,
+    r = subprocess.run(_cmd(out, *sets, launcher=launcher), cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -76,7 +71,7 @@ def test_sigkill_and_resume_reproduce_the_loss_curve(tmp_path):
     ref = tmp_path / "ref"
     _train(ref, *sets)
     out = tmp_path / "killed"
-    p = subprocess.Popen(_cmd(out, *sets, "train.threads=1"), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(_cmd(out, *sets, "train.threads=1"), cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "latest_complete"
     t0 = time.time()

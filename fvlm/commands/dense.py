@@ -95,7 +95,7 @@ def _eval(args, cfg) -> int:
     from ..logs import setup_logging
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
-    setup_logging(None, "eval", quiet=args.quiet)
+    setup_logging(None, "eval", quiet=args.quiet, hold=True)
     model, info = load_dense(args.checkpoint)      # checked before anything is written under --out
     setup_logging(out, "eval", quiet=args.quiet)
     meta = info.get("meta", {})

@@ -58,7 +58,7 @@ def run(args) -> int:
     from ..cli import resolve_config
     from ..config import dump_config
     from ..errors import FvlmError
-    from ..logs import HeldRecords, setup_logging
+    from ..logs import setup_logging
     from ..xray.data import build_cache
 
     cfg = resolve_config(args)
@@ -69,19 +69,15 @@ def run(args) -> int:
         raise FvlmError(f"train.out_dir {out} exists and is not a directory")
     # stderr only until the inputs are checked (and, when training, a resume accepted): a refused
     # run leaves out_dir as it was
-    log = setup_logging(None, "pretrain_xray", quiet=quiet or rank != 0)
-    held = HeldRecords()
-    log.addHandler(held)
+    log = setup_logging(None, "pretrain_xray", quiet=quiet or rank != 0, hold=True)
+    opened = False
 
-    opened = []
-
-    def open_run_dir():
-        nonlocal log
+    def open_run_dir():   # once: the cache build and the training both call it
+        nonlocal opened
         if opened:
             return
-        opened.append(True)
-        log = setup_logging(out if rank == 0 else None, "pretrain_xray", quiet=quiet or rank != 0)
-        held.replay(log)
+        opened = True
+        setup_logging(out if rank == 0 else None, "pretrain_xray", quiet=quiet or rank != 0)
         if rank == 0:
             dump_config(cfg, out / "config.yaml")
 

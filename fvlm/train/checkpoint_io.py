@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..encoders.weights import torch_load_error
+from ..encoders.weights import read_torch_file, refused_pickle
 from ..errors import FormatError
 
 __all__ = ["DEEPSPEED_SAFE_GLOBALS", "safe_torch_load", "make_engine_safe", "check_files",
@@ -55,15 +55,8 @@ def _safe_classes() -> list:
 
 
 def safe_torch_load(path: str | os.PathLike, map_location=None, what: str = "checkpoint file") -> Any:
-    """``torch.load(weights_only=True)`` with DeepSpeed's three plain classes allowed; one-line
-    :class:`~fvlm.errors.FormatError` for a refused pickle, a truncated or an empty file."""
-    try:
-        with torch.serialization.safe_globals(_safe_classes()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FormatError(f"{what} {path} is missing") from None
-    except Exception as e:  # noqa: BLE001 - pickle/zip/EOF errors of all kinds become one line
-        raise FormatError(f"cannot read {what} {path}: {torch_load_error(e)}") from None
+    """:func:`~fvlm.encoders.weights.read_torch_file` with DeepSpeed's three plain classes allowed."""
+    return read_torch_file(path, what, map_location=map_location, safe_globals=_safe_classes())
 
 
 def make_engine_safe(engine) -> None:
@@ -91,8 +84,7 @@ def check_files(tag_dir: Path) -> str | None:
         except Exception as e:  # noqa: BLE001 - zip errors of a truncated file, permission errors, ...
             return f"{f} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated?'})"
         if bad:
-            return (f"{f} holds pickled code or objects ({', '.join(sorted(bad))}); fvlm never runs pickled code "
-                    "(torch.load weights_only=True)")
+            return f"{f}: {refused_pickle(', '.join(sorted(bad)))}"
     return None
 
 
@@ -133,7 +125,8 @@ def write_trainer_state(tag_dir: Path, rank: int, state: dict) -> None:
 
 
 def read_trainer_state(tag_dir: Path, rank: int) -> tuple[dict, dict]:
-    """``(json_state, rng_tensors)`` of rank ``rank``; :class:`FormatError` if missing or unreadable."""
+    """``(json_state, rng_tensors)`` of rank ``rank``; :class:`~fvlm.errors.FvlmError` if missing
+    or unreadable."""
     jp = tag_dir / f"trainer_state_rank{rank}.json"
     if not jp.is_file():
         raise FormatError(f"{jp} is missing (an older fvlm checkpoint, an interrupted save, "

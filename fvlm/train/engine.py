@@ -334,6 +334,12 @@ class Trainer:
             return False
         make_engine_safe(self.engine)
         reasons = []
+
+        def skip(i: int, why: str) -> None:
+            reasons.append(f"{cands[i]}: {why}")
+            if explicit is None and i + 1 < len(cands):
+                log.warning("cannot resume from %s (%s); falling back to %s", ckpt_dir / cands[i], why, cands[i + 1])
+
         for i, tag in enumerate(cands):
             tag_dir = ckpt_dir / tag
             why = None
@@ -343,16 +349,13 @@ class Trainer:
                     raise FormatError(f"{tag_dir} is missing")
                 st, ts = read_trainer_state(tag_dir, self.rank)
                 why = check_files(tag_dir)
-            except FormatError as e:
+            except FvlmError as e:
                 why = str(e)
             if st is not None and st["world"] != self.world:
                 raise FvlmError(f"checkpoint {tag_dir} was written by {st['world']} processes, this run has "
                                 f"{self.world}; exact resume needs the same number")
             if not self._agree(why is None):
-                why = why or "another rank could not read its part of it"
-                reasons.append(f"{tag}: {why}")
-                if explicit is None and i + 1 < len(cands):
-                    log.warning("cannot resume from %s (%s); falling back to %s", tag_dir, why, cands[i + 1])
+                skip(i, why or "another rank could not read its part of it")
                 continue
             try:
                 path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
@@ -369,9 +372,7 @@ class Trainer:
                 why = why or "DeepSpeed could not load it"
                 if self.world > 1:   # ranks may be out of step inside DeepSpeed: do not guess further
                     raise FvlmError(f"could not load the DeepSpeed checkpoint {tag_dir}: {why}")
-                reasons.append(f"{tag}: {why}")
-                if explicit is None and i + 1 < len(cands):
-                    log.warning("cannot resume from %s (%s); falling back to %s", tag_dir, why, cands[i + 1])
+                skip(i, why)
                 continue
             self.step, self.micro, self.best = int(st["step"]), int(st["micro"]), st.get("best")
             set_rng_state(st["rng"], ts)

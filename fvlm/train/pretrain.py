@@ -152,7 +152,7 @@ def run(cfg: PretrainConfig) -> dict:
     import torch
 
     from ..data.ct import CTStream
-    from ..logs import HeldRecords, setup_logging
+    from ..logs import setup_logging
     from ..models.checkpoint import save_consolidated
     from .engine import Trainer, init_distributed
     from .validate import quick_validate
@@ -166,9 +166,7 @@ def run(cfg: PretrainConfig) -> dict:
     # Nothing is written into ``out`` until the inputs are checked and a resume (if any) was
     # accepted: a refused run leaves the directory byte for byte as it was. Log records made
     # before that are held and written to pretrain.log afterwards.
-    log = setup_logging(None, "pretrain", quiet=rank != 0)
-    held = HeldRecords()
-    log.addHandler(held)
+    log = setup_logging(None, "pretrain", quiet=rank != 0, hold=True)
     source, opts, model, loss_fn, diags = prepare(cfg)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model %s (%s mode): %d anatomies, %.2fM trainable parameters; %d process(es)",
@@ -205,8 +203,7 @@ def run(cfg: PretrainConfig) -> dict:
     trainer = Trainer(model, loss_fn, make_loader, cfg.train, out, micro_batch=cfg.data.batch_size,
                       save_model=save_model, validate=validate)
     trainer.resume()                       # raises (touching nothing) if the directory's run is not this one
-    log = setup_logging(out if rank == 0 else None, "pretrain", quiet=rank != 0)
-    held.replay(log)
+    setup_logging(out if rank == 0 else None, "pretrain", quiet=rank != 0)
     if rank == 0:
         dump_config(cfg, out / "config.yaml")
     summary = trainer.fit()
