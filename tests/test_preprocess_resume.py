@@ -170,12 +170,27 @@ def test_sigkilled_worker_fails_its_case_and_run_finishes(ct_samples, tmp_path):
     assert sorted(r["case_id"] for r in _index(out)) == sorted({"a", "b", "c", "d"} - {errs[0]["case_id"]})
 
 
+def _interrupt(p, out, sig):
+    """Send ``sig`` while a worker holds a case and most cases are still to do.
+
+    On a loaded machine the test itself can be descheduled between seeing a worker's marker and
+    signalling; the run then finishes first and exits 0. The manifest has many cases and the marker
+    must be one of the first cases, so the signal reliably lands mid-run; the assertion says which.
+    """
+    _, pid = _wait_marker(out, p)
+    assert p.poll() is None, f"the run ended (exit {p.returncode}) before it could be interrupted"
+    p.send_signal(sig)
+    return pid
+
+
+IDS = [f"c{i:02d}" for i in range(20)]
+
+
 def test_sigint_stops_all_workers_exits_130_and_next_run_resumes(ct_samples, tmp_path):
-    man = _manifest(tmp_path / "m.csv", ct_samples, ["a", "b", "c", "d"])
+    man = _manifest(tmp_path / "m.csv", ct_samples, IDS)
     out = tmp_path / "o"
     p = _start(man, out)
-    _, pid = _wait_marker(out, p)
-    p.send_signal(signal.SIGINT)
+    pid = _interrupt(p, out, signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert err.strip().splitlines()[-1] == "fvlm preprocess: interrupted" and "Traceback" not in err
@@ -184,7 +199,7 @@ def test_sigint_stops_all_workers_exits_130_and_next_run_resumes(ct_samples, tmp
     p = _start(man, out)
     _, err = p.communicate(timeout=240)
     assert p.returncode == 0, err
-    assert sorted(r["case_id"] for r in _index(out)) == ["a", "b", "c", "d"]
+    assert sorted(r["case_id"] for r in _index(out)) == IDS
 
 
 def test_second_concurrent_run_exits_2_naming_the_first(ct_samples, tmp_path, capsys):
@@ -208,11 +223,10 @@ def test_second_concurrent_run_exits_2_naming_the_first(ct_samples, tmp_path, ca
 
 
 def test_sigterm_stops_like_ctrl_c(ct_samples, tmp_path):
-    man = _manifest(tmp_path / "m.csv", ct_samples, ["a", "b", "c", "d"])
+    man = _manifest(tmp_path / "m.csv", ct_samples, IDS)
     out = tmp_path / "o"
     p = _start(man, out)
-    _, pid = _wait_marker(out, p)
-    p.send_signal(signal.SIGTERM)
+    pid = _interrupt(p, out, signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err, err
     time.sleep(0.5)
