@@ -109,7 +109,19 @@ def test_every_shipped_train_config_validates_on_its_own_data(path):
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_train_config_validates_on_preprocessed_shards(path, tmp_path):
     cfg = _cfg(files=[str(path)], shards_dir=_shards(tmp_path))
-    if path.stem == "vitb3d_gpu" and cfg.train.val_metric.startswith("val/auc") and not cfg.data.taxonomy:
-        pytest.xfail("configs/train/vitb3d_gpu.yaml sets val_metric=val/auc_mean without data.taxonomy (H2's file)")
     ids = check_val_config(cfg, build_source(cfg.data))
     assert len(ids) == min(3, cfg.val.max_cases)
+
+
+def test_pretrain_refuses_a_val_metric_it_cannot_compute_and_writes_nothing(tmp_path, capsys):
+    """`fvlm pretrain` calls check_val_config before anything is written: exit 2, one line, no run dir."""
+    from fvlm.cli import main
+
+    root = _shards(tmp_path / "data")
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--config", "configs/train/tiny.yaml", "--data", str(root), "--out", str(out),
+               "--set", "train.val_metric=val/auc_mean", "--set", "data.taxonomy=null",
+               "--set", "data.anatomies=[lung,liver]", "--set", "train.steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "data.taxonomy" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not out.exists()

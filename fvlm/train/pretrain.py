@@ -155,7 +155,7 @@ def run(cfg: PretrainConfig) -> dict:
     from ..logs import setup_logging
     from ..models.checkpoint import save_consolidated
     from .engine import Trainer, init_distributed
-    from .validate import quick_validate
+    from .validate import check_val_config, quick_validate
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -174,7 +174,7 @@ def run(cfg: PretrainConfig) -> dict:
     train_ids = source.case_ids(cfg.data.train_split)
     if not train_ids:
         raise FvlmError(f"no cases in split '{cfg.data.train_split}' of the data")
-    val_ids = source.case_ids(cfg.data.val_split)[:cfg.val.max_cases] if cfg.val.enabled else []
+    val_ids = check_val_config(cfg, source)  # a val_metric that can never be computed is a ConfigError
     src_anats = list(source.anatomies)
 
     def make_loader(start: int):
