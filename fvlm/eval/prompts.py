@@ -195,6 +195,17 @@ def model_logit_scale(model, default: float = 100.0) -> float:
     learned log-scale, clamped); else a tensor ``model.logit_scale`` is read with CLIP's
     convention (it stores the log; clamped at 100) and a plain number as the scale itself.
     """
+    ls = getattr(model, "logit_scale", None)
+    if ls is not None and hasattr(ls, "ds_id"):
+        # ZeRO-3 partitions every parameter (a rank holds a 0-element slice): gather it
+        # for the read. Collective: every rank must call this, as validation does.
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([ls]):
+            return _read_logit_scale(model, default)
+    return _read_logit_scale(model, default)
+
+
+def _read_logit_scale(model, default: float) -> float:
     getter = getattr(model, "get_logit_scale", None)
     if callable(getter):
         v = getter()

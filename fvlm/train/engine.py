@@ -4,7 +4,7 @@ Nothing here knows about CT or contrastive learning; ``fvlm pretrain`` and the X
 program both drive it::
 
     trainer = Trainer(model, loss_fn, make_loader, cfg, out_dir,
-                      save_model=lambda path, module, step: ...,      # consolidated file
+                      save_model=lambda path, module, step, state_dict: ...,  # consolidated file
                       validate=lambda module, step: {"val/auc": ...},  # optional
                       on_step=lambda step, batch, out: ...)           # optional
     summary = trainer.fit()
@@ -13,8 +13,11 @@ program both drive it::
 iterable of batches that starts at that position of the (deterministic) stream, which is how
 the data position is restored on resume. ``on_step(step, batch, outputs)`` runs on every rank
 after each optimizer step with the last micro-batch and the model's outputs for it (the X-ray
-program draws its reconstruction grids there). ``save_model`` writes ``out_dir/<model_file>``
-(default ``model.pt``) at every checkpoint.
+program draws its reconstruction grids there). ``save_model(path, module, step, state_dict)``
+writes ``out_dir/<model_file>`` (default ``model.pt``) at every checkpoint and ``best.pt`` at a new
+best validation metric, on rank 0; ``state_dict`` is the full fp32 master weights
+(:meth:`Trainer.master_state_dict`), or ``None`` when the module's own weights are those (fp32
+below ZeRO-3). Validation runs on rank 0, or on every rank under ZeRO-3.
 
 Checkpoints (``out_dir/checkpoints/<tag>/``): DeepSpeed's own files (model, optimizer,
 scheduler; resumable with ZeRO partitioning) plus ``trainer_state_rank<r>.json`` / ``.pt`` per
@@ -192,8 +195,11 @@ def _memory() -> dict[str, float]:
     return out
 
 
-def _scalar(v) -> float:
-    return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
+def _accumulate(sums: dict, key: str, v) -> None:
+    """Add a logged value to the window's running sum without a host sync: tensors are reduced to a
+    0-d tensor on their device and read only at the log interval (as nanoGPT and open_clip do)."""
+    v = v.detach().float().mean() if isinstance(v, torch.Tensor) else float(v)
+    sums[key] = sums[key] + v if key in sums else v
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -204,7 +210,7 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, make_loader: Callable[[int], Iterable],
                  cfg: TrainConfig, out_dir: str | os.PathLike, micro_batch: int,
-                 save_model: Callable[[Path, torch.nn.Module, int], None] | None = None,
+                 save_model: Callable[[Path, torch.nn.Module, int, dict | None], None] | None = None,
                  validate: Callable[[torch.nn.Module, int], dict] | None = None,
                  on_step: Callable[[int, Any, Any], None] | None = None, model_file: str = "model.pt"):
         import deepspeed
@@ -260,32 +266,52 @@ class Trainer:
             tags = sorted(p.name for p in self.ckpt_dir.glob("step_*") if p.is_dir())
             for old in tags[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
-        if self.save_model is not None:
-            sd = self._fp32_state_dict(tag)
-            if self.rank == 0:
-                self.save_model(self.out / self.model_file, self.module, self.step, sd)
+        self._save_model(self.model_file)
         dist.barrier()
         return self.ckpt_dir / tag
 
-    def _fp32_state_dict(self, tag: str) -> dict | None:
-        """Full fp32 weights: the module's own, or gathered from the ZeRO checkpoint when the
-        module holds low-precision or partitioned weights."""
+    def _save_model(self, name: str) -> None:
+        """``save_model(out/name, module, step, state_dict)`` on rank 0 with the fp32 master weights
+        (gathered on every rank: call on all ranks)."""
+        if self.save_model is None:
+            return
+        sd = self.master_state_dict()
+        if self.rank == 0:
+            self.save_model(self.out / name, self.module, self.step, sd)
+
+    def master_state_dict(self) -> dict | None:
+        """The full fp32 master weights as a CPU state dict on rank 0 (``None`` on other ranks, and
+        ``None`` where the module's own weights are the master weights: fp32 below ZeRO-3).
+
+        A collective: every rank calls it. With bf16/fp16 the module holds rounded copies and the
+        optimizer the fp32 masters (partitioned under ZeRO-1/2); under ZeRO-3 the module holds only
+        this rank's partition. Each trainable parameter is assembled from the optimizer's fp32
+        partitions (``deepspeed.utils.safe_get_full_fp32_param``); a frozen one, which has no master
+        copy, is gathered as the module holds it. Nothing is read back from checkpoint files.
+        """
         stage = self.engine.zero_optimization_stage()
         if self.cfg.precision == "fp32" and stage < 3:
             return None
-        if stage == 0:
-            return None
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: dict[int, torch.Tensor] = {}
+        named = list(self.module.named_parameters(remove_duplicate=False))
+        for _, p in named:                       # same order on every rank: the collectives match
+            if id(p) in full:
+                continue
+            t = safe_get_full_fp32_param(p)
+            if t is None and hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    t = p.detach().clone()
+            elif t is None:
+                t = p.detach()
+            full[id(p)] = t.detach().float().cpu().reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
         if self.rank != 0:
             return None
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        try:
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(self.ckpt_dir), tag=tag)
-        except Exception as e:  # noqa: BLE001 - fall back to the module's weights
-            log.warning("could not gather fp32 weights from the ZeRO checkpoint (%s); saving module weights", e)
-            return None
-        own = self.module.state_dict()
-        return {k: sd.get(k, v) for k, v in own.items()}
+        by_name = {n: full[id(p)] for n, p in named}
+        own = self.module.state_dict()         # buffers (never partitioned) and the key order
+        return {k: (by_name[k].clone() if k in by_name else v.detach().cpu()) for k, v in own.items()}
 
     def _candidates(self, ckpt_dir: Path, explicit: str | None) -> list[str]:
         """Tags to try, best first: the explicit one; else the ``latest_complete`` pointer, then
@@ -305,7 +331,7 @@ class Trainer:
         """True only if every rank says ``ok`` (so all ranks fall back together)."""
         if self.world == 1:
             return ok
-        t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)  # NCCL: on the GPU
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
@@ -431,24 +457,32 @@ class Trainer:
                     self.tb.add_scalar(k, v, self.step)
             self.tb.flush()
 
-    def _reduce(self, sums: dict[str, float], count: int) -> dict[str, float]:
+    def _reduce(self, sums: dict, count: int) -> dict[str, float]:
+        """Means over the window and all ranks of ``sums`` (floats, or 0-d tensors still on the
+        device): one stack, one all_reduce and one device-to-host copy at the log interval."""
         keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
+        vals = [torch.as_tensor(sums[k], dtype=torch.float64, device=self.device).reshape(()) for k in keys]
+        t = torch.stack(vals + [torch.tensor(float(count), dtype=torch.float64, device=self.device)])
         if self.world > 1:
             dist.all_reduce(t)
-        n = t[-1].item()
-        return {k: (t[i].item() / n if n else float("nan")) for i, k in enumerate(keys)}
+        t = t.cpu().tolist()
+        n = t[-1]
+        return {k: (t[i] / n if n else float("nan")) for i, k in enumerate(keys)}
 
     # ------------------------------------------------------------------ validation
     def _run_validation(self) -> dict:
         if self.validate is None:
             return {}
-        self.module.eval()
-        try:
-            with torch.no_grad():
-                metrics = self.validate(self.module, self.step) or {}
-        finally:
-            self.module.train()
+        # Rank 0 validates; under ZeRO-3 every forward gathers partitioned weights (a collective),
+        # so every rank runs the same validation and rank 0's numbers are kept.
+        metrics = {}
+        if self.rank == 0 or self.engine.zero_optimization_stage() == 3:
+            self.module.eval()
+            try:
+                with torch.no_grad():
+                    metrics = self.validate(self.module, self.step) or {}
+            finally:
+                self.module.train()
         if self.world > 1:   # rank 0's numbers everywhere, so all ranks agree on best.pt
             obj = [metrics]
             dist.broadcast_object_list(obj, src=0)
@@ -459,8 +493,7 @@ class Trainer:
             better = self.best is None or (v > self.best if self.cfg.val_mode == "max" else v < self.best)
             if better:
                 self.best = v
-                if self.rank == 0 and self.save_model is not None and self.engine.zero_optimization_stage() < 3:
-                    self.save_model(self.out / "best.pt", self.module, self.step, None)
+                self._save_model("best.pt")        # all ranks: the master weights are gathered
                 log.info("new best %s = %.4f at step %d", m, v, self.step)
         return metrics
 
@@ -503,15 +536,14 @@ class Trainer:
                 times["time/forward"] += t2 - t1
                 times["time/backward"] += t3 - t2
                 times["time/optimizer"] += t4 - t3
-                sums["loss"] = sums.get("loss", 0.0) + _scalar(loss)
+                _accumulate(sums, "loss", loss)   # no host sync here: values stay on the device
                 for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + _scalar(v)
+                    _accumulate(sums, k, v)
                 count += 1
             self.step += 1
             run_steps += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / max(count, 1):.3f}")
             final = self.step >= cfg.steps
             stop_now = self._stop or (cfg.stop_after and run_steps >= cfg.stop_after)
             if self.step % max(1, cfg.log_every) == 0 or final or stop_now:
@@ -525,6 +557,8 @@ class Trainer:
                 if self.rank == 0:
                     log.info("step %d loss %.4f lr %.2e %.1f samples/s", self.step, row["loss"], row["lr"],
                              row["samples_per_s"])
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.3f}")
                 sums, times = {}, {k: 0.0 for k in times}
                 count, t_window = 0, time.perf_counter()
             if self.validate is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or final):

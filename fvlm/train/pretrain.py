@@ -194,9 +194,7 @@ def run(cfg: PretrainConfig) -> dict:
 
     validate = None
     if val_ids:
-        def validate(module, step):  # noqa: ARG001
-            if rank != 0:
-                return {}
+        def validate(module, step):  # noqa: ARG001 - the trainer calls it on rank 0 (every rank under ZeRO-3)
             return quick_validate(module, source, val_ids, opts, diags, batch_size=cfg.val.batch_size,
                                   source_anatomies=src_anats)
 
