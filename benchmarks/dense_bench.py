@@ -40,7 +40,7 @@ def child(name: str, head: str, warmup: int, repeats: int, threads: int) -> dict
 
     from fvlm.config import build
     from fvlm.dense.config import ModelConfig
-    from fvlm.dense.model import build_dense_model, sliding_predict
+    from fvlm.models.dense import build_dense_model, sliding_predict
 
     if threads:
         torch.set_num_threads(threads)

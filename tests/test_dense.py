@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fvlm.dense.aggregation import ClassAggregation, TextSegHead
-from fvlm.dense.heads import SegHead, upsample_plan
+from fvlm.models.text_seg import ClassAggregation, TextSegHead
+from fvlm.models.dense_heads import SegHead, upsample_plan
 from fvlm.dense.metrics import (SegmentationMeter, binary_dice_iou, confusion_counts, dice_iou_from_counts,
                                 per_class_dice_iou, pointing_chance, pointing_game, pointing_p_value)
 from fvlm.encoders import create_encoder
@@ -274,7 +274,7 @@ def test_text_control_texts_and_mcnemar_by_hand():
 def test_organ_crops_need_a_3d_model_and_findings():
     from fvlm.dense.data import DenseCase
     from fvlm.dense.evaluate import eval_cases
-    from fvlm.dense.model import build_dense_model
+    from fvlm.models.dense import build_dense_model
 
     vol = _organ_volume("a", 1, True, "liver")
     with pytest.raises(FvlmError, match="needs a 3D model"):
@@ -442,7 +442,7 @@ def _cfg(**model):
 
 
 def test_dense_checkpoint_roundtrip(tmp_path):
-    from fvlm.dense.model import build_dense_model, load_dense, save_dense
+    from fvlm.models.dense import build_dense_model, load_dense, save_dense
 
     cfg = _cfg()
     m = build_dense_model(cfg.model, ["liver", "spleen"]).eval()
@@ -456,7 +456,7 @@ def test_dense_checkpoint_roundtrip(tmp_path):
 
 def test_load_pretrained_encoder_from_consolidated(tmp_path):
     """Encoder weights under 'image_encoder.' (the consolidated checkpoint layout) load; a freeze keeps them."""
-    from fvlm.dense.model import build_dense_model
+    from fvlm.models.dense import build_dense_model
 
     src = create_encoder("vit2d_nano", img_size=(32, 32), patch_size=(8, 8))
     sd = {f"image_encoder.{k}": v for k, v in src.state_dict().items()}
@@ -473,7 +473,7 @@ def test_load_pretrained_encoder_from_consolidated(tmp_path):
 
 def test_partial_encoder_load_warns(tmp_path, caplog):
     """A checkpoint of a shallower encoder loads what fits and says loudly what did not."""
-    from fvlm.dense.model import build_dense_model
+    from fvlm.models.dense import build_dense_model
 
     src = create_encoder("vit2d_nano", img_size=(32, 32), patch_size=(8, 8))
     sd = {f"image_encoder.{k}": v for k, v in src.state_dict().items() if not k.startswith("blocks.1.")}
@@ -487,7 +487,7 @@ def test_partial_encoder_load_warns(tmp_path, caplog):
 def test_pretrained_spec_is_adopted_from_pretrain_and_xray_checkpoints(tmp_path):
     """`fvlm pretrain` (fvlm-model) and `fvlm pretrain-xray` (fvlm-xray-encoder) checkpoints name their
     encoder; the dense model takes family, patch size and arguments from them, keeping its img_size."""
-    from fvlm.dense.model import adopt_pretrained_spec, build_dense_model
+    from fvlm.models.dense import adopt_pretrained_spec, build_dense_model
 
     src3 = create_encoder("vit3d_nano", img_size=(32, 32, 16), patch_size=(16, 16, 8), depth=2)
     torch.save({"format": "fvlm-model", "version": 1,
@@ -516,7 +516,7 @@ def test_pretrained_spec_is_adopted_from_pretrain_and_xray_checkpoints(tmp_path)
 
 
 def test_load_pretrained_errors(tmp_path):
-    from fvlm.dense.model import build_dense_model, load_dense
+    from fvlm.models.dense import build_dense_model, load_dense
     from fvlm.errors import FormatError
 
     torch.save({"state_dict": {"text.w": torch.zeros(1)}}, tmp_path / "x.pt")
@@ -545,7 +545,7 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_ground_rejects_seg_checkpoint_and_bad_image(tmp_path, capsys):
     from fvlm.cli import main
-    from fvlm.dense.model import build_dense_model, save_dense
+    from fvlm.models.dense import build_dense_model, save_dense
 
     cfg = _cfg()
     p = save_dense(tmp_path / "d.pt", build_dense_model(cfg.model, ["liver"]), cfg.model)
@@ -556,7 +556,7 @@ def test_ground_rejects_seg_checkpoint_and_bad_image(tmp_path, capsys):
 def test_ground_writes_pngs_for_xray_and_ct(tmp_path):
     """`fvlm dense ground` on a radiograph (2D text model) and a CT volume (3D text model)."""
     from fvlm.dense.ground import load_image, save_overlays
-    from fvlm.dense.model import build_dense_model
+    from fvlm.models.dense import build_dense_model
     from fvlm.resources import samples_dir
 
     m = build_dense_model(_cfg(head="text", img_size=[32, 32]).model, ["lung"], text_dim=8).eval()

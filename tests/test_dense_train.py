@@ -35,7 +35,7 @@ def test_tiny_2d_head_beats_baselines_on_heldout_slices(tmp_path):
     from fvlm.dense.baselines import baseline_scores
     from fvlm.dense.data import load_cases
     from fvlm.dense.evaluate import evaluate_model
-    from fvlm.dense.model import load_dense
+    from fvlm.models.dense import load_dense
     from fvlm.dense.train import train_dense
 
     torch.set_num_threads(2)
@@ -83,7 +83,7 @@ def test_cli_eval_on_organ_crops_of_a_demo_corpus(tmp_path):
     from fvlm.cli import main
     from fvlm.demo.generate import generate_corpus
     from fvlm.dense.data import anatomy_crops, load_cases
-    from fvlm.dense.model import build_dense_model, save_dense
+    from fvlm.models.dense import build_dense_model, save_dense
     from fvlm.encoders import TextEncoder
 
     torch.set_num_threads(1)
@@ -207,7 +207,7 @@ def test_shards_source_reads_preprocessed_ct(sample_shards, ct_samples, tmp_path
 def test_train_and_eval_on_shards(sample_shards, tmp_path):
     """data.source=shards end to end: 5 steps of a 3D seg head, then `fvlm dense eval` on the valid split."""
     from fvlm.cli import main
-    from fvlm.dense.model import load_dense
+    from fvlm.models.dense import load_dense
     from fvlm.dense.train import train_dense
 
     root = str(sample_shards / "fvlm15")
@@ -237,7 +237,7 @@ def test_dense_encoder_from_a_real_pretrain_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    from fvlm.dense.model import adopt_pretrained_spec, build_dense_model, load_dense
+    from fvlm.models.dense import adopt_pretrained_spec, build_dense_model, load_dense
     from fvlm.dense.train import train_dense
 
     out = tmp_path / "pretrain"

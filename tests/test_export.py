@@ -178,7 +178,7 @@ def test_malicious_pickles_never_run(built, tmp_path, capsys):
     with pytest.raises(FormatError):
         fvlm.load(evil)
     # dense checkpoint, X-ray encoder and pretrained weights all go through read_torch_file
-    from fvlm.dense.model import load_dense
+    from fvlm.models.dense import load_dense
     from fvlm.models.xray_mae import load_encoder
 
     for fn in (lambda p: load_dense(p), lambda p: load_encoder(p), lambda p: read_torch_file(p, "weights file")):

@@ -234,7 +234,7 @@ def test_command_trains_resumes_exactly_and_probes(tmp_path, sample_cache, monke
     assert probe["images"] == 14 and probe["feature_dim"] == 96 and "Emphysema" in probe["labels"]
     assert (out / "probe.md").read_text().startswith("# Linear probe")
     # the encoder written by `fvlm pretrain-xray` starts a 2D dense model (frozen: weights unchanged)
-    from fvlm.dense.model import load_dense
+    from fvlm.models.dense import load_dense
     from fvlm.models.xray_mae import load_encoder
 
     assert main(["dense", "train", "--out", str(tmp_path / "dense"), "--pretrained", str(out / "encoder.pt"),

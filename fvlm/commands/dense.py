@@ -91,7 +91,7 @@ def _eval(args, cfg) -> int:
     from ..dense.baselines import baseline_scores
     from ..dense.data import load_cases
     from ..dense.evaluate import eval_cases, evaluate_model, write_eval
-    from ..dense.model import load_dense
+    from ..models.dense import load_dense
     from ..logs import setup_logging
 
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
@@ -138,7 +138,7 @@ def _eval(args, cfg) -> int:
 def _ground(args, cfg) -> int:
     from ..config import dump_config
     from ..dense.ground import ground_texts, load_image, save_overlays, write_ground_json
-    from ..dense.model import load_dense
+    from ..models.dense import load_dense
 
     model, info = load_dense(args.checkpoint)
     if model.task != "text":

@@ -18,38 +18,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import FormatError, FvlmError
+from .cases import DenseCase, Finding, diagnosis_phrase
 from .config import DataConfig
 
 __all__ = ["Finding", "DenseCase", "class_names_for", "class_prompts", "load_cases", "sample_crop", "anatomy_crops",
            "sample_slices_split", "ClassBalancedCentres", "class_voxel_counts"]
-
-
-@dataclass
-class Finding:
-    """A localised finding: its text and its mask (bool, same grid as the image)."""
-    text: str
-    mask: np.ndarray
-    anatomy: str = ""
-    diagnosis: str = ""
-
-
-@dataclass
-class DenseCase:
-    case_id: str
-    image: np.ndarray                     # float32 [0, 1], (X, Y, Z)
-    label: np.ndarray | None              # uint8 (X, Y, Z): 0 background, i + 1 = class_names[i]
-    spacing_mm: tuple = (3.0, 3.0, 3.0)
-    affine: np.ndarray | None = None
-    findings: list[Finding] = field(default_factory=list)
-    labels: dict = field(default_factory=dict)          # image-level {phrase: 1 | 0 | -1}
-    sentences: list[tuple[str, str]] = field(default_factory=list)  # (anatomy id, abnormal report sentence)
 
 
 def class_names_for(cfg: DataConfig) -> list[str]:
@@ -130,7 +109,6 @@ def _samples(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, list[Dens
 
 def _shards(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[DenseCase]:
     from ..data import ShardDataset, window
-    from .demo_corpus import diagnosis_phrase
 
     if not cfg.root:
         raise FvlmError("data.source=shards needs data.root (the directory written by `fvlm preprocess`)")

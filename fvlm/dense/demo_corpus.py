@@ -18,13 +18,9 @@ import numpy as np
 
 from ..errors import FormatError, FvlmError
 from .config import DataConfig
-from .data import DenseCase, Finding
+from .cases import DenseCase, Finding, diagnosis_phrase
 
 __all__ = ["read_demo_cases", "finding_text", "diagnosis_phrase"]
-
-
-def diagnosis_phrase(diagnosis: str) -> str:
-    return diagnosis.replace("_", " ")
 
 
 def finding_text(record: dict, statements: Sequence[dict]) -> str:

@@ -60,7 +60,7 @@ def _outputs(model, logits):
 
 def predict_case(model, case: DenseCase, overlap: float = 0.25, sw_batch_size: int = 2) -> np.ndarray:
     """``seg`` model: the predicted label map ``(X, Y, Z)`` (uint8) of one case."""
-    from .model import sliding_predict
+    from ..models.dense import sliding_predict
 
     logits = sliding_predict(model, _inputs(model, case), _roi(model), overlap=overlap, sw_batch_size=sw_batch_size)
     return _outputs(model, logits).argmax(0).numpy().astype(np.uint8)
@@ -70,7 +70,7 @@ def prompt_heatmaps(model, case_or_image, text_emb, overlap: float = 0.25, sw_ba
     """``text`` model: sigmoid heatmaps ``(K, X, Y, Z)`` (3D or stacked slices) for prompt embeddings ``(K, T, E)``."""
     import torch
 
-    from .model import sliding_predict
+    from ..models.dense import sliding_predict
 
     case = case_or_image if isinstance(case_or_image, DenseCase) else DenseCase("image", case_or_image, None)
     logits = sliding_predict(model, _inputs(model, case), _roi(model), text=text_emb, overlap=overlap,

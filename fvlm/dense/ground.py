@@ -77,7 +77,7 @@ def ground_texts(model, info: dict, image: np.ndarray, texts: Sequence[str], tex
     import torch
 
     from .evaluate import prompt_heatmaps
-    from .model import sliding_predict
+    from ..models.dense import sliding_predict
     from .train import PromptBank
 
     if model.task != "text":

@@ -23,9 +23,9 @@ import numpy as np
 
 from ..errors import FvlmError
 from .config import DenseConfig
-from .data import (ClassBalancedCentres, DenseCase, class_names_for, class_prompts, class_voxel_counts, load_cases,
+from .cases import DenseCase, diagnosis_phrase
+from .data import (ClassBalancedCentres, class_names_for, class_prompts, class_voxel_counts, load_cases,
                    sample_crop)
-from .demo_corpus import diagnosis_phrase
 
 __all__ = ["train_dense", "resolve_device", "PromptBank", "class_weights"]
 
@@ -140,7 +140,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     from ..progress import progress
     import dataclasses
 
-    from .model import adopt_pretrained_spec, build_dense_model, save_dense
+    from ..models.dense import adopt_pretrained_spec, build_dense_model, save_dense
 
     cfg = dataclasses.replace(cfg, model=adopt_pretrained_spec(cfg.model))
     out = Path(out_dir)

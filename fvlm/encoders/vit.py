@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["VisionTransformer", "patchify", "unpatchify", "sincos_pos_embed"]
+__all__ = ["VisionTransformer", "patchify", "unpatchify", "patch_regions", "patch_to_pixel_mask", "sincos_pos_embed"]
 
 
 def _tuple(v, n: int, name: str) -> tuple[int, ...]:
@@ -81,6 +81,24 @@ def patchify(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     perm = [0] + [2 + 2 * i for i in range(nd)] + [3 + 2 * i for i in range(nd)] + [1]
     x = x.permute(perm)
     return x.reshape(b, math.prod(grid), math.prod(p) * c)
+
+
+def patch_regions(masks: torch.Tensor, patch_size: Sequence[int], min_frac: float = 0.5) -> torch.Tensor:
+    """(B, H, W) pixel masks -> (B, N) bool: a patch is inside if ``min_frac`` of it is."""
+    ph, pw = int(patch_size[0]), int(patch_size[1])
+    b, h, w = masks.shape
+    if h % ph or w % pw:
+        raise ValueError(f"mask {h}x{w} is not divisible by the patch size {ph}x{pw}")
+    frac = masks.float().reshape(b, h // ph, ph, w // pw, pw).mean(dim=(2, 4))
+    return (frac >= min_frac).reshape(b, -1)
+
+
+def patch_to_pixel_mask(mask: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
+    """(B, N) patch mask -> (B, 1, H, W) pixel mask of the same dtype."""
+    b = mask.shape[0]
+    gh, gw = int(grid[0]), int(grid[1])
+    m = mask.reshape(b, 1, gh, gw)
+    return m.repeat_interleave(int(patch_size[0]), dim=2).repeat_interleave(int(patch_size[1]), dim=3)
 
 
 def unpatchify(t: torch.Tensor, patch_size: Sequence[int], grid_size: Sequence[int], channels: int) -> torch.Tensor:

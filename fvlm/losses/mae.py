@@ -70,7 +70,7 @@ class MAELoss(nn.Module):
             raise ValueError(f"prediction {tuple(pred.shape)} does not match the patch targets {tuple(target.shape)}")
         weight = None
         if valid is not None:
-            from ..xray.masking import patch_regions
+            from ..encoders.vit import patch_regions
 
             weight = patch_regions(valid, self.patch_size, self.min_valid).float()
         return masked_patch_loss(pred, target, mask, weight)

@@ -67,4 +67,20 @@ def _xray_mae(cfg=None, **kw):
     return build_xray_mae(cfg if cfg is not None else {}, **kw)
 
 
+@register_model("dense")
+def _dense(cfg=None, *, class_names, text_dim=None):
+    """Shared encoder + dense head (``seg``: fixed classes; ``text``: prompt-conditioned), ``fvlm dense``.
+
+    ``cfg``: a ``DenseModelConfig``, a mapping of its keys, or None; ``class_names`` the segmented
+    anatomies in label order; ``text_dim`` the text encoder's width (text head).
+    """
+    from ..config import build
+    from .dense import build_dense_model
+    from .dense_config import DenseModelConfig
+
+    if cfg is None or isinstance(cfg, dict):
+        cfg = build(DenseModelConfig, cfg or {})
+    return build_dense_model(cfg, class_names, text_dim)
+
+
 __all__ = ["create_model", "list_models", "register_model"]

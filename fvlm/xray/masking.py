@@ -29,6 +29,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ..encoders.vit import patch_regions, patch_to_pixel_mask  # noqa: F401 (re-exported: patch geometry lives with patchify)
+
 __all__ = ["MaskSample", "num_visible", "random_masking", "context_aware_masking", "box_region",
            "patch_regions", "block_masking", "corrupt", "patch_to_pixel_mask", "from_keep"]
 
@@ -119,16 +121,6 @@ def box_region(grid: Sequence[int], frac: Sequence[float] = (0.7, 0.8),
     return (in_r[:, None] & in_c[None, :]).reshape(-1)
 
 
-def patch_regions(masks: torch.Tensor, patch_size: Sequence[int], min_frac: float = 0.5) -> torch.Tensor:
-    """(B, H, W) pixel masks -> (B, N) bool: a patch is inside if ``min_frac`` of it is."""
-    ph, pw = int(patch_size[0]), int(patch_size[1])
-    b, h, w = masks.shape
-    if h % ph or w % pw:
-        raise ValueError(f"mask {h}x{w} is not divisible by the patch size {ph}x{pw}")
-    frac = masks.float().reshape(b, h // ph, ph, w // pw, pw).mean(dim=(2, 4))
-    return (frac >= min_frac).reshape(b, -1)
-
-
 def block_masking(batch: int, grid: Sequence[int], fraction: float,
                   generator: torch.Generator | None = None, min_block: int = 4,
                   max_block: float = 0.25, aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
@@ -171,14 +163,6 @@ def block_masking(batch: int, grid: Sequence[int], fraction: float,
             covered += take.numel()
         out[i] = m.reshape(-1)
     return out
-
-
-def patch_to_pixel_mask(mask: torch.Tensor, grid: Sequence[int], patch_size: Sequence[int]) -> torch.Tensor:
-    """(B, N) patch mask -> (B, 1, H, W) pixel mask of the same dtype."""
-    b = mask.shape[0]
-    gh, gw = int(grid[0]), int(grid[1])
-    m = mask.reshape(b, 1, gh, gw)
-    return m.repeat_interleave(int(patch_size[0]), dim=2).repeat_interleave(int(patch_size[1]), dim=3)
 
 
 def corrupt(images: torch.Tensor, corrupted: torch.Tensor, patch_size: Sequence[int], mode: str = "noise",

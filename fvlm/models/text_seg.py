@@ -16,7 +16,7 @@ decode the *comparison*. For ``K`` prompts and ``T`` templates per prompt:
      so permuting the prompts permutes the output maps and nothing else;
 4. guided upsampling back to input resolution: per-prompt maps are upsampled stage by
    stage and concatenated with skip features from the encoder and the image (shared
-   across prompts, :class:`fvlm.dense.heads.SkipPyramid`), then one logit per prompt.
+   across prompts, :class:`fvlm.models.dense_heads.SkipPyramid`), then one logit per prompt.
 
 Output: logits ``(B, K, *spatial)``, one independent (sigmoid) map per prompt, so prompt
 sets of any size, order and overlap are allowed.
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .heads import ConvBlock, SkipPyramid, _conv, make_upsample, stage_channels, upsample_plan
+from .dense_heads import ConvBlock, SkipPyramid, _conv, make_upsample, stage_channels, upsample_plan
 
 __all__ = ["CostVolume", "SpatialAggregation", "ClassAggregation", "TextSegHead", "as_prompt_tensor"]
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import FormatError, FvlmError
-from .aggregation import TextSegHead
-from .config import ModelConfig
-from .heads import SegHead
+from .dense_config import DenseModelConfig as ModelConfig
+from .dense_heads import SegHead
+from .text_seg import TextSegHead
 
 __all__ = ["DenseModel", "build_dense_model", "adopt_pretrained_spec", "save_dense", "load_dense", "load_pretrained_encoder",
            "sliding_predict", "FORMAT_NAME", "FORMAT_VERSION"]
