@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 from pathlib import Path
 
@@ -63,8 +64,12 @@ def run(args) -> int:
         out = Path(args.out)
         setup_logging(out, "train", quiet=args.quiet)
         res = train_dense(cfg, out)
-        print(f"wrote {res['checkpoint']} (loss {res['first_loss']:.3f} -> {res['final_loss']:.3f}, "
-              f"{res['seconds']:.0f} s)")
+        if res["interrupted"]:
+            print(f"stopped at step {res['steps']} with a checkpoint; run the same command to resume")
+            return 3
+        if res["first_loss"] is not None and int(os.environ.get("RANK", "0")) == 0:
+            print(f"wrote {res['checkpoint']} (loss {res['first_loss']:.3f} -> {res['final_loss']:.3f}, "
+                  f"{res['seconds']:.0f} s)")
         return 0
     if args.action == "eval":
         return _eval(args, cfg)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import opt
+from ..errors import ConfigError
+from ..train.engine import TrainConfig as EngineTrainConfig
 from ..models.dense_config import DenseModelConfig as ModelConfig
 
 __all__ = ["DenseConfig", "ModelConfig", "DataConfig", "TrainConfig", "EvalConfig"]
@@ -27,12 +29,26 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(EngineTrainConfig):
+    """The shared :class:`~fvlm.train.engine.TrainConfig` (the engine of ``fvlm pretrain``: schedule,
+    parameter groups, DeepSpeed, exact resume, checkpoints, metrics.csv/TensorBoard) with dense
+    defaults and the dense keys (crop sampling, losses, prompts)."""
+
     steps: int = opt(300, "optimizer steps")
-    batch_size: int = opt(2, "crops per step")
-    lr: float = opt(2e-3, "AdamW learning rate of the head")
-    encoder_lr: float = opt(2e-4, "AdamW learning rate of the encoder (when not frozen)")
-    weight_decay: float = opt(1e-4, "AdamW weight decay")
+    batch_size: int = opt(2, "crops per micro-batch per process")
+    lr: float = opt(2e-3, "peak AdamW learning rate of the head")
+    encoder_lr: float = opt(2e-4, "peak AdamW learning rate of the encoder (when not frozen); sets "
+                                  "lr_groups {model.encoder.: encoder_lr / lr} unless lr_groups is given")
+    weight_decay: float = opt(1e-4, "AdamW weight decay (not on the parameters the encoder's and heads' "
+                                    "no_weight_decay() name)")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    warmup_steps: int = opt(-1, "linear warm-up steps (-1 = steps // 20)")
+    min_lr_ratio: float = opt(0.05, "final learning rate as a fraction of the peak (cosine)")
+    deepspeed_config: str = opt("deepspeed/zero0.json", "DeepSpeed JSON (path or name under configs/)")
+    zero_stage: int | None = opt(0, "DeepSpeed ZeRO stage (0-3); overrides the JSON's")
+    ckpt_every: int = opt(0, "save a resumable checkpoint (and dense.pt) every N steps (0 = only at the end)")
+    val_every: int = opt(0, "unused: dense training has no validation step (use `fvlm dense eval`)")
+    val_metric: str = opt("", "unused: dense training has no validation step")
     loss: str = opt("dice_ce", "seg head loss: Dice + cross-entropy or Dice + focal", choices=("dice_ce", "dice_focal"))
     focal_gamma: float = opt(2.0, "focal loss gamma")
     label_weight: float = opt(0.2, "text head: weight of the image-level label loss")
@@ -55,10 +71,23 @@ class TrainConfig:
                                        "anatomy, unknown inside)")
     prompts_per_step: int = opt(8, "text head: prompts sampled per step (shuffled; tests order invariance)")
     unseen_classes: list[str] = opt([], "text head: classes never prompted in training (zero-shot at eval)")
-    seed: int = opt(0, "random seed")
-    threads: int = opt(2, "torch CPU threads")
-    device: str = opt("auto", "cpu, cuda or auto")
+    seed: int = opt(0, "seed of model init and crop sampling")
+    threads: int = opt(2, "torch CPU threads per process")
+    device: str = opt("auto", "auto or cuda: the engine trains on the GPU when one is visible; cpu with a "
+                              "visible GPU is refused (hide it with CUDA_VISIBLE_DEVICES=)")
     log_every: int = opt(25, "log the loss every N steps")
+    num_workers: int = opt(0, "crop-sampling worker processes (0 = in the training process)")
+
+    def __post_init__(self):
+        if self.warmup_steps < 0:
+            self.warmup_steps = max(1, self.steps // 20)
+        if not self.lr_groups and self.lr > 0:
+            self.lr_groups = {"model.encoder.": self.encoder_lr / self.lr}
+        if self.val_every or self.val_metric:
+            raise ConfigError("config keys 'train.val_every' and 'train.val_metric' do nothing in `fvlm dense "
+                              "train` (it has no validation step; use `fvlm dense eval`); leave them unset")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
 
 
 @dataclass

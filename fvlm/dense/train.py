@@ -33,13 +33,17 @@ log = logging.getLogger("fvlm.dense")
 
 
 def resolve_device(name: str):
+    """The device the engine trains and evaluates on: the GPU when one is visible (as DeepSpeed
+    picks it), else the CPU. ``cpu`` with a visible GPU and ``cuda`` without one are refused."""
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    has = torch.cuda.is_available()
+    if name == "cuda" and not has:
         raise FvlmError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
+    if name == "cpu" and has:
+        raise FvlmError("train.device=cpu but a GPU is visible and the engine trains on it; hide it with "
+                        "CUDA_VISIBLE_DEVICES= to train on the CPU")
+    return torch.device("cuda" if has else "cpu")
 
 
 class PromptBank:
@@ -72,30 +76,6 @@ def _check_size(cfg: DenseConfig, sd: int):
     if len(cfg.model.img_size) != sd or len(cfg.model.patch_size) != sd:
         raise FvlmError(f"encoder {cfg.model.encoder} is {sd}D: model.img_size and model.patch_size need "
                         f"{sd} values, got {cfg.model.img_size} and {cfg.model.patch_size}")
-
-
-def _optimizer(model, cfg: DenseConfig):
-    import torch
-
-    enc = [p for p in model.encoder.parameters() if p.requires_grad]
-    head = [p for p in model.head.parameters() if p.requires_grad]
-    groups = [{"params": head, "lr": cfg.train.lr}]
-    if enc:
-        groups.append({"params": enc, "lr": cfg.train.encoder_lr})
-    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-
-
-def _schedule(opt, steps: int):
-    import torch
-
-    warm = max(1, steps // 20)
-
-    def f(i):
-        if i < warm:
-            return (i + 1) / warm
-        return 0.5 * (1 + np.cos(np.pi * min(1.0, (i - warm) / max(1, steps - warm)))) * 0.95 + 0.05
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
 def class_weights(counts: np.ndarray, cap: float = 10.0) -> np.ndarray:
@@ -132,101 +112,147 @@ def text_encoder_for(cfg: DenseConfig):
     return TextEncoder(cfg.model.text_model_dir)
 
 
+def _task_module(model, loss_fn, prompts):
+    """The dense model and its loss as one module for the engine: ``forward(batch)`` -> loss parts.
+
+    The network computes logits only; the loss module turns them into the loss (as the X-ray
+    task does). The prompt bank (frozen text encoder) is held outside the module's parameters.
+    """
+    import torch
+
+    class DenseTask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.loss = loss_fn
+            self.__dict__["prompts"] = prompts      # not a submodule: never trained, saved or partitioned
+
+        def forward(self, batch: dict) -> dict:
+            x = batch["image"]
+            if self.model.task == "seg":
+                return {"loss": self.loss(self.model(x), batch["label"])}
+            emb = self.prompts(batch["prompts"]).to(x.device, x.dtype)          # (B*K, T, E)
+            emb = emb.reshape(x.shape[0], batch["k"], *emb.shape[1:])
+            return self.loss(self.model(x, emb), batch["mask"], batch["weight"], batch["full"], batch["label"])
+
+    return DenseTask()
+
+
+def _stream(make_batch, start: int, seed: int, rank: int):
+    """Micro-batches ``start, start + 1, ...`` of this rank; batch ``i`` is drawn with its own RNG
+    (seed, rank, i), so the stream restarts exactly at any position (resume) and DataLoader workers
+    (each takes every ``num_workers``-th index) give the same batches as the main process."""
+    import torch
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            i, step = start + (info.id if info else 0), (info.num_workers if info else 1)
+            while True:
+                yield make_batch(np.random.default_rng([seed, rank, i]))
+                i += step
+
+    return Stream()
+
+
 def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases: list[DenseCase] | None = None) -> dict:
-    """Train a dense model as configured; returns a summary with the checkpoint path."""
+    """Train a dense model as configured, on the shared engine (:class:`fvlm.train.engine.Trainer`:
+    schedule, parameter groups, DeepSpeed, exact resume, checkpoints, metrics.csv and TensorBoard).
+
+    Call on every rank (``torchrun`` / the ``deepspeed`` launcher) or in one process. Returns a
+    summary with the checkpoint path; ``interrupted`` when stopped early (SIGTERM, ``train.stop_after``).
+    """
+    import dataclasses
+
     import torch
 
     from ..config import dump_config
-    from ..progress import progress
-    import dataclasses
-
-    from ..models.dense import adopt_pretrained_spec, build_dense_model, save_dense
+    from ..models import create_model
+    from ..models.dense import adopt_pretrained_spec, save_dense
+    from ..train.engine import Trainer, init_distributed
 
     cfg = dataclasses.replace(cfg, model=adopt_pretrained_spec(cfg.model))
+    t = cfg.train
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.train.seed)
-    rng = np.random.default_rng(cfg.train.seed)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    dev = resolve_device(cfg.train.device)
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    dev = resolve_device(t.device)
+    rank, world, _ = init_distributed()
 
     class_names = class_names_for(cfg.data)
     if cases is None:
         cases = load_cases(cfg.data, class_names, "train")
     if not cases:
         raise FvlmError("no training cases")
-    text = None
-    if cfg.model.head == "text":
-        text = PromptBank(text_encoder or text_encoder_for(cfg), cfg.model.templates)
-    model = build_dense_model(cfg.model, class_names, text.dim if text else None).to(dev)
-    _check_size(cfg, model.spatial_dims)
-    unseen = set(cfg.train.unseen_classes)
+    unseen = set(t.unseen_classes)
     bad = sorted(unseen - set(class_names))
     if bad:
         raise FvlmError(f"train.unseen_classes: {', '.join(bad)} are not among the classes ({', '.join(class_names)})")
-    opt = _optimizer(model, cfg)
-    sched = _schedule(opt, cfg.train.steps)
+    text = None
+    if cfg.model.head == "text":
+        text = PromptBank(text_encoder or text_encoder_for(cfg), cfg.model.templates)
+    torch.manual_seed(t.seed)
+    model = create_model("dense", cfg.model, class_names=class_names, text_dim=text.dim if text else None)
+    _check_size(cfg, model.spatial_dims)
     if cfg.model.head == "seg":
         loss_fn = _seg_loss(cfg, cases, len(class_names), dev)
     else:
         from ..losses.dense import MixedSupervisionLoss
 
-        loss_fn = MixedSupervisionLoss(label_weight=cfg.train.label_weight, focal_gamma=cfg.train.focal_gamma,
-                                       focal_alpha=cfg.train.focal_alpha)
+        loss_fn = MixedSupervisionLoss(label_weight=t.label_weight, focal_gamma=t.focal_gamma,
+                                       focal_alpha=t.focal_alpha)
     phrases = class_prompts(cfg.data, class_names)
     text_pool = sorted({(f.text, diagnosis_phrase(f.diagnosis)) for c in cases for f in c.findings if f.diagnosis})
     size = tuple(cfg.model.img_size)
-    balanced = ClassBalancedCentres(cases, len(class_names)) if cfg.train.crop_sampling == "class_balanced" else None
-    history = []
-    t0 = time.time()
-    model.train()
-    logf = open(out / "train_log.jsonl", "w", encoding="utf-8")
-    try:
-        for step in progress(range(cfg.train.steps), desc="dense train", unit="step"):
-            crops = [_crop(cases, size, rng, cfg.train.foreground_crop, cfg.train.crop_jitter, balanced)
-                     for _ in range(cfg.train.batch_size)]
-            x = torch.from_numpy(np.stack([c["image"] for c in crops]))[:, None].to(dev)
-            if cfg.model.head == "seg":
-                y = torch.from_numpy(np.stack([c["label"] for c in crops]).astype(np.int64)).to(dev)
-                logits = model(x)
-                parts = {"loss": loss_fn(logits, y)}
-            else:
-                batch = _text_batch(crops, class_names, phrases, unseen, cfg.train.prompts_per_step, rng,
-                                    cfg.train.report_sentences, cfg.train.finding_negatives, text_pool)
-                emb = text(batch["prompts"]).to(dev)  # (B*K, T, E)
-                b, k = len(crops), batch["k"]
-                emb = emb.reshape(b, k, *emb.shape[1:])
-                logits = model(x, emb)
-                parts = loss_fn(logits, batch["mask"].to(dev), batch["weight"].to(dev), batch["full"].to(dev),
-                                batch["label"].to(dev))
-            opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            row = {"step": step + 1, **{k: round(float(v.detach()), 5) for k, v in parts.items()}}
-            history.append(row)
-            logf.write(json.dumps(row) + "\n")
-            logf.flush()
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                recent = np.mean([h["loss"] for h in history[-cfg.train.log_every:]])
-                log.info("step %d/%d loss %.4f (%.1f s)", step + 1, cfg.train.steps, recent, time.time() - t0)
-    finally:
-        logf.close()
-    meta = {"steps": cfg.train.steps, "seconds": round(time.time() - t0, 1), "final_loss": history[-1]["loss"],
-            "data_source": cfg.data.source, "spacing_mm": list(cases[0].spacing_mm), "window": list(cfg.data.window),
-            "resample_mm": list(cfg.data.spacing_mm),
-            "finding_texts": sorted({f.text for c in cases for f in c.findings}),
+    balanced = ClassBalancedCentres(cases, len(class_names)) if t.crop_sampling == "class_balanced" else None
+
+    def make_batch(rng) -> dict:
+        crops = [_crop(cases, size, rng, t.foreground_crop, t.crop_jitter, balanced) for _ in range(t.batch_size)]
+        batch = {"image": torch.from_numpy(np.stack([c["image"] for c in crops]))[:, None]}
+        if cfg.model.head == "seg":
+            batch["label"] = torch.from_numpy(np.stack([c["label"] for c in crops]).astype(np.int64))
+        else:
+            batch.update(_text_batch(crops, class_names, phrases, unseen, t.prompts_per_step, rng,
+                                     t.report_sentences, t.finding_negatives, text_pool))
+        return batch
+
+    def make_loader(start: int):
+        return torch.utils.data.DataLoader(_stream(make_batch, start, t.seed, rank), batch_size=None,
+                                           num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
+
+    meta = {"data_source": cfg.data.source, "spacing_mm": list(cases[0].spacing_mm), "window": list(cfg.data.window),
+            "resample_mm": list(cfg.data.spacing_mm), "finding_texts": sorted({f.text for c in cases for f in c.findings}),
             "unseen_classes": sorted(unseen), "class_phrases": phrases, "templates": list(cfg.model.templates),
             "anatomy_set": cfg.data.anatomy_set, "pretrained": cfg.model.pretrained}
-    ckpt = save_dense(out / "dense.pt", model.cpu(), cfg.model, text.enc.identity if text else None,
-                      text.dim if text else None, meta)
-    log.info("wrote %s", ckpt)
-    return {"checkpoint": str(ckpt), "final_loss": history[-1]["loss"], "first_loss": history[0]["loss"],
-            "seconds": meta["seconds"]}
+    losses: dict[str, float] = {}
 
+    def on_step(step: int, batch: dict, res: dict) -> None:
+        if step == 1 or step % t.log_every == 0 or step == t.steps:   # a host sync only where it is logged
+            v = float(res["loss"].detach())
+            losses.setdefault("first", v)
+            losses["last"] = v
+
+    def save_model(path: Path, module, step: int, state_dict: dict | None = None) -> None:
+        sd = None if state_dict is None else {k[len("model."):]: v for k, v in state_dict.items()
+                                              if k.startswith("model.")}
+        save_dense(path, module.model, cfg.model, text.enc.identity if text else None, text.dim if text else None,
+                   {**meta, "steps": step, "final_loss": losses.get("last")}, state_dict=sd)
+
+    task = _task_module(model, loss_fn, text)
+    trainer = Trainer(task, lambda res, batch: (res["loss"], {k: v for k, v in res.items() if k != "loss"}),
+                      make_loader, t, out, micro_batch=t.batch_size, save_model=save_model, on_step=on_step,
+                      model_file="dense.pt", desc="dense train")
+    trainer.resume()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    t0 = time.time()
+    res = trainer.fit()
+    ckpt = out / "dense.pt"
+    if rank == 0:
+        log.info("wrote %s (%d process(es))", ckpt, world)
+    return {"checkpoint": str(ckpt), "first_loss": losses.get("first"), "final_loss": losses.get("last"),
+            "seconds": round(time.time() - t0, 1), "steps": res["step"], "interrupted": res["interrupted"]}
 
 def _crop(cases: Sequence[DenseCase], size, rng, fg_prob, jitter, balanced: ClassBalancedCentres | None = None
           ) -> dict:

@@ -203,14 +203,17 @@ def load_pretrained_encoder(enc: nn.Module, path: str | os.PathLike) -> dict:
 
 
 def save_dense(path: str | os.PathLike, model: DenseModel, cfg: ModelConfig, text_identity: dict | None = None,
-               text_dim: int | None = None, meta: dict | None = None) -> Path:
+               text_dim: int | None = None, meta: dict | None = None, state_dict: dict | None = None) -> Path:
+    """Write a dense checkpoint atomically; ``state_dict`` (default: the model's own) is the weights
+    to store, e.g. the trainer's gathered fp32 master weights under ZeRO-3 or bf16."""
     from ..config import to_dict
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": to_dict(cfg), "task": model.task,
             "class_names": list(model.class_names), "text_dim": text_dim, "text_model": text_identity,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}
+            "state_dict": {k: v.detach().cpu() for k, v in (state_dict or model.state_dict()).items()},
+            "meta": meta or {}}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(blob, tmp)
     os.replace(tmp, path)

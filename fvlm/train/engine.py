@@ -48,7 +48,7 @@ from ..progress import progress
 from .checkpoint_io import (check_files, make_engine_safe, read_trainer_state, set_rng_state,
                             write_trainer_state)
 
-__all__ = ["TrainConfig", "Trainer", "build_param_groups", "cosine_with_warmup", "deepspeed_config",
+__all__ = ["TrainConfig", "Trainer", "build_param_groups", "no_decay_names", "cosine_with_warmup", "deepspeed_config",
            "init_distributed", "LATEST"]
 
 log = get_logger("train")
@@ -132,15 +132,42 @@ def cosine_with_warmup(total: int, warmup: int, min_ratio: float) -> Callable[[i
     return f
 
 
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Full names of the parameters that get no weight decay.
+
+    The outermost module on each branch that has a ``no_weight_decay()`` method names them for
+    its subtree (the encoders, :class:`~fvlm.models.fvlm.FVLM`: tokens, position tables, norms,
+    biases, temperatures). Parameters of modules without such a method: the 1-d ones (biases,
+    norm gains). Nothing is guessed from names.
+    """
+    out: set[str] = set()
+    covered: list[str] = []
+    for prefix, mod in model.named_modules():
+        if any(prefix == c or prefix.startswith(c + ".") for c in covered):
+            continue
+        nwd = getattr(mod, "no_weight_decay", None)
+        if callable(nwd):
+            pre = prefix + "." if prefix else ""
+            out |= {pre + n for n in nwd()}
+            covered.append(prefix)
+            if not prefix:
+                break
+    inside = lambda n: any(not c or n.startswith(c + ".") for c in covered)  # noqa: E731
+    out |= {n for n, p in model.named_parameters() if p.ndim <= 1 and not inside(n)}
+    return out
+
+
 def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: (lr multiplier by longest matching prefix) x (decay / no decay). Frozen params skipped."""
+    """AdamW groups: (lr multiplier by longest matching prefix) x (decay / no decay, by
+    :func:`no_decay_names`). Frozen params skipped."""
     groups: dict[tuple[float, bool], list] = {}
     prefixes = sorted(cfg.lr_groups, key=len, reverse=True)
+    skip = no_decay_names(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         mult = next((cfg.lr_groups[pf] for pf in prefixes if name.startswith(pf)), 1.0)
-        decay = p.ndim >= 2 and "pos_embed" not in name and "token" not in name
+        decay = name not in skip
         groups.setdefault((mult, decay), []).append(p)
     return [{"params": ps, "lr": cfg.lr * m, "weight_decay": cfg.weight_decay if d else 0.0, "lr_mult": m}
             for (m, d), ps in groups.items() if m > 0]
@@ -212,7 +239,8 @@ class Trainer:
                  cfg: TrainConfig, out_dir: str | os.PathLike, micro_batch: int,
                  save_model: Callable[[Path, torch.nn.Module, int, dict | None], None] | None = None,
                  validate: Callable[[torch.nn.Module, int], dict] | None = None,
-                 on_step: Callable[[int, Any, Any], None] | None = None, model_file: str = "model.pt"):
+                 on_step: Callable[[int, Any, Any], None] | None = None, model_file: str = "model.pt",
+                 desc: str = "pretrain"):
         import deepspeed
 
         self.cfg = cfg
@@ -223,6 +251,7 @@ class Trainer:
         self.validate = validate
         self.on_step = on_step
         self.model_file = model_file
+        self.desc = desc
         self.micro_batch = int(micro_batch)
         self.rank, self.world, self.local_rank = init_distributed()
         self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -512,7 +541,7 @@ class Trainer:
         gas = cfg.grad_accum
         loader = iter(self.make_loader(self.micro))
         self.engine.train()
-        bar = progress(total=cfg.steps, desc="pretrain", unit="step", initial=self.step) if self.rank == 0 else None
+        bar = progress(total=cfg.steps, desc=self.desc, unit="step", initial=self.step) if self.rank == 0 else None
         sums: dict[str, float] = {}
         times = {"time/data": 0.0, "time/forward": 0.0, "time/backward": 0.0, "time/optimizer": 0.0}
         count, t_window, run_steps = 0, time.perf_counter(), 0
