@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["to_device", "module_device"]
+__all__ = ["to_device", "module_device", "train_device"]
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
@@ -29,4 +29,13 @@ def module_device(module: torch.nn.Module) -> torch.device:
         return t.device
     for t in module.buffers():
         return t.device
+    return torch.device("cpu")
+
+
+def train_device() -> torch.device:
+    """The device a training process runs on: its local GPU (``LOCAL_RANK``) when CUDA is visible, else CPU."""
+    import os
+
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device("cpu")

@@ -167,6 +167,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     import torch
 
     from ..config import dump_config
+    from ..data.loader import make_loader as make_stream_loader
     from ..models import create_model
     from ..models.dense import adopt_pretrained_spec, save_dense
     from ..train.engine import Trainer, init_distributed
@@ -217,8 +218,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
         return batch
 
     def make_loader(start: int):
-        return torch.utils.data.DataLoader(_stream(make_batch, start, t.seed, rank), batch_size=None,
-                                           num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
+        return make_stream_loader(_stream(make_batch, start, t.seed, rank), num_workers=t.num_workers, device=dev)
 
     meta = {"data_source": cfg.data.source, "spacing_mm": list(cases[0].spacing_mm), "window": list(cfg.data.window),
             "resample_mm": list(cfg.data.spacing_mm), "finding_texts": sorted({f.text for c in cases for f in c.findings}),

@@ -152,6 +152,8 @@ def run(cfg: PretrainConfig) -> dict:
     import torch
 
     from ..data.ct import CTStream
+    from ..data.loader import make_loader as make_loader_for
+    from ..devices import train_device
     from ..logs import setup_logging
     from ..models.checkpoint import save_consolidated
     from .engine import Trainer, init_distributed
@@ -180,9 +182,9 @@ def run(cfg: PretrainConfig) -> dict:
     def make_loader(start: int):
         ds = CTStream(source, train_ids, opts, cfg.data.batch_size, rank=rank, world=world, seed=cfg.train.seed,
                       start=start, augment=cfg.data.augment, source_anatomies=src_anats)
-        nw = cfg.data.num_workers
-        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw, persistent_workers=False,
-                                           prefetch_factor=cfg.data.prefetch_factor if nw else None)
+        # pinned host batches on CUDA, so the trainer's non_blocking copy overlaps compute
+        return make_loader_for(ds, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+                               device=train_device(), persistent_workers=False)
 
     meta = {"data": opts.to_dict(), "hu_window": list(cfg.data.window), "model_name": cfg.model_name,
             "loss": {"kind": cfg.loss.kind, "calibration": list(cfg.loss.calibration)},

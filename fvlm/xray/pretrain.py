@@ -36,6 +36,8 @@ def run(cfg, source: str | None = None, on_ready=None) -> dict:
     """
     import torch
 
+    from ..data.loader import make_loader as make_stream_loader
+    from ..devices import train_device
     from ..models import create_model
     from ..models.xray_mae import save_encoder
     from ..train.engine import Trainer, init_distributed
@@ -64,7 +66,7 @@ def run(cfg, source: str | None = None, on_ready=None) -> dict:
 
     def make_loader(start: int):
         stream = XrayStream(ds, collate, t.batch_size, rank=rank, world=world, seed=t.seed, start=start)
-        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=d.num_workers)
+        return make_stream_loader(stream, num_workers=d.num_workers, device=train_device())
 
     losses: dict[str, float] = {}
 

@@ -1,0 +1,37 @@
+"""The training loaders: every trainer reads through fvlm.data.loader.make_loader, which pins host
+batches on CUDA (so the trainer's non_blocking copy overlaps compute) and keeps prefetching workers."""
+import torch
+
+import fvlm.data.loader as loader_mod
+import fvlm.devices as devices
+from fvlm.data.loader import _kwargs
+
+
+def test_kwargs_pin_on_cuda_only_and_prefetch_with_workers():
+    assert _kwargs(0, 2, "cpu", True) == {"num_workers": 0, "pin_memory": False}
+    kw = _kwargs(2, 3, torch.device("cuda:1"), True)
+    assert kw == {"num_workers": 2, "pin_memory": True, "prefetch_factor": 3, "persistent_workers": True}
+
+
+def test_ct_pretraining_reads_through_the_pinning_loader(tmp_path, monkeypatch):
+    """A 2-step tiny run whose process pretends its device is a GPU: its DataLoader asks to pin."""
+    from fvlm.train.pretrain import main
+
+    seen = []
+    real = loader_mod.make_loader
+
+    def recording(stream, **kw):
+        dl = real(stream, **kw)
+        seen.append((kw, dl.pin_memory, dl.num_workers))
+        return dl
+
+    monkeypatch.setattr(loader_mod, "make_loader", recording)
+    monkeypatch.setattr(devices, "train_device", lambda: torch.device("cuda:0"))   # the loader's view only
+    rc = main(["--config", "train/tiny.yaml", "--out", str(tmp_path / "run"), "--set", "train.steps=2",
+               "--set", "data.num_workers=1", "--set", "train.ckpt_every=0", "--set", "val.enabled=false",
+               "--set", "train.tensorboard=false"])
+    assert rc in (0, None)
+    assert len(seen) == 1
+    kw, pinned, workers = seen[0]
+    assert kw["device"] == torch.device("cuda:0") and pinned is True and workers == 1
+    assert (tmp_path / "run" / "model.pt").exists()
