@@ -1,7 +1,8 @@
 """Resume is exact where it matters (weights, best.pt, validation scores), under ZeRO 0/2/3 and
-fp32/bf16, and a 2-rank ZeRO-3 run with validation finishes and writes full-shape weights."""
+fp32/bf16, and a 2-rank ZeRO-3 run with validation finishes, writes full-shape weights and
+resumes exactly."""
 import csv
-import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,14 @@ def _run(out, *sets, nproc=1):
     cmd = [sys.executable] + args
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(31500 + os.getpid() % 1000)] + args
+               str(_free_port())] + args
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _weights(path):
@@ -69,7 +76,7 @@ def test_stop_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, stag
 
 
 @pytest.mark.slow
-def test_two_rank_zero3_with_validation_finishes_and_writes_full_weights(tmp_path):
+def test_two_rank_zero3_with_validation_finishes_resumes_exactly_and_writes_full_weights(tmp_path):
     out = tmp_path / "z3"
     r = _run(out, "train.zero_stage=3", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -84,3 +91,13 @@ def test_two_rank_zero3_with_validation_finishes_and_writes_full_weights(tmp_pat
         assert all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
         assert sum(v.numel() for v in w.values()) > 100_000
     assert (out / "checkpoints" / "step_00000006" / "trainer_state_rank1.pt").is_file()
+    # stopped after step 3 with 2 ranks and resumed: the same weights, best.pt and validation history
+    cut = tmp_path / "z3cut"
+    r = _run(cut, "train.zero_stage=3", "train.stop_after=3", nproc=2)
+    assert r.returncode != 0 and "exitcode: 3" in r.stderr, r.stderr[-3000:]   # torchrun turns a worker's 3 into 1
+    r = _run(cut, "train.zero_stage=3", nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in (cut / "pretrain.log").read_text()
+    for f in ("model.pt", "best.pt"):
+        _assert_same_weights(_weights(out / f), _weights(cut / f))
+    assert _validation(out) == _validation(cut)

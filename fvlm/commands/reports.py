@@ -24,6 +24,7 @@ from typing import Iterator, Literal
 from ..cli import resolve_config, shorthand
 from ..config import opt
 from ..errors import CasesFailedError, FvlmError
+from ..taxonomy import NOT_MENTIONED
 
 HELP = "label radiology reports per anatomy and diagnosis (label), or explain one report (explain)"
 DEFAULT_CONFIG = "reports/label.yaml"
@@ -220,7 +221,7 @@ def _explain(args, cfg: ReportsConfig) -> int:
         print(json.dumps(exp, ensure_ascii=False, indent=2))
     else:
         print(format_explanation(exp))
-        print("anatomies: " + ", ".join(f"{a}={s}" for a, s in exp["anatomies"].items() if s != "not_mentioned"))
+        print("anatomies: " + ", ".join(f"{a}={s}" for a, s in exp["anatomies"].items() if s != NOT_MENTIONED))
     return 0
 
 

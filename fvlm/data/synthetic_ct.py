@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .shards import AIR_HU, CaseRecord
+from ..taxonomy import ABNORMAL, NORMAL, NOT_MENTIONED
 
 __all__ = ["SyntheticCTSource", "ORGANS"]
 
@@ -154,11 +155,11 @@ class SyntheticCTSource:
                     s.append(_LESION[rng.integers(len(_LESION))].format(n=a))
                 if "hypodense" in f:
                     s.append(_HYPO[rng.integers(len(_HYPO))].format(n=a))
-                anatomy_text[a] = {"status": "abnormal", "sentences": s}
+                anatomy_text[a] = {"status": ABNORMAL, "sentences": s}
             elif plan.mentioned[a]:
-                anatomy_text[a] = {"status": "normal", "sentences": [_NORMAL[rng.integers(len(_NORMAL))].format(n=a)]}
+                anatomy_text[a] = {"status": NORMAL, "sentences": [_NORMAL[rng.integers(len(_NORMAL))].format(n=a)]}
             else:
-                anatomy_text[a] = {"status": "not_mentioned", "sentences": []}
+                anatomy_text[a] = {"status": NOT_MENTIONED, "sentences": []}
             sentences += anatomy_text[a]["sentences"]
         labels["medical_material"] = int(plan.material)
         impressions = "Medical material is present." if plan.material else ""

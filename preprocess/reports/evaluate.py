@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from fvlm.errors import FormatError
+from fvlm.taxonomy import NOT_MENTIONED
 
 __all__ = ["LabelScore", "FixtureScore", "load_fixtures", "score_fixtures", "format_table"]
 
@@ -106,7 +107,7 @@ def score_fixtures(labelers, sentences: dict | None = None, reports: dict | None
             _score_labels(score, r["id"], expected, res.labels, list(res.labels))
             want = r.get("status") or {}
             for a, t in res.anatomies.items():
-                e = want.get(a, "not_mentioned")
+                e = want.get(a, NOT_MENTIONED)
                 score.status_total += 1
                 if t.status == e:
                     score.status_correct += 1

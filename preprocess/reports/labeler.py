@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 
 from fvlm.errors import FvlmError
-from fvlm.taxonomy import GLOBAL, Taxonomy, load_taxonomy
+from fvlm.taxonomy import ABNORMAL, GLOBAL, NORMAL, NOT_MENTIONED, Taxonomy, load_taxonomy
 
 from .lexicon import TOKEN_RE, PhraseMatcher, canonical, _plurals
 from .negation import Cue, scope
@@ -43,7 +43,7 @@ from .sentences import SentenceSplitter
 __all__ = ["ReportLabeler", "LabelResult", "AnatomyText", "Mention", "ClauseResult", "STATUSES",
            "DISAGREEMENT_RULES"]
 
-STATUSES = ("abnormal", "normal", "not_mentioned")
+STATUSES = (ABNORMAL, NORMAL, NOT_MENTIONED)
 #: default per-section size cap in characters (CT-RATE reports: about 1,000-5,000)
 MAX_CHARS = 100_000
 log = logging.getLogger("fvlm.reports")
@@ -61,7 +61,7 @@ _SPLIT_RE = re.compile(r",\s*|\s+(?=(?:" + "|".join(_SPLIT_WORDS) + r")\s)", re.
 
 @dataclass
 class AnatomyText:
-    status: str = "not_mentioned"
+    status: str = NOT_MENTIONED
     sentences: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -465,7 +465,7 @@ class ReportLabeler:
                             p_prev = frozenset(pa.assign)
                 for t, pa in parts:
                     assign = [x for x in self.anatomy_ids if x in pa.assign]
-                    status = {x: ("abnormal" if x in pa.abnormal else "normal") for x in assign}
+                    status = {x: (ABNORMAL if x in pa.abnormal else NORMAL) for x in assign}
                     out.append(ClauseResult(section, sent, t, assign, status, pa.mentions))
                     prev = frozenset(pa.assign)
         return out
@@ -533,10 +533,10 @@ class ReportLabeler:
                 at = anatomies[a]
                 if c.text not in at.sentences:
                     at.sentences.append(c.text)
-                if c.status[a] == "abnormal" or at.status == "abnormal":
-                    at.status = "abnormal"
+                if c.status[a] == ABNORMAL or at.status == ABNORMAL:
+                    at.status = ABNORMAL
                 else:
-                    at.status = "normal"
+                    at.status = NORMAL
         return LabelResult(labels, anatomies, global_sentences, other, clauses, self.taxonomy, per_section)
 
 
