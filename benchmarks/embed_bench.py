@@ -3,7 +3,7 @@
 A tiny random fVLM (vit3d_tiny, 32 x 32 x 16 input) on the CPU embeds the shipped sample CT
 (``example_ct_sm.nii.gz`` + ``example_seg.nii.gz``) ``--scans`` times, at batch 1 and 8:
 
-- ``nifti``: ``model.embed(path, mask=...)`` = ``process_case`` (load, HU check, reorient,
+- ``nifti``: ``model.embed(path, mask=...)`` = ``case_record`` (load, HU check, reorient,
   resample, crops, whole volume) + the checkpoint's input transform + one image forward;
 - ``shards``: the same scans preprocessed beforehand by ``fvlm preprocess`` and read with the
   suite's ``encode_cases`` (what ``fvlm embed`` and ``fvlm zeroshot`` run).
@@ -109,7 +109,7 @@ def bench_embed(args, tmp: Path) -> list[dict]:
     for r in rows:
         r["scans_per_s"] = n / r["seconds"]
         r["ratio"] = base / (r["seconds"] / n)
-    rows.append({"source": "preprocess only (process_case)", "batch": 1, "scans": min(n, 4),
+    rows.append({"source": "preprocess only (case_record)", "batch": 1, "scans": min(n, 4),
                  "seconds": t_pre * min(n, 4), "scans_per_s": 1 / t_pre, "ratio": base / t_pre})
     return rows
 

@@ -1,19 +1,24 @@
-"""Benchmark of `fvlm preprocess` against a plain MONAI pipeline and a load+resample floor.
+"""Benchmark of `fvlm preprocess` per case, write included, against a floor and a MONAI pipeline.
 
-    python benchmarks/preprocess_bench.py [--quick] [--repeats 2] [--out DIR]
+    python benchmarks/preprocess_bench.py [--quick] [--repeats 2] [--cases 8] [--out FILE]
 
-Per volume, each method runs in a fresh subprocess (so peak RSS is its own), timed over the
-same steps from the file on disk to crops in memory:
+Per volume, each method runs in a fresh subprocess (its peak RSS is its own; imports are paid
+before the clock starts), from the file on disk to a compressed one-case HDF5 file (the default
+shard codec and chunking: Blosc2-Zstd 1 + bitshuffle, 64x64x32 chunks):
 
-  (a) fvlm: preprocess.case.process_case (load, HU check, RAS, resample 1x1x3 linear/nearest,
-      15 anatomy crops, whole volume), shard writing timed separately;
-  (b) MONAI: Compose(LoadImaged, EnsureChannelFirstd, Orientationd, Spacingd, ScaleIntensityRanged)
-      + per-anatomy SpatialCrop/ResizeWithPadOrCrop to the same crop shapes;
-  (c) floor: nibabel load + one torch trilinear resample to the target grid.
+  (a) fvlm: ``preprocess.writer.case_record`` (load, HU check, canonical RAS, label lookup, one
+      resample per array to 1x1x3 mm, boxes, crop geometry) + ``write_shard`` (what one worker of
+      ``fvlm preprocess`` does per case, staged shard included);
+  (b) MONAI: Compose(LoadImaged, EnsureChannelFirstd, Orientationd RAS, Spacingd bilinear/nearest),
+      the same class -> anatomy lookup, int16 HU, boxes (scipy find_objects), and the same two
+      arrays written with h5py under the same codec and chunks;
+  (c) floor: nibabel decode + one trilinear resample of the image (torch) + one compressed write of
+      that volume: the least any tool must do.
 
-Peak RSS is reported as the increase over the process's RSS after imports, next to the size of
-the volume as float32. Then shard random-read throughput (crops/s) and a compression table.
-Volumes: the shipped samples and a synthetic 512x512x300 int16 CT (example_ct upsampled).
+Goals (issue 14): fvlm <= 1.5x the floor, MONAI/fvlm >= 1.3x, peak RSS <= 1.2 GB on the
+512x512x300 case. Then the command itself: ``fvlm preprocess`` on ``--cases`` copies of the shipped
+CTs with 1 and 2 workers (cases/s, speed-up; goal >= 1.6x on an idle 2-core machine) and the time
+from launch to its first case starting (imports and set-up; goal <= 2 s).
 """
 from __future__ import annotations
 
@@ -59,84 +64,83 @@ def _reset_peak() -> None:
         pass
 
 
+def _write_arrays(path: Path, arrays: dict, layout) -> None:
+    """The arrays written as the shard writes its images: same filter, same chunks."""
+    from fvlm.data.shards import open_h5
+
+    with open_h5(path, "w") as f:
+        for name, arr in arrays.items():
+            f.create_dataset(name, data=arr, chunks=layout.chunks_for(arr.shape), **layout.filter_kwargs())
+
+
 def child(method: str, image: str, mask: str) -> dict:
     import nibabel as nib  # noqa: F401
     import torch
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     from fvlm.anatomy import load_anatomy_set
-    from preprocess.case import crop_shapes
+    from fvlm.data.shards import write_shard
     from preprocess.config import PreprocessConfig
+    from preprocess.inputs import CaseSpec
+    from preprocess.writer import build_layout, case_record
 
     cfg = PreprocessConfig()
     cfg.reports.labeler = False
     aset = load_anatomy_set(cfg.anatomy_set)
-    shapes = crop_shapes(cfg, aset)
+    layout = build_layout(cfg, aset)
     # import costs stay outside the timing (every method pays them once per process)
     import h5py  # noqa: F401
+    import hdf5plugin  # noqa: F401
     import monai.transforms as mt
-    import scipy.ndimage  # noqa: F401
+    import scipy.ndimage
     import SimpleITK  # noqa: F401
-    from preprocess.case import process_case
-    from preprocess.inputs import CaseSpec
 
     base = _rss_mb()
     _reset_peak()
-    t0 = time.perf_counter()
-    extra = {}
-    if method == "fvlm":
-        rec = process_case(CaseSpec(case_id="b", image=image, mask=mask), cfg, aset)
-        t1 = time.perf_counter()
-        from fvlm.data.shards import write_shard
-        from preprocess.pipeline import build_layout
-
-        with tempfile.TemporaryDirectory() as d:
-            write_shard(Path(d) / "s.h5", build_layout(cfg, aset), [rec], n=1)
-            extra["write_s"] = time.perf_counter() - t1
-            extra["shard_mb"] = (Path(d) / "s.h5").stat().st_size / 2**20
-        n_crops = len(rec.crops)
-        t_end = t1
-    elif method == "monai":
-        tsp = tuple(cfg.target_spacing_mm)
-        pipe = mt.Compose([
-            mt.LoadImaged(keys=["img", "seg"], image_only=True),
-            mt.EnsureChannelFirstd(keys=["img", "seg"]),
-            mt.Orientationd(keys=["img", "seg"], axcodes="RAS"),
-            mt.Spacingd(keys=["img", "seg"], pixdim=tsp, mode=("bilinear", "nearest")),
-            mt.ScaleIntensityRanged(keys="img", a_min=-1150, a_max=350, b_min=0.0, b_max=1.0, clip=True),
-        ])
-        d = pipe({"img": image, "seg": mask})
-        lut = torch.from_numpy(aset.lookup("v2").astype(np.int64))
-        lab = lut[d["seg"][0].long()]
-        n_crops = 0
-        for k, a in enumerate(aset, start=1):
-            m = lab == k
-            if int(m.sum()) < 10:
-                continue
-            idx = torch.nonzero(m)
-            lo, hi = idx.min(0).values, idx.max(0).values + 1
-            margin = torch.tensor([int(round(a.margin_mm / s)) for s in tsp])
-            roi_s, roi_e = (lo - margin).clamp(min=0), hi + margin
-            crop = mt.SpatialCrop(roi_start=roi_s.tolist(), roi_end=roi_e.tolist())(d["img"])
-            crop = mt.ResizeWithPadOrCrop(spatial_size=shapes[a.id])(crop)
-            n_crops += 1
-        t_end = time.perf_counter()
-    elif method == "floor":
-        import nibabel as nib
-
-        img = nib.load(image)
-        arr = np.asanyarray(img.dataobj)
-        sp = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
-        tsp = np.asarray(cfg.target_spacing_mm)
-        size = [int(round((n - 1) * s / t + 1)) for n, s, t in zip(arr.shape, sp, tsp)]
-        out = torch.nn.functional.interpolate(torch.from_numpy(arr)[None, None].float(), size=size,
-                                              mode="trilinear", align_corners=True)
-        n_crops = 0
-        t_end = time.perf_counter()
-        del out
-    else:
-        raise SystemExit(f"unknown method {method}")
-    return {"seconds": t_end - t0, "peak_mb": _peak_mb() - base, "crops": n_crops, **extra}
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as d:
+        dst = Path(d) / "case.h5"
+        t0 = time.perf_counter()
+        if method == "fvlm":
+            rec = case_record(CaseSpec(case_id="b", image=image, mask=mask), cfg, aset, layout)
+            t1 = time.perf_counter()
+            write_shard(dst, layout, [rec], n=1)
+            out["write_s"] = time.perf_counter() - t1
+            out["shape"] = list(rec.volume.shape)
+        elif method == "monai":
+            pipe = mt.Compose([
+                mt.LoadImaged(keys=["img", "seg"], image_only=True),
+                mt.EnsureChannelFirstd(keys=["img", "seg"]),
+                mt.Orientationd(keys=["img", "seg"], axcodes="RAS"),
+                mt.Spacingd(keys=["img", "seg"], pixdim=tuple(cfg.target_spacing_mm), mode=("bilinear", "nearest")),
+            ])
+            dd = pipe({"img": image, "seg": mask})
+            t1 = time.perf_counter()
+            vol = np.clip(np.rint(np.asarray(dd["img"][0])), -1024, 3071).astype(np.int16)
+            lab = aset.lookup(cfg.masks.class_map)[np.asarray(dd["seg"][0]).astype(np.int64)].astype(np.uint8)
+            boxes = scipy.ndimage.find_objects(lab, max_label=len(aset))
+            out["boxes"] = sum(b is not None for b in boxes)
+            _write_arrays(dst, {"volume": vol, "label_map": lab}, layout)
+            out["write_s"] = time.perf_counter() - t1
+            out["shape"] = list(vol.shape)
+        elif method == "floor":
+            img = nib.load(image)
+            arr = np.asanyarray(img.dataobj)
+            sp = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+            tsp = np.asarray(cfg.target_spacing_mm)
+            size = [int(round((n - 1) * s / t + 1)) for n, s, t in zip(arr.shape, sp, tsp)]
+            vol = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(arr))[None, None].float(),
+                                                  size=size, mode="trilinear", align_corners=True)[0, 0]
+            t1 = time.perf_counter()
+            _write_arrays(dst, {"volume": vol.round().to(torch.int16).numpy()}, layout)
+            out["write_s"] = time.perf_counter() - t1
+            out["shape"] = size
+        else:
+            raise SystemExit(f"unknown method {method}")
+        out["seconds"] = time.perf_counter() - t0
+        out["file_mb"] = dst.stat().st_size / 2**20
+    out["peak_mb"] = _peak_mb() - base
+    return out
 
 
 # --------------------------------------------------------------------------- driver
@@ -173,58 +177,25 @@ def make_synthetic(d: Path, samples: Path) -> tuple[str, str, tuple]:
     return str(ip), str(mp), shape
 
 
-def read_throughput(tmp: Path, small: bool, compression: str | None, level: int = 1, n_cases: int = 16,
-                    reads: int = 300) -> dict:
-    """Write a shard of random-but-CT-like crops, then read random (case, anatomy) crops."""
-    import h5py  # noqa: F401
-    from fvlm.anatomy import load_anatomy_set
-    from fvlm.config import load_config
-    from fvlm.data import CaseRecord, ShardDataset, ShardLayout
-    from fvlm.data.shards import write_dataset_info, write_index, write_shard
-    from preprocess.case import crop_shapes
-    from preprocess.config import PreprocessConfig
-
-    cfg = load_config(PreprocessConfig, files=["preprocess/small"] if small else [], base="preprocess/default")
-    aset = load_anatomy_set(cfg.anatomy_set)
-    shapes = crop_shapes(cfg, aset)
-    layout = ShardLayout(anatomies=aset.ids, crop_shapes=shapes, whole_shape=None, compression=compression,
-                         compression_level=level)
-    rng = np.random.default_rng(0)
-
-    def recs():
-        for i in range(n_cases):
-            crops, masks = {}, {}
-            for a, s in shapes.items():
-                # smooth "anatomy" + noise: compresses like CT, unlike white noise
-                base = np.cumsum(rng.integers(-3, 4, size=s, dtype=np.int16), axis=2).astype(np.int16)
-                crops[a] = (base + rng.integers(-20, 20, size=s)).astype(np.int16)
-                m = np.zeros(s, np.uint8)
-                m[s[0] // 4: 3 * s[0] // 4, s[1] // 4: 3 * s[1] // 4, s[2] // 4: 3 * s[2] // 4] = 1
-                masks[a] = m
-            yield CaseRecord(case_id=f"c{i}", crops=crops, crop_masks=masks, present={a: True for a in shapes},
-                             bbox={a: (0, 0, 0, 1, 1, 1) for a in shapes})
-
-    root = tmp / f"rt_{'small' if small else 'default'}_{compression}{level}"
+def run_command(man: Path, out: Path, workers: int) -> dict:
+    """``fvlm preprocess`` as a user runs it: wall time, and seconds from launch to its first case starting
+    (the log line "... to process with N worker(s)" follows every piece of set-up)."""
+    cmd = [sys.executable, "-m", "fvlm.cli", "preprocess", "--manifest", str(man), "--out", str(out),
+           "--num-workers", str(workers)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
-    write_shard(root / "shards/000-00000.h5", layout, recs(), n=n_cases)
-    t_write = time.perf_counter() - t0
-    write_index(root / "index.jsonl", [{"case_id": f"c{i}", "split": "", "patient_id": "", "row": i,
-                                        "shard": "shards/000-00000.h5", "anatomies": aset.ids}
-                                       for i in range(n_cases)])
-    write_dataset_info(root, layout)
-    ds = ShardDataset(root)
-    pairs = [(f"c{rng.integers(n_cases)}", aset.ids[rng.integers(len(aset))]) for _ in range(reads)]
-    ds.crop(*pairs[0])
-    t0 = time.perf_counter()
-    vox = 0
-    for cid, a in pairs:
-        c, m, _ = ds.crop(cid, a)
-        vox += c.size
-    dt = time.perf_counter() - t0
-    size = (root / "shards/000-00000.h5").stat().st_size / 2**20
-    return {"shapes": "small" if small else "default", "compression": f"{compression or 'none'}"
-            + (f"-{level}" if compression == "gzip" else ""), "crops_per_s": reads / dt,
-            "mean_crop_kvox": vox / reads / 1e3, "write_s": t_write, "shard_mb": size}
+    first = None
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    tail = []
+    for line in p.stderr:
+        tail.append(line)
+        if first is None and "to process with" in line:
+            first = time.perf_counter() - t0
+    rc = p.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"fvlm preprocess --num-workers {workers} failed ({rc}):\n{''.join(tail[-30:])}")
+    return {"workers": workers, "wall_s": wall, "first_case_s": first}
 
 
 def main() -> None:
@@ -232,17 +203,18 @@ def main() -> None:
     ap.add_argument("--child", nargs=3, metavar=("METHOD", "IMAGE", "MASK"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="skip the synthetic 512x512x300 volume")
     ap.add_argument("--repeats", type=int, default=2, help="runs per method and volume (best time kept)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per method (a worker has 1 core)")
+    ap.add_argument("--cases", type=int, default=8, help="cases for the --num-workers 1 vs 2 run (0: skip)")
     ap.add_argument("--out", default=None, help="write results JSON here")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
+    import nibabel as nib
+
     samples = ROOT / "fvlm" / "samples" / "ct"
     tmp = Path(tempfile.mkdtemp(prefix="fvlm_bench_"))
     ao = tmp / "aorta_ts.nii.gz"
-    import nibabel as nib
-
     m = nib.load(samples / "aorta_report" / "aorta.nii.gz")
     nib.save(nib.Nifti1Image((np.asarray(m.dataobj) > 0).astype(np.uint8) * 52, m.affine), str(ao))
     vols = [("example_ct (122x101x112, 3mm)", str(samples / "example_ct.nii.gz"),
@@ -251,7 +223,7 @@ def main() -> None:
              (120, 126, 164))]
     if not args.quick:
         ip, mp, shape = make_synthetic(tmp, samples)
-        vols.append(("synthetic 512x512x300", ip, mp, shape))
+        vols.append(("synthetic 512x512x300 (0.7x0.7x1.5 mm class)", ip, mp, shape))
     rows = []
     for name, image, mask, shape in vols:
         res = {}
@@ -260,31 +232,48 @@ def main() -> None:
             best = min(runs, key=lambda r: r["seconds"])
             best["peak_mb"] = max(r["peak_mb"] for r in runs)
             res[method] = best
-        f32 = float(np.prod(shape)) * 4 / 2**20
-        rows.append({"volume": name, "float32_mb": f32, **{k: v for k, v in res.items()}})
-        print(f"{name}: fvlm {res['fvlm']['seconds']:.2f}s (+write {res['fvlm']['write_s']:.2f}s), "
-              f"monai {res['monai']['seconds']:.2f}s, floor {res['floor']['seconds']:.2f}s", flush=True)
+        src_mb = float(np.prod(shape)) * 2 / 2**20
+        rows.append({"volume": name, "int16_source_mb": src_mb, **res})
+        print(f"{name}: fvlm {res['fvlm']['seconds']:.2f}s, monai {res['monai']['seconds']:.2f}s, "
+              f"floor {res['floor']['seconds']:.2f}s", flush=True)
     print()
-    print("| volume | fvlm s | MONAI s | floor s | MONAI/fvlm | fvlm/floor | fvlm write s | peak RSS fvlm / MONAI / floor (MB) | fvlm RSS / float32 vol |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"Per case, file on disk -> compressed one-case HDF5 file, {args.threads} thread(s), best of {args.repeats}")
+    print("| volume | fvlm s (write s) | MONAI s (write s) | floor s (write s) | fvlm / floor (goal <= 1.5) "
+          "| MONAI / fvlm (goal >= 1.3) | file MB fvlm / MONAI / floor | peak RSS MB fvlm / MONAI / floor |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         a, b, c = r["fvlm"], r["monai"], r["floor"]
-        print(f"| {r['volume']} | {a['seconds']:.2f} | {b['seconds']:.2f} | {c['seconds']:.2f} | "
-              f"{b['seconds'] / a['seconds']:.2f}x | {a['seconds'] / c['seconds']:.2f}x | {a['write_s']:.2f} | "
-              f"{a['peak_mb']:.0f} / {b['peak_mb']:.0f} / {c['peak_mb']:.0f} | {a['peak_mb'] / r['float32_mb']:.2f}x |")
-    print()
-    rt = []
-    for small in (True, False):
-        for comp, lvl in (("gzip", 1), ("gzip", 4), ("lzf", 1), (None, 1)):
-            rt.append(read_throughput(tmp, small, comp, lvl, n_cases=8 if not small else 16,
-                                      reads=300 if small else 60))
-    print("| crop shapes | compression | crops/s (random reads) | mean crop (kvox) | write s | shard MB |")
-    print("|---|---|---|---|---|---|")
-    for r in rt:
-        print(f"| {r['shapes']} | {r['compression']} | {r['crops_per_s']:.0f} | {r['mean_crop_kvox']:.0f} | "
-              f"{r['write_s']:.2f} | {r['shard_mb']:.1f} |")
+        print(f"| {r['volume']} | {a['seconds']:.2f} ({a['write_s']:.2f}) | {b['seconds']:.2f} ({b['write_s']:.2f}) | "
+              f"{c['seconds']:.2f} ({c['write_s']:.2f}) | {a['seconds'] / c['seconds']:.2f}x | "
+              f"{b['seconds'] / a['seconds']:.2f}x | {a['file_mb']:.1f} / {b['file_mb']:.1f} / {c['file_mb']:.1f} | "
+              f"{a['peak_mb']:.0f} / {b['peak_mb']:.0f} / {c['peak_mb']:.0f} |")
+    big = rows[-1]
+    print(f"\nAt corpus scale: {big['volume']} takes {big['fvlm']['seconds']:.1f} s per core -> 50,000 such volumes "
+          f"= {50000 * big['fvlm']['seconds'] / 3600:.0f} core-hours ({50000 * big['fvlm']['seconds'] / 3600 / 64:.1f} h "
+          f"on 64 cores); {big['fvlm']['file_mb']:.1f} MB per case -> {50000 * big['fvlm']['file_mb'] / 2**20:.2f} TB")
+    cmd_rows = []
+    if args.cases:
+        import csv
+
+        man = tmp / "manifest.csv"
+        with open(man, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["case_id", "patient_id", "split", "image", "mask"])
+            w.writeheader()
+            for i in range(args.cases):
+                _, image, mask, _ = vols[i % 2]
+                w.writerow({"case_id": f"c{i:03d}", "patient_id": f"p{i}", "split": "train", "image": image,
+                            "mask": mask})
+        for workers in (1, 2):
+            cmd_rows.append(run_command(man, tmp / f"out_w{workers}", workers))
+        one, two = cmd_rows
+        print(f"\n`fvlm preprocess` on {args.cases} cases (the two shipped CTs alternating), {os.cpu_count()} cores")
+        print("| workers | wall s | cases/s | speed-up vs 1 (goal >= 1.6) | launch -> first case s (goal <= 2) |")
+        print("|---|---|---|---|---|")
+        for r in cmd_rows:
+            print(f"| {r['workers']} | {r['wall_s']:.1f} | {args.cases / r['wall_s']:.2f} | "
+                  f"{one['wall_s'] / r['wall_s']:.2f}x | {r['first_case_s']:.2f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"volumes": rows, "read": rt}, indent=1))
+        Path(args.out).write_text(json.dumps({"volumes": rows, "command": cmd_rows}, indent=1))
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)

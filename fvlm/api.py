@@ -1,7 +1,7 @@
 """Use a trained model from Python: ``model = fvlm.load(path)``, then embed, predict, compare with text.
 
 Everything goes through the code paths of the command-line tools, so the numbers agree:
-a scan is preprocessed by ``preprocess.case.process_case`` (what ``fvlm preprocess`` runs
+a scan is preprocessed by ``preprocess.writer.case_record`` (what ``fvlm preprocess`` runs
 per case) with the training shards' settings that the checkpoint carries, turned into model
 inputs by the checkpoint's own transform (``fvlm.data.ct.make_batch_fn(meta["data"])``),
 and scored like ``fvlm predict`` / ``fvlm zeroshot`` (``fvlm.eval.predict``). Nothing is

@@ -1,6 +1,6 @@
 """Zero-shot scores for one scan, preprocessed in memory (``fvlm predict``, ``fvlm.load(...).predict``).
 
-The scan goes through the same steps as ``fvlm preprocess`` (``preprocess.case.process_case``)
+The scan goes through the same steps as ``fvlm preprocess`` (``preprocess.writer.case_record``)
 without writing shards, with the preprocessing settings of the shards the model was trained
 on (``meta["preprocess"]``, see :func:`preprocess_config_from_meta`), then through the
 checkpoint's input transform, one image forward, and the same prompt scoring as the suite.
@@ -286,7 +286,7 @@ def _as_nifti_file(x, affine, tmpdir: str, name: str, what: str, is_mask: bool =
 
 
 def preprocess_scan(image, mask=None, pcfg=None, *, affine=None, mask_dir=None, case_id: str | None = None):
-    """One scan from any input -> ``CaseRecord``, by :func:`preprocess_in_memory` (``process_case``).
+    """One scan from any input -> ``CaseRecord``, by :func:`preprocess_in_memory` (``case_record``).
 
     ``image``: NIfTI path, DICOM folder, nibabel image, or ``(X, Y, Z)`` HU array with ``affine``;
     ``mask``: a multilabel TotalSegmentator mask as path, nibabel image or array on the image's grid
