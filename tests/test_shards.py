@@ -134,6 +134,44 @@ def test_cut_reads_only_the_box_and_matches_the_full_array():
     assert not src.reads and (out == 0).all()
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_cut_fast_paths_equal_the_reference(tmp_path, monkeypatch, linear):
+    """The whole-voxel window copy (numpy and h5py read_direct) and the separable nearest takes give
+    the values of ``sample_axes`` on the full array, padded or not, and never mutate the source."""
+    import h5py
+
+    import fvlm.data.sampling as sampling
+
+    copies = []
+    real_copy = sampling._copy_window
+    monkeypatch.setattr(sampling, "_copy_window", lambda *a: copies.append(1) or real_copy(*a))
+
+    rng = np.random.default_rng(1)
+    vol = rng.integers(-1000, 1000, size=(30, 24, 16)).astype(np.int16)
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.create_dataset("v", data=vol, chunks=(8, 8, 4))
+    keep = vol.copy()
+    cases = [
+        [np.arange(3.0, 19.0), np.arange(0.0, 24.0), np.arange(2.0, 9.0)],      # inside window
+        [np.arange(-4.0, 12.0), np.arange(20.0, 30.0), np.arange(-2.0, 18.0)],   # window, padded
+        [np.linspace(2.0, 21.0, 11), np.arange(5.0, 9.0), np.linspace(-3, 18, 9)],  # resized, padded
+        [np.arange(3.0, 19.0) + 0.5, np.arange(4.0), np.arange(3.0)],             # half-voxel shift
+    ]
+    with h5py.File(tmp_path / "v.h5", "r") as f:
+        for pos in cases:
+            for pad in (AIR_HU, None):
+                outside = any(((p < -0.5) | (p > n - 0.5)).any() for p, n in zip(pos, vol.shape))
+                if pad is None and outside:
+                    continue
+                want = sample_axes(vol, pos, linear=linear, pad=pad, out_dtype=np.int16)
+                for src in (vol, f["v"]):
+                    got = cut(src, pos, linear=linear, pad=pad, out_dtype=np.int16)
+                    assert got.dtype == want.dtype
+                    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(vol, keep)
+    assert len(copies) == 6   # the two whole-voxel windows took the copy path (3 pad/source pairs each)
+
+
 def test_whole_spacing_resampled_at_read(tmp_path):
     from preprocess.geometry import resample
 

@@ -57,4 +57,4 @@ def cut_crop(vol, lab, label: int, positions, scale: float, shape=None) -> tuple
     Outside the volume the crop is ``AIR_HU`` and the mask 0."""
     img = cut(vol, positions, linear=scale != 1.0, pad=AIR_HU, out_dtype=np.int16, shape=shape)
     msk = cut(lab, positions, linear=False, pad=0, shape=shape)
-    return img, (msk == label).astype(np.uint8)
+    return img, (msk == label).view(np.uint8)  # bool and uint8 share a layout: no copy

@@ -101,11 +101,13 @@ def cut(src, positions, linear: bool, pad, out_dtype=None, shape=None) -> np.nda
     ``src`` is a 3D numpy array or ``h5py.Dataset`` (``shape`` defaults to ``src.shape``);
     ``positions`` gives float voxel positions for every axis. Only the box of voxels the
     positions touch is read (one hyperslab); positions outside ``[-0.5, n - 0.5]`` get
-    ``pad``. Integer positions (a native-spacing window) are a plain copy.
+    ``pad``.
 
-    Nearest sampling gathers the output voxels in one fancy-index step (the same values as
-    separable passes, touching only output-sized arrays); linear sampling runs the separable
-    passes of ``sample_axes`` (measured faster than gathering the 8 corners at once).
+    A window of whole voxels (every inside position an integer, consecutive: a native-spacing
+    crop) is one slice copy into the padded output. Otherwise nearest sampling runs separable
+    ``np.take`` passes, shrinking axis first (3.5x faster than one ``np.ix_`` gather, measured on
+    a 300 x 260 x 110 label box), and linear sampling the separable passes of ``sample_axes``
+    (measured faster than gathering the 8 corners at once). Values are the same on every path.
     """
     shape = tuple(int(s) for s in (shape or src.shape))
     pos = [np.asarray(p, dtype=np.float64) for p in positions]
@@ -125,9 +127,12 @@ def cut(src, positions, linear: bool, pad, out_dtype=None, shape=None) -> np.nda
         i0 = np.where(inside, i0, lo) - lo
         i1 = None if i1 is None else np.where(inside, i1, lo) - lo
         plans.append((i0, i1, w, outside))
+    window = _window(pos, plans, box)
+    if window is not None and (pad is not None or not window[2]):
+        return _copy_window(src, window, pos, pad, linear, out_dtype)
     t = np.asarray(src[tuple(box)])
     if not linear:
-        return _finish(_nearest(t, plans, pad), src.dtype, linear, out_dtype)
+        return _finish(_nearest(t, plans, pos, shape, pad), src.dtype, linear, out_dtype)
     for ax in axis_order(pos, shape):
         i0, i1, w, outside = plans[ax]
         if not (i1 is None and not outside.any() and _is_identity(i0.astype(np.float64), t.shape[ax])):
@@ -135,9 +140,45 @@ def cut(src, positions, linear: bool, pad, out_dtype=None, shape=None) -> np.nda
     return _finish(t, src.dtype, linear, out_dtype)
 
 
-def _nearest(t: np.ndarray, plans, pad) -> np.ndarray:
-    """Nearest sampling in one ``np.ix_`` gather, then the padding."""
-    out = t[np.ix_(*(p[0] for p in plans))]
+def _window(pos, plans, box):
+    """``(read_box, out_slices, padded)`` when the inside positions of every axis are consecutive
+    integers (a whole-voxel window), else None. ``read_box`` is those voxels (the lerp's box may
+    hold one more, whose weight is 0); ``padded`` says whether any position is outside."""
+    read, out_sl, any_out = [], [], False
+    for p, (_, _, _, outside), b in zip(pos, plans, box):
+        k = np.nonzero(~outside)[0]
+        k0, k1 = int(k[0]), int(k[-1]) + 1
+        if k1 - k0 != len(k) or not np.array_equal(p[k0:k1], np.arange(b.start, b.start + k1 - k0,
+                                                                        dtype=np.float64)):
+            return None
+        any_out |= bool(outside.any())
+        read.append(slice(b.start, b.start + k1 - k0))
+        out_sl.append(slice(k0, k1))
+    return read, out_sl, any_out
+
+
+def _copy_window(src, window, pos, pad, linear: bool, out_dtype) -> np.ndarray:
+    """The output of a whole-voxel window: the voxels, copied once into the (padded) output."""
+    read, out_sl, padded = window
+    dtype = np.dtype(out_dtype) if out_dtype is not None else (np.dtype(np.float32) if linear else src.dtype)
+    shape = tuple(len(p) for p in pos)
+    out = np.full(shape, pad, dtype) if padded else np.empty(shape, dtype)
+    if isinstance(src, np.ndarray) or dtype != src.dtype:
+        out[tuple(out_sl)] = src[tuple(read)]
+    else:  # h5py: decompress straight into the output, no temporary
+        src.read_direct(out, np.s_[tuple(read)], np.s_[tuple(out_sl)])
+    return out
+
+
+def _nearest(t: np.ndarray, plans, pos, shape, pad) -> np.ndarray:
+    """Nearest sampling as separable ``np.take`` passes (shrinking axis first), then the padding."""
+    out = t
+    for ax in axis_order(pos, shape):
+        i0 = plans[ax][0]
+        if not _is_identity(i0.astype(np.float64), out.shape[ax]):
+            out = np.take(out, i0, axis=ax)
+    if out is t:
+        out = t.copy()
     if pad is not None:
         for ax, (_, _, _, outside) in enumerate(plans):
             if outside.any():

@@ -580,7 +580,7 @@ class ShardDataset:
                 label, pos, scale = plans[a]
                 q = resized_positions(pos, size)
                 crops[a] = cut(vol, q, linear=True, pad=AIR_HU, shape=shape)
-                masks[a] = (cut(lab, q, linear=False, pad=0, shape=shape) == label).astype(np.uint8)
+                masks[a] = (cut(lab, q, linear=False, pad=0, shape=shape) == label).view(np.uint8)
             elif a in plans:
                 label, pos, scale = plans[a]
                 crops[a], masks[a] = cut_crop(vol, lab, label, pos, scale, shape=shape)
