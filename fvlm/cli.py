@@ -47,10 +47,13 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def available_commands() -> dict[str, Any]:
-    """Import the command modules that exist (later issues add the rest)."""
+def available_commands(only: str | None = None) -> dict[str, Any]:
+    """Import the command modules that exist (later issues add the rest); ``only``: just that one
+    (a command's schema module may import torch: ``fvlm preprocess`` should not pay for it)."""
     mods = {}
     for name, path in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         try:
             mods[name] = importlib.import_module(path)
         except ModuleNotFoundError as e:
@@ -105,7 +108,16 @@ def add_common(parser: argparse.ArgumentParser, with_config: bool = True) -> Non
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not a top-level flag), if known."""
+    for a in argv:
+        if a in ("--debug",):
+            continue
+        return a if a in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fvlm",
         description="fvlm: fine-grained vision-language pretraining on 3D CT "
@@ -113,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fvlm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod in available_commands().items():
+    for name, mod in available_commands(only).items():
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
         mod.add_arguments(p)
         if not getattr(mod, "NO_COMMON", False):
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     0 done; 2 bad input, usage or an environment problem (one line on stderr); 3 the job ran
     but too many cases failed; 130 interrupted; 1 a bug (traceback with ``--debug``).
     """
-    parser = build_parser()
+    parser = build_parser(_command_in(sys.argv[1:] if argv is None else list(argv)))
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
