@@ -35,6 +35,8 @@ VITB_INPUT = (352, 256, 112)     # configs/model/fvlm_vitb.yaml
 VITB_PATCH = (32, 16, 16)
 H100_BF16_PEAK = 989e12          # dense bf16 FLOP/s (H100 SXM)
 MFU = 0.40
+TINY_INPUT = (32, 32, 16)        # configs/train/tiny.yaml data.volume_size
+TINY_SPACING = (11.4, 9.5, 21.0)  # the shipped 366 x 303 x 336 mm CT on a ~32 x 32 x 16 grid
 
 
 def vitb_flops() -> tuple[float, list[str]]:
@@ -57,7 +59,7 @@ def vitb_flops() -> tuple[float, list[str]]:
     return train, lines
 
 
-def build_corpus(root: Path, n: int, small: bool) -> None:
+def build_corpus(root: Path, n: int, small: bool, tiny: bool = False) -> None:
     from fvlm.anatomy import load_anatomy_set
     from fvlm.data.shards import write_dataset_info, write_index, write_shard
     from preprocess.config import PreprocessConfig
@@ -66,9 +68,12 @@ def build_corpus(root: Path, n: int, small: bool) -> None:
 
     cfg = PreprocessConfig()
     cfg.reports.labeler = False
+    image, mask = (shipped_cases()[0][1:] if small or tiny else ctrate_case())
+    if tiny:  # the shipped CT stored at about the tiny config's input size (~32 x 32 x 16 voxels)
+        cfg.target_spacing_mm = list(TINY_SPACING)
+        cfg.whole.shape = list(TINY_INPUT)
     aset = load_anatomy_set(cfg.anatomy_set)
     layout = build_layout(cfg, aset)
-    image, mask = (shipped_cases()[0][1:] if small else ctrate_case())
     rec = case_record(CaseSpec(case_id="x", image=image, mask=mask), cfg, aset, layout)
     rec.report = {"findings": "The lungs are clear.", "impressions": "", "report": ""}
     recs = []
@@ -83,13 +88,14 @@ def build_corpus(root: Path, n: int, small: bool) -> None:
     write_dataset_info(root, layout, {"anatomy_set": aset.name})
 
 
-def loader_rate(root: Path, mode: str, workers: int, batches: int, batch_size: int) -> float:
+def loader_rate(root: Path, mode: str, workers: int, batches: int, batch_size: int,
+                volume_size=VITB_INPUT) -> float:
     from fvlm.data import ShardDataset
     from fvlm.data.ct import CTStream, SampleOptions
     from fvlm.data.loader import make_loader
 
     ds = ShardDataset(root)
-    opts = SampleOptions(anatomies=ds.anatomies, volume_size=list(VITB_INPUT) if mode == "volume" else None,
+    opts = SampleOptions(anatomies=ds.anatomies, volume_size=list(volume_size) if mode == "volume" else None,
                          crop_size=CROP if mode == "crop" else None)
     stream = CTStream(ds, ds.case_ids(), opts, batch_size=batch_size, seed=0)
     it = iter(make_loader(stream, num_workers=workers, prefetch_factor=2))
@@ -143,6 +149,13 @@ def main() -> None:
             for w in (0, 1, 2):
                 rows[mode, w] = loader_rate(root, mode, w, args.batches, args.batch_size)
                 print(f"{mode} mode, {w} workers: {rows[mode, w]:.2f} samples/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fvlm_loader_tiny_") as d:
+        # what the tiny CPU config consumes: volume mode at its 32 x 32 x 16 input, batch 8
+        root = Path(d)
+        build_corpus(root, 8, small=True, tiny=True)
+        for w in (0, 1, 2):
+            rows["tiny volume", w] = loader_rate(root, "volume", w, 4 * args.batches, 8, volume_size=TINY_INPUT)
+            print(f"tiny-input volume mode, {w} workers: {rows['tiny volume', w]:.2f} samples/s", flush=True)
     tiny = tiny_step_rate()
     train, lines = vitb_flops()
     gpu = H100_BF16_PEAK * MFU / train
@@ -155,9 +168,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for (mode, w), r in rows.items():
         per_core = r / max(1, w)
-        print(f"| {mode} | {w} | {r:.2f} | {r / tiny:.2f}x | {r / gpu:.3f} | {per_core:.2f} | {gpu / per_core:.0f} |")
+        vitb = ("-", "-") if mode.startswith("tiny") else (f"{r / gpu:.3f}", f"{gpu / per_core:.0f}")
+        print(f"| {mode} | {w} | {r:.2f} | {r / tiny:.2f}x | {vitb[0]} | {per_core:.2f} | {vitb[1]} |")
     print(f"\n(per-core rate: samples/s divided by the worker count, 0 workers = the main process; "
-          f"cores per GPU = {gpu:.0f} samples/s / per-core rate)")
+          f"cores per GPU = {gpu:.0f} samples/s / per-core rate; crop / volume: the CT-RATE-sized case "
+          f"(--small: example_ct) at the ViT-B/3D input sizes; tiny volume: example_ct stored on a "
+          f"{TINY_SPACING} mm grid and read at the tiny config's {TINY_INPUT}, the row to set against the "
+          f"tiny step rate)")
+    ratio = rows["tiny volume", 2] / tiny
+    need = gpu / rows["volume", 2] * 2
+    print(f"goal: 2 workers >= 5x the tiny step rate: {ratio:.2f}x ({'met' if ratio >= 5 else 'NOT met'}); "
+          f"goal: <= 4 loader cores per H100 (volume mode, ViT-B/3D): {need:.0f} ({'met' if need <= 4 else 'NOT met'})")
 
 
 if __name__ == "__main__":
