@@ -183,7 +183,7 @@ def _interrupt(p, out, sig):
     return pid
 
 
-IDS = [f"c{i:02d}" for i in range(20)]
+IDS = [f"c{i:02d}" for i in range(60)]  # enough that a signal sent at the first case lands mid-run
 
 
 def test_sigint_stops_all_workers_exits_130_and_next_run_resumes(ct_samples, tmp_path):
