@@ -59,5 +59,13 @@ if ! "$venv/bin/python" -c "import torchvision" >/dev/null 2>&1; then
 fi
 "$venv/bin/python" -c "from transformers import BertModel; import torch, deepspeed, monai" 2>/dev/null \
   || { echo "[install] the installed stack does not import cleanly" >&2; exit 1; }
+if [ "$mode" = cpu ]; then
+  # DeepSpeed JIT-compiles its CPU shared-memory collective op the first time a process group starts
+  # (about a minute); build it now, into $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions),
+  # so the first `fvlm pretrain` (and the test suite) does not wait for it. Best effort.
+  echo "[install] building DeepSpeed's CPU shm op (once; cached in ${TORCH_EXTENSIONS_DIR:-~/.cache/torch_extensions})"
+  "$venv/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
+    || echo "[install] (DeepSpeed's shm op did not build now; it is built on first use)"
+fi
 touch "$venv/.fvlm-installed"
 echo "[install] done: $("$venv/bin/fvlm" --version) with torch $installed in $venv"
