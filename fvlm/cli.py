@@ -111,9 +111,8 @@ def add_common(parser: argparse.ArgumentParser, with_config: bool = True) -> Non
 def _command_in(argv: list[str]) -> str | None:
     """The subcommand named in ``argv`` (the first word that is not a top-level flag), if known."""
     for a in argv:
-        if a in ("--debug",):
-            continue
-        return a if a in COMMANDS else None
+        if a != "--debug":
+            return a if a in COMMANDS else None
     return None
 
 

@@ -324,11 +324,8 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
     check_output(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     aset, layout, info_extra = _settings(cfg)
-    # one codec thread per process: the workers are the parallelism (measured on 2 cores, 24 cases:
-    # 2 workers 1.30-1.39x one worker with the Blosc default, 1.47-1.61x with this; the user's own
-    # BLOSC_NTHREADS wins). Spawned workers inherit it.
-    os.environ.setdefault("BLOSC_NTHREADS", "1")
-    if max(1, int(num_workers)) > 1 and cfg.reports.labeler:
+    workers = max(1, int(num_workers))
+    if workers > 1 and cfg.reports.labeler:
         # the workers build their own labeler; here only fail early on a bad taxonomy name (building
         # one imports nltk, 1.3 s the first case would wait for)
         from fvlm.taxonomy import load_taxonomy
@@ -381,7 +378,6 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
 
     flush()
     t0 = time.perf_counter()
-    workers = max(1, int(num_workers))
     if workers == 1 or len(todo) <= 1:
         _init_worker(cfg, str(out), qc_ids, labeler)
         results = iter(map(_work, todo))

@@ -170,6 +170,10 @@ def test_cut_fast_paths_equal_the_reference(tmp_path, monkeypatch, linear):
                     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(vol, keep)
     assert len(copies) == 6   # the two whole-voxel windows took the copy path (3 pad/source pairs each)
+    fvol = vol.astype(np.float32) + 0.6    # float -> int16 is rounded, never truncated by a plain copy
+    for pos in cases:
+        want = sample_axes(fvol, pos, linear=linear, pad=AIR_HU, out_dtype=np.int16)
+        np.testing.assert_array_equal(cut(fvol, pos, linear=linear, pad=AIR_HU, out_dtype=np.int16), want)
 
 
 def test_whole_spacing_resampled_at_read(tmp_path):

@@ -57,10 +57,13 @@ def _is_identity(p: np.ndarray, n: int) -> bool:
     return len(p) == n and np.array_equal(p, np.arange(n, dtype=np.float64))
 
 
+def _result_dtype(src_dtype, linear: bool, out_dtype) -> np.dtype:
+    """The dtype a sampling returns: ``out_dtype``, else float32 (linear) or the source's."""
+    return np.dtype(out_dtype if out_dtype is not None else (np.float32 if linear else src_dtype))
+
+
 def _finish(out: np.ndarray, src_dtype, linear: bool, out_dtype, copy_of=None) -> np.ndarray:
-    if out_dtype is None:
-        out_dtype = np.float32 if linear else src_dtype
-    out_dtype = np.dtype(out_dtype)
+    out_dtype = _result_dtype(src_dtype, linear, out_dtype)
     if out.dtype != out_dtype:
         if out_dtype.kind in "iu" and out.dtype.kind == "f":
             info = np.iinfo(out_dtype)
@@ -117,9 +120,7 @@ def cut(src, positions, linear: bool, pad, out_dtype=None, shape=None) -> np.nda
         i0, i1, w = _indices(p, n, linear)
         inside = ~outside
         if not inside.any():   # the whole output is padding: read nothing
-            out = np.full(tuple(len(q) for q in pos), pad,
-                          dtype=out_dtype or (np.float32 if linear else src.dtype))
-            return out
+            return np.full(tuple(len(q) for q in pos), pad, dtype=_result_dtype(src.dtype, linear, out_dtype))
         used = i0[inside] if i1 is None else np.concatenate([i0[inside], i1[inside]])
         lo, hi = int(used.min()), int(used.max()) + 1
         box.append(slice(lo, hi))
@@ -127,9 +128,11 @@ def cut(src, positions, linear: bool, pad, out_dtype=None, shape=None) -> np.nda
         i0 = np.where(inside, i0, lo) - lo
         i1 = None if i1 is None else np.where(inside, i1, lo) - lo
         plans.append((i0, i1, w, outside))
+    dtype = _result_dtype(src.dtype, linear, out_dtype)
     window = _window(pos, plans, box)
-    if window is not None and (pad is not None or not window[2]):
-        return _copy_window(src, window, pos, pad, linear, out_dtype)
+    # a plain copy gives the reference values only when the cast is exact (float -> int is rounded)
+    if window is not None and (pad is not None or not window[2]) and np.can_cast(src.dtype, dtype, "safe"):
+        return _copy_window(src, window, pos, pad, dtype)
     t = np.asarray(src[tuple(box)])
     if not linear:
         return _finish(_nearest(t, plans, pos, shape, pad), src.dtype, linear, out_dtype)
@@ -157,10 +160,9 @@ def _window(pos, plans, box):
     return read, out_sl, any_out
 
 
-def _copy_window(src, window, pos, pad, linear: bool, out_dtype) -> np.ndarray:
+def _copy_window(src, window, pos, pad, dtype: np.dtype) -> np.ndarray:
     """The output of a whole-voxel window: the voxels, copied once into the (padded) output."""
     read, out_sl, padded = window
-    dtype = np.dtype(out_dtype) if out_dtype is not None else (np.dtype(np.float32) if linear else src.dtype)
     shape = tuple(len(p) for p in pos)
     out = np.full(shape, pad, dtype) if padded else np.empty(shape, dtype)
     if isinstance(src, np.ndarray) or dtype != src.dtype:
