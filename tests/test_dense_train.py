@@ -60,19 +60,46 @@ def test_cli_train_eval_writes_json_and_markdown(tmp_path):
     assert main(["dense", "train", "--out", str(tmp_path / "run"), "--steps", "2",
                  "--set", "data.window=[-150,250]"] + common) == 0
     assert (tmp_path / "run" / "dense.pt").is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    # the held-out slices come from the checkpoint: the default [88, 100] would score trained slices
     assert main(["dense", "eval", "--checkpoint", str(tmp_path / "run" / "dense.pt"), "-q",
-                 "--set", "data.holdout_z=[88,90]", "--set", "eval.overlap=0"]) == 0
+                 "--set", "eval.overlap=0"]) == 0
     doc = json.loads((tmp_path / "run" / "eval" / "dense_eval.json").read_text())
     assert doc["format"] == "fvlm-dense-eval" and doc["version"] == 1
     assert set(doc["per_class"]) == {"liver", "bone"}
     for v in doc["per_class"].values():
         assert set(v) >= {"dice", "iou", "dice_global", "iou_global", "n_cases", "support_voxels"}
-    assert "baselines" in doc and doc["data"]["holdout_z"] == [88, 90]
+    assert "baselines" in doc and doc["data"]["holdout_z"] == [88, 90] and doc["data"]["holdout"] == "slices"
     assert doc["data"]["crops"] == "whole" and doc["data"]["n_cases"] == 1
     # evaluated on the training window from the checkpoint, not the config's default
     assert yaml.safe_load((tmp_path / "run" / "eval" / "config.yaml").read_text())["data"]["window"] == [-150, 250]
     md = (tmp_path / "run" / "eval" / "dense_eval.md").read_text()
     assert "| liver |" in md and "Dice" in md and "scored on: whole volumes" in md
+
+
+def test_patient_holdout_trains_on_one_patient_and_scores_the_other(tmp_path):
+    """data.holdout=patient: all of example_ct trains, the second shipped patient (the contrast DICOM series
+    with its own TotalSegmentator labels) evaluates; `dense eval` of such a checkpoint keeps that protocol."""
+    from fvlm.cli import main
+    from fvlm.dense.data import load_cases
+
+    cfg = build(DenseConfig, {"data": {"classes": CLASSES, "holdout": "patient", "spacing_mm": [3.0, 3.0, 3.0]}})
+    train, evals = load_cases(cfg.data, CLASSES, "train"), load_cases(cfg.data, CLASSES, "eval")
+    assert [c.case_id for c in train] == ["example_ct"] and [c.case_id for c in evals] == ["example_ct_dicom"]
+    assert train[0].image.shape[2] > 3 * evals[0].image.shape[2]      # whole CT vs 20 slices of 2 mm
+    present = {CLASSES[i - 1] for i in set(evals[0].label.ravel().tolist()) - {0}}
+    assert present >= {"liver", "spleen", "bone"}, present
+    assert 0.0 <= evals[0].image.min() and evals[0].image.max() <= 1.0   # windowed like the training CT
+    run = tmp_path / "run"
+    common = ["--set", "model.encoder=vit2d_nano", "--set", "model.img_size=[32,32]", "--set", "model.patch_size=[8,8]",
+              "--set", "data.classes=[liver,bone]", "--set", "eval.overlap=0", "-q"]
+    assert main(["dense", "train", "--out", str(tmp_path / "bad"), "--set", "train.intensity_jitter=1.5"] + common) == 2
+    assert main(["dense", "train", "--out", str(run), "--steps", "2", "--set", "data.holdout=patient",
+                 "--set", "train.intensity_jitter=0.2"] + common) == 0
+    assert main(["dense", "eval", "--checkpoint", str(run / "dense.pt")] + common) == 0
+    doc = json.loads((run / "eval" / "dense_eval.json").read_text())
+    assert doc["data"]["holdout"] == "patient" and "holdout_z" not in doc["data"] and doc["data"]["n_cases"] == 1
+    assert doc["per_class"]["liver"]["support_voxels"] > 0
+    assert "location_prior" not in doc["baselines"]          # another grid: no per-position prior to compare
 
 
 def test_cli_eval_on_organ_crops_of_a_demo_corpus(tmp_path):

@@ -89,6 +89,23 @@ def _text_encoder(info: dict, cfg):
     return enc
 
 
+def _inherit_holdout(data, meta: dict):
+    """The shipped sample's evaluation data for a checkpoint trained on it: the held-out slices it was
+    trained without (its ``holdout_z`` and ``holdout_gap``), or the second patient when either the
+    checkpoint or the command asks for it (a model trained on all of example_ct has no held-out slices)."""
+    import dataclasses
+
+    if data.source != "samples" or meta.get("data_source") != "samples" or "holdout" not in meta:
+        return data
+    want = "patient" if "patient" in (meta["holdout"], data.holdout) else "slices"
+    trained = {"holdout": want, "holdout_z": list(meta["holdout_z"]), "holdout_gap": int(meta["holdout_gap"])}
+    for key, val in trained.items():
+        if val != getattr(data, key):
+            log.info("data.%s %s -> %s (the checkpoint's held-out data)", key, getattr(data, key), val)
+            data = dataclasses.replace(data, **{key: val})
+    return data
+
+
 def _eval(args, cfg) -> int:
     import dataclasses
 
@@ -112,6 +129,7 @@ def _eval(args, cfg) -> int:
         if val is not None and list(val) != list(getattr(data, key)):
             log.info("data.%s %s -> %s (the checkpoint's training input)", key, list(getattr(data, key)), list(val))
             data = dataclasses.replace(data, **{key: list(val)})
+    data = _inherit_holdout(data, meta)
     cfg = dataclasses.replace(cfg, data=data, model=info["model_config"])
     dump_config(cfg, out / "config.yaml")
     volumes = load_cases(data, model.class_names, "eval")
@@ -126,7 +144,9 @@ def _eval(args, cfg) -> int:
     if cfg.eval.crops == "organ":
         src.update(crop_size=list(model.encoder.img_size), n_volumes=len(volumes))
     if data.source == "samples":
-        src["holdout_z"] = list(data.holdout_z)
+        src["holdout"] = data.holdout
+        if data.holdout == "slices":
+            src["holdout_z"] = list(data.holdout_z)
     jp, mp = write_eval(res, out, args.checkpoint, src, extra)
     m = res.get("mean") or {}
     msg = f"wrote {jp} and {mp.name}"

@@ -26,6 +26,7 @@ would no longer match their text.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
@@ -139,9 +140,21 @@ def _resize(x: torch.Tensor, size: Sequence[int] | None, mode: str) -> torch.Ten
     """``(C, *S)`` -> ``(C, *size)``; no-op when already that size."""
     if size is None or tuple(x.shape[1:]) == tuple(size):
         return x
-    if mode == "nearest":
-        return F.interpolate(x[None].float(), size=tuple(size), mode="nearest-exact")[0].to(x.dtype)
+    if mode == "nearest":       # a label map: pick source voxels, no float copy of the volume
+        for axis, (n_in, n_out) in enumerate(zip(x.shape[1:], size)):
+            if n_in != n_out:
+                x = x.index_select(axis + 1, _nearest_exact_index(n_in, int(n_out)))
+        return x
     return F.interpolate(x[None], size=tuple(size), mode="trilinear", align_corners=False)[0]
+
+
+@functools.lru_cache(maxsize=1024)
+def _nearest_exact_index(n_in: int, n_out: int) -> torch.Tensor:
+    """Source indices of ``F.interpolate(mode="nearest-exact")`` along one axis, taken from torch's own
+    kernel on an index ramp (its float rounding of ``(i + 0.5) * in / out`` matches neither a plain
+    float32 nor a float64 formula, e.g. at 2 -> 49 and 2 -> 61)."""
+    ramp = torch.arange(n_in, dtype=torch.float32)[None, None]
+    return F.interpolate(ramp, size=n_out, mode="nearest-exact")[0, 0].long()
 
 
 def fit_size(shape: Sequence[int], size: Sequence[int]) -> tuple[list[int], list[int]]:

@@ -22,6 +22,10 @@ class DataConfig:
     spacing_mm: list[float] = opt([], "resample volumes to this spacing first (empty = keep)")
     train_split: str = opt("train", "shards/demo: split used for training")
     eval_split: str = opt("valid", "shards/demo: split used by `dense eval`")
+    holdout: str = opt("slices", "samples: what evaluates. slices: the axial slices holdout_z of example_ct (the rest, "
+                                 "minus holdout_gap, trains); patient: the second shipped patient (the contrast "
+                                 "DICOM series example_ct_dicom, upper abdomen) while all of example_ct trains",
+                       choices=("slices", "patient"))
     holdout_z: list[int] = opt([88, 100], "samples: held-out axial slices [start, stop) (evaluation)")
     holdout_gap: int = opt(4, "samples: slices next to the held-out range left out of training")
     findings: list[str] = opt([], "demo: diagnosis ids whose lesions are grounded and supervised (empty = all)")
@@ -55,6 +59,8 @@ class TrainConfig(EngineTrainConfig):
     foreground_crop: float = opt(0.7, "probability that a crop is centred on a labelled voxel")
     crop_jitter: float = opt(0.25, "the crop centre moves up to this fraction of the crop size away from the chosen "
                                    "voxel; 0.5 lets a target lie anywhere in the crop (no 'target at the centre' prior)")
+    intensity_jitter: float = opt(0.0, "each training crop's windowed intensities x become a * x + b, a drawn from "
+                                       "[1 - j, 1 + j] and b from [-j, j] (another scanner or contrast phase; 0 = off)")
     crop_sampling: str = opt("foreground", "what a foreground crop is centred on: foreground (a random labelled voxel, "
                                            "so mostly the largest organs) or class_balanced (a class drawn uniformly "
                                            "among the labelled ones, then one of its voxels)",

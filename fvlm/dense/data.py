@@ -7,7 +7,9 @@ image-level labels and report sentences. Sources:
 
 - ``samples``: the shipped TotalSegmentator abdomen CT (``example_ct`` with
   ``example_seg_fast_force_split``, v2 ids) split along z: the held-out axial slices
-  ``data.holdout_z`` evaluate, the rest (minus a gap) trains;
+  ``data.holdout_z`` evaluate, the rest (minus a gap) trains; or, with ``data.holdout=patient``,
+  all of it trains and the second shipped patient (``example_ct_dicom``, a contrast CT of the
+  upper abdomen, with ``example_seg_dicom``) evaluates;
 - ``shards``: :class:`fvlm.data.ShardDataset` cases of a split (the whole volume and its anatomy
   label map; the report labeler's silver labels as phrases, its abnormal anatomy sentences);
 - ``demo``: a corpus from :func:`fvlm.demo.generate.generate_corpus` (CT, masks, lesions).
@@ -73,6 +75,26 @@ def _resample(case: DenseCase, spacing: Sequence[float]) -> DenseCase:
     return case
 
 
+def _dicom_patient(d: Path, lut: np.ndarray, spacing: Sequence[float]) -> DenseCase:
+    """The second shipped patient: ``example_ct_dicom`` (20 axial slices of a contrast CT, 0.98 x 0.98 x
+    2 mm) with its TotalSegmentator ``total`` labels, in RAS+ and resampled to ``spacing`` (HU, not windowed)."""
+    import nibabel as nib
+
+    from preprocess.geometry import resample, spacing_of, to_canonical
+    from preprocess.load import load_dicom_series
+
+    vol = load_dicom_series(d / "example_ct_dicom", want_hash=False)
+    arr, aff, _ = to_canonical(vol.array, vol.affine)
+    seg = nib.load(d / "example_seg_dicom.nii.gz")
+    ts, seg_aff, _ = to_canonical(np.asarray(seg.dataobj).astype(np.uint8), seg.affine)
+    if ts.shape != arr.shape or not np.allclose(seg_aff, aff, atol=0.5):
+        raise FvlmError("example_seg_dicom.nii.gz is not on the grid of example_ct_dicom")
+    sp = spacing_of(aff)
+    hu = resample(np.asarray(arr, np.float32), sp, spacing, linear=True, out_dtype=np.float32)
+    lab = resample(lut[ts], sp, spacing, linear=False)
+    return DenseCase("example_ct_dicom", hu, lab, tuple(float(s) for s in spacing))
+
+
 def _samples(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, list[DenseCase]]:
     import nibabel as nib
 
@@ -93,12 +115,16 @@ def _samples(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, list[Dens
         to_ours[aset.label(c)] = i + 1
     lab = to_ours[full[ts]]
     im = window(hu, *cfg.window)
+    sp = tuple(float(s) for s in img.header.get_zooms()[:3])
+    if cfg.holdout == "patient":
+        other = _dicom_patient(d, to_ours[full], sp)
+        return {"train": [DenseCase("example_ct", im, lab, sp)],
+                "eval": [DenseCase(other.case_id, window(other.image, *cfg.window), other.label, sp)]}
     z0, z1 = cfg.holdout_z
     nz = im.shape[2]
     if not (0 <= z0 < z1 <= nz):
         raise FvlmError(f"data.holdout_z {cfg.holdout_z} must be a range inside 0..{nz}")
     g = cfg.holdout_gap
-    sp = tuple(float(s) for s in img.header.get_zooms()[:3])
     out = {"train": [], "eval": []}
     for name, a, b in (("lower", 0, max(0, z0 - g)), ("upper", min(nz, z1 + g), nz)):
         if b - a > 0:

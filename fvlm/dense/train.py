@@ -180,6 +180,8 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     dev = resolve_device(t.device)
     rank, world, _ = init_distributed()
 
+    if not 0.0 <= t.intensity_jitter < 1.0:
+        raise FvlmError(f"train.intensity_jitter must be in [0, 1), got {t.intensity_jitter}")
     class_names = class_names_for(cfg.data)
     if cases is None:
         cases = load_cases(cfg.data, class_names, "train")
@@ -209,6 +211,10 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
 
     def make_batch(rng) -> dict:
         crops = [_crop(cases, size, rng, t.foreground_crop, t.crop_jitter, balanced) for _ in range(t.batch_size)]
+        if t.intensity_jitter > 0:
+            j = t.intensity_jitter
+            for c in crops:
+                c["image"] = c["image"] * np.float32(1 + rng.uniform(-j, j)) + np.float32(rng.uniform(-j, j))
         batch = {"image": torch.from_numpy(np.stack([c["image"] for c in crops]))[:, None]}
         if cfg.model.head == "seg":
             batch["label"] = torch.from_numpy(np.stack([c["label"] for c in crops]).astype(np.int64))
@@ -224,6 +230,8 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
             "resample_mm": list(cfg.data.spacing_mm), "finding_texts": sorted({f.text for c in cases for f in c.findings}),
             "unseen_classes": sorted(unseen), "class_phrases": phrases, "templates": list(cfg.model.templates),
             "anatomy_set": cfg.data.anatomy_set, "pretrained": cfg.model.pretrained}
+    if cfg.data.source == "samples":        # what trained, so that `dense eval` never scores training voxels
+        meta.update(holdout=cfg.data.holdout, holdout_z=list(cfg.data.holdout_z), holdout_gap=cfg.data.holdout_gap)
     losses: dict[str, float] = {}
 
     def on_step(step: int, batch: dict, res: dict) -> None:
