@@ -101,6 +101,15 @@ def _copy_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _rehash(d):
+    """Record the edited weights' SHA-256, as a careful hand edit would (else the hash check refuses first)."""
+    import hashlib
+
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["weights"]["sha256"] = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
 def test_bad_safetensors_give_one_line_errors(built, tmp_path, capsys):
     sd = safetensors_torch.load_file(str(built["out"] / "model.safetensors"))
     key = "image_proj.w1"
@@ -109,6 +118,7 @@ def test_bad_safetensors_give_one_line_errors(built, tmp_path, capsys):
     sd2 = dict(sd)
     sd2[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1], sd[key].shape[2] + 1)
     safetensors_torch.save_file(sd2, str(bad / "model.safetensors"))
+    _rehash(bad)
     with pytest.raises(FormatError, match=rf"tensor '{key}' has shape .* expects"):
         fvlm.load(bad, device="cpu")
     assert main(["predict", "--checkpoint", str(bad), "--image", str(CT), "--mask", str(SEG)]) == 2
@@ -117,11 +127,13 @@ def test_bad_safetensors_give_one_line_errors(built, tmp_path, capsys):
     # one tensor missing
     miss = _copy_dir(built["out"], tmp_path / "missing")
     safetensors_torch.save_file({k: v for k, v in sd.items() if k != "logit_scale"}, str(miss / "model.safetensors"))
+    _rehash(miss)
     with pytest.raises(FormatError, match="tensor 'logit_scale' is missing"):
         fvlm.load(miss, device="cpu")
     # not a safetensors file at all
     junk = _copy_dir(built["out"], tmp_path / "junk")
     (junk / "model.safetensors").write_bytes(b"\x00" * 7)
+    _rehash(junk)
     assert main(["predict", "--checkpoint", str(junk), "--image", str(CT)]) == 2
     assert "not a readable safetensors file" in _one_line_error(capsys)
     # a folder that is not a model directory

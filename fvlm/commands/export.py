@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-text-model", action="store_true",
                    help="copy the text model's files (config, tokenizer, safetensors weights) into DIR/text "
                         "(default: a reference by name and config hash; the tiny test model needs none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DIR whole even if it holds files `fvlm export` did not write (default: refuse "
+                        "such a folder; an empty one, or one an earlier export wrote, is fine)")
 
 
 def _fmt(v) -> str:
@@ -75,14 +78,13 @@ def run(args) -> int:
     from ..eval.predict import read_thresholds_sidecar
     from ..eval.report import read_results
     from ..models.checkpoint import read_consolidated
-    from ..models.model_dir import is_model_dir, write_model_dir
+    from ..models.model_dir import check_export_target, write_model_dir
 
     src = loading.check_checkpoint_path(args.checkpoint)
     out = Path(args.out)
-    if out.resolve() == src.resolve():
-        raise FvlmError("--out is the checkpoint itself")
-    if out.is_dir() and any(out.iterdir()) and not is_model_dir(out):
-        raise FvlmError(f"--out {out}: a non-empty folder that is not a model directory; choose another")
+    if out.resolve() == src.resolve() or src.resolve().is_relative_to(out.resolve()):
+        raise FvlmError(f"--out {out}: holds the checkpoint itself; choose another folder")
+    check_export_target(out, args.overwrite)
     sha = loading.checkpoint_sha256(str(src))
     obj = read_consolidated(src)
     extra = {}
@@ -98,12 +100,12 @@ def run(args) -> int:
         if ck and ck != sha:
             raise FvlmError(f"--results {args.results} was computed for another checkpoint (sha256 {ck[:12]}...)")
     card = model_card({**obj, "meta": {**obj["meta"], **extra}}, str(src), results)
+    files = {"results.json": json.dumps(results, ensure_ascii=False, indent=1) + "\n"} if results is not None else {}
     write_model_dir(obj, out, source={"checkpoint": str(src), "sha256": sha}, card=card,
-                    include_text_model=args.include_text_model, extra_meta=extra)
+                    include_text_model=args.include_text_model, extra_meta=extra, extra_files=files,
+                    overwrite=args.overwrite)
     n = len(obj["state_dict"])
     print(f"wrote {out}/ (config.json, model.safetensors with {n} tensors, README.md"
           f"{', text/' if args.include_text_model else ''}"
           f"{'; thresholds from ' + sc.source if sc is not None else ''})")
-    if results is not None:
-        (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -139,6 +139,12 @@ def check_state_dict(want: dict, have: dict, where: str, skip_prefix: str | None
         if tuple(h.shape) != tuple(v.shape):
             raise FormatError(f"{where}: tensor '{k}' has shape {list(h.shape)}, the model config expects "
                               f"{list(v.shape)} (weights of another model size?)")
+        if h.dtype != v.dtype:
+            raise FormatError(f"{where}: tensor '{k}' is {str(h.dtype).replace('torch.', '')}, the model "
+                              f"stores {str(v.dtype).replace('torch.', '')} (weights saved in another dtype); refused")
+        if h.is_floating_point() and not bool(torch.isfinite(h).all()):
+            n = int((~torch.isfinite(h)).sum())
+            raise FormatError(f"{where}: tensor '{k}' has {n} non-finite value(s) (NaN or inf); refused")
     extra = [k for k in have if k not in want]
     if extra:
         raise FormatError(f"{where}: tensor '{extra[0]}' is not part of the model the config describes"

@@ -7,6 +7,7 @@ A folder that loads offline and never unpickles::
     DIR/model.safetensors  every stored tensor of the consolidated checkpoint (float32)
     DIR/text/              optional: the text model's own files (tokenizer, config, safetensors)
     DIR/README.md          model card stub
+    DIR/.fvlm-export       marker: the files ``fvlm export`` wrote (a re-export may replace only those)
 
 :func:`read_model_dir` returns the same raw dict as
 :func:`fvlm.models.checkpoint.read_consolidated` does for a ``.pt`` file, so every reader
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from ..errors import FormatError, FvlmError
@@ -31,6 +33,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TEXT_DIR = "text"
 THRESHOLDS_NAME = "thresholds.json"
+MARKER_NAME = ".fvlm-export"
 
 #: text-model files copied by ``--include-text-model`` (no pickled weights: safetensors only)
 _TEXT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
@@ -72,26 +75,102 @@ def _copy_text_model(src: Path, dst: Path) -> list[str]:
     return names
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(root: Path) -> None:
+    """Give every file and folder under ``root`` the modes a plain ``open``/``mkdir`` would.
+
+    ``tempfile.mkdtemp`` makes 0700 folders and safetensors writes 0600 files; a folder that is
+    meant to be shared must be readable as the user's umask allows.
+    """
+    mask = _umask()
+    for d, dirs, files in os.walk(root):
+        os.chmod(d, 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o666 & ~mask)
+
+
+def _written_by_export(out: Path) -> tuple[bool, str | None]:
+    """``(True, None)`` when ``out`` holds only what an earlier ``fvlm export`` wrote there,
+    else ``(False, first foreign entry)``."""
+    marker = out / MARKER_NAME
+    try:
+        doc = json.loads(marker.read_text(encoding="utf-8"))
+        files = set(doc["files"]) if doc.get("format") == DIR_FORMAT else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        files = None
+    if files is None:
+        return False, None
+    for entry in sorted(os.listdir(out)):
+        if entry != MARKER_NAME and entry not in files:
+            return False, entry
+    return True, None
+
+
+def check_export_target(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an ``--out`` that holds anything ``fvlm export`` did not write (unless ``overwrite``).
+
+    An empty or missing folder, or one an earlier export wrote and nobody added to, is fine.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FvlmError(f"--out {out}: exists and is not a directory")
+    if not out.is_dir() or overwrite or not any(out.iterdir()):
+        return out
+    ours, foreign = _written_by_export(out)
+    if not ours:
+        what = f"it holds {foreign}, which" if foreign else "it has no .fvlm-export marker, so it"
+        raise FvlmError(f"--out {out}: a non-empty folder that `fvlm export` did not write ({what} would be "
+                        "replaced); choose an empty or new folder, or pass --overwrite to replace it whole")
+    return out
+
+
 def write_model_dir(obj: dict, out: str | os.PathLike, *, source: dict | None = None, card: str | None = None,
-                    include_text_model: bool = False, extra_meta: dict | None = None) -> Path:
+                    include_text_model: bool = False, extra_meta: dict | None = None,
+                    extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write the raw checkpoint dict ``obj`` (:func:`read_consolidated`) as a model directory.
 
     ``extra_meta`` is merged over ``obj["meta"]`` (e.g. thresholds from a sidecar);
     ``include_text_model`` copies the text model's files into ``text/`` (needed when its
-    weights are not stored in the checkpoint and the receiver has no copy).
+    weights are not stored in the checkpoint and the receiver has no copy); ``extra_files``
+    ``{name: text}`` are written beside (e.g. ``results.json``).
+
+    The folder is built next to ``out`` and renamed into place, so ``out`` is never half
+    written; an existing ``out`` is replaced only when :func:`check_export_target` allows it.
+    Files get the user's umask.
     """
+    out = check_export_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _fill_model_dir(obj, tmp, source=source, card=card, include_text_model=include_text_model,
+                        extra_meta=extra_meta, extra_files=extra_files)
+        _apply_umask(tmp)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _fill_model_dir(obj: dict, out: Path, *, source, card, include_text_model, extra_meta, extra_files) -> None:
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FvlmError(f"--out {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     meta = dict(obj["meta"])
     meta.update(extra_meta or {})
     sd = {k: v.detach().cpu().contiguous() for k, v in obj["state_dict"].items()}
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "fvlm_format": DIR_FORMAT})
-    os.replace(tmp, out / WEIGHTS_NAME)
+    save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt", "fvlm_format": DIR_FORMAT})
     text = {"weights": meta.get("text_weights", "included"), "identity": meta.get("text_identity") or {},
             "dir": None, "files": []}
     ident_path = (meta.get("text_identity") or {}).get("path")
@@ -106,48 +185,83 @@ def write_model_dir(obj: dict, out: str | os.PathLike, *, source: dict | None = 
            "preprocess": meta.get("preprocess"), "text": text,
            "weights": {"file": WEIGHTS_NAME, "n_tensors": len(sd), "sha256": _sha256(out / WEIGHTS_NAME)},
            "source": source or {}, "checkpoint_format": {"format": obj.get("format"), "version": obj.get("version")}}
-    tmpc = out / (CONFIG_NAME + ".tmp")
-    tmpc.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmpc, out / CONFIG_NAME)
+    (out / CONFIG_NAME).write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     if card is not None:
         (out / "README.md").write_text(card, encoding="utf-8")
-    return out
+    for name, body in (extra_files or {}).items():
+        (out / name).write_text(body, encoding="utf-8")
+    files = sorted(os.listdir(out))
+    (out / MARKER_NAME).write_text(json.dumps({"format": DIR_FORMAT, "files": files}) + "\n", encoding="utf-8")
 
 
-def read_model_dir(path: str | os.PathLike) -> dict:
-    """Read a model directory -> the raw checkpoint dict (``format: fvlm-model``, ``state_dict``, ...).
-
-    The key ``_text_model_dir`` names ``DIR/text`` when the folder carries its text model.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    cfg_path = p / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FvlmError(f"{p}: not a model directory (no {CONFIG_NAME}; written by `fvlm export`)")
+def _config_doc(cfg_path: Path) -> dict:
+    """``config.json`` of a model directory, its fields checked for type (one-line :class:`FormatError`)."""
     try:
         doc = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != DIR_FORMAT:
         raise FormatError(f"{cfg_path}: not an {DIR_FORMAT} config (format {doc.get('format') if isinstance(doc, dict) else None!r})")
-    if int(doc.get("version", -1)) != DIR_VERSION:
-        raise FormatError(f"{cfg_path}: {DIR_FORMAT} version {doc.get('version')} is not supported "
+    if doc.get("version") != DIR_VERSION:
+        raise FormatError(f"{cfg_path}: {DIR_FORMAT} version {doc.get('version')!r} is not supported "
                           f"(this fvlm reads version {DIR_VERSION})")
-    for key in ("model", "config", "meta"):
-        if key not in doc:
-            raise FormatError(f"{cfg_path}: no '{key}' key")
-    wpath = p / (doc.get("weights") or {}).get("file", WEIGHTS_NAME)
+    for key, typ in (("model", str), ("config", dict), ("meta", dict), ("weights", dict)):
+        if not isinstance(doc.get(key), typ):
+            raise FormatError(f"{cfg_path}: '{key}' must be a {'string' if typ is str else 'mapping'}"
+                              + (" (missing)" if key not in doc else f", not {type(doc[key]).__name__}"))
+    w = doc["weights"]
+    if not isinstance(w.get("file"), str) or not w["file"]:
+        raise FormatError(f"{cfg_path}: weights.file must name the weights file")
+    sha = w.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise FormatError(f"{cfg_path}: weights.sha256 is missing or malformed; the weights cannot be verified "
+                          "(re-export the model with `fvlm export`)")
+    if not isinstance(doc.get("text") or {}, dict):
+        raise FormatError(f"{cfg_path}: 'text' must be a mapping")
+    return doc
+
+
+def _inside(root: Path, name: str, what: str, where: Path) -> Path:
+    """``root/name`` resolved, refused unless it stays inside ``root`` (no ``..``, absolute paths or links out)."""
+    p = (root / name).resolve()
+    if not p.is_relative_to(root.resolve()):
+        raise FormatError(f"{where}: {what} {name!r} lies outside the model directory; refused")
+    return p
+
+
+def read_model_dir(path: str | os.PathLike) -> dict:
+    """Read a model directory -> the raw checkpoint dict (``format: fvlm-model``, ``state_dict``, ...).
+
+    The weights file must lie inside the folder and match the SHA-256 that ``config.json``
+    records. The key ``_text_model_dir`` names ``DIR/text`` when the folder carries its text model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
+
+    p = Path(path)
+    cfg_path = p / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FvlmError(f"{p}: not a model directory (no {CONFIG_NAME}; written by `fvlm export`)")
+    doc = _config_doc(cfg_path)
+    wpath = _inside(p, doc["weights"]["file"], "weights file", cfg_path)
     if not wpath.is_file():
-        raise FvlmError(f"{p}: weights file {wpath.name} not found")
+        raise FvlmError(f"{p}: weights file {doc['weights']['file']} not found")
+    data = wpath.read_bytes()
+    if hashlib.sha256(data).hexdigest() != doc["weights"]["sha256"]:
+        raise FormatError(f"{wpath}: SHA-256 does not match the one config.json records (corrupted or "
+                          "replaced weights); refused")
     try:
-        sd = load_file(str(wpath), device="cpu")
+        sd = load_bytes(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FormatError(f"{wpath}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    del data
     obj = {"format": "fvlm-model", "version": 1, "model": doc["model"], "config": doc["config"],
            "state_dict": sd, "meta": dict(doc["meta"])}
     text_dir = (doc.get("text") or {}).get("dir")
-    if text_dir and (p / text_dir / "config.json").is_file():
-        obj["_text_model_dir"] = str(p / text_dir)
+    if text_dir:
+        if not isinstance(text_dir, str):
+            raise FormatError(f"{cfg_path}: text.dir must be a folder name")
+        tdir = _inside(p, text_dir, "text model folder", cfg_path)
+        if (tdir / "config.json").is_file():
+            obj["_text_model_dir"] = str(tdir)
     return obj

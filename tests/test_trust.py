@@ -1,0 +1,189 @@
+"""Trust boundaries (issue 35): files other people hand you are checked once, where they are read.
+
+Model folders (hash, paths, dtypes, finiteness), ``fvlm export`` targets (never destroy what it
+did not write), shards (structure on open, values on read, paths inside the root), threshold
+sidecars (tied to the checkpoint hash), configs (size, aliases, includes, values) and the Python
+API's arguments. Each bad input gives one line and exit 2 (``FvlmError`` in Python).
+"""
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+pytest.importorskip("preprocess.case")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from api_helpers import make_checkpoint, make_shards  # noqa: E402
+
+import fvlm  # noqa: E402
+from fvlm.cli import main  # noqa: E402
+from fvlm.errors import FvlmError  # noqa: E402
+
+
+def _one_line(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trust")
+    shards = make_shards(d)
+    ck = make_checkpoint(d / "model.pt", shards)
+    out = d / "exported"
+    assert main(["export", "--checkpoint", str(ck), "--out", str(out), "-q"]) == 0
+    return {"dir": d, "shards": shards, "ck": ck, "out": out}
+
+
+def _copy_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+# --------------------------------------------------------------------------- export never destroys
+
+
+def test_export_refuses_a_folder_it_did_not_write(built, tmp_path, capsys):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "bert"}')
+    (d / "model.safetensors").write_bytes(b"theirs")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(d)]) == 2
+    _one_line(capsys, "did not write", "--overwrite")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp folder left beside
+    assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(d), "--overwrite", "-q"]) == 0
+    assert json.loads((d / "config.json").read_text())["format"] == "fvlm-model-dir"
+
+
+def test_export_replaces_its_own_folder_but_not_what_was_added(built, tmp_path, capsys):
+    d = tmp_path / "m"
+    assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(d), "-q"]) == 0
+    assert (d / ".fvlm-export").is_file()
+    assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(d), "-q"]) == 0  # re-export: fine
+    (d / "notes.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(d)]) == 2
+    _one_line(capsys, "notes.txt")
+    assert (d / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_export_files_follow_the_umask(built, tmp_path):
+    old = os.umask(0o022)
+    try:
+        d = tmp_path / "shared"
+        assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(d), "-q"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    for p in d.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_export_is_atomic(built, tmp_path, monkeypatch, capsys):
+    from fvlm.models import model_dir
+
+    d = tmp_path / "m"
+    assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(d), "-q"]) == 0
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device", str(d))
+
+    monkeypatch.setattr(model_dir, "_apply_umask", boom)
+    assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(d)]) == 2
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def _edit_config(d: Path, fn):
+    cfg = json.loads((d / "config.json").read_text())
+    fn(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _resave(d: Path, fn):
+    sd = safetensors_torch.load_file(str(d / "model.safetensors"))
+    fn(sd)
+    safetensors_torch.save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    import hashlib
+
+    sha = hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
+    _edit_config(d, lambda c: c["weights"].__setitem__("sha256", sha))
+
+
+def _first_float(sd):
+    return next(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("escape", ["outside the model directory"]),
+    ("absolute", ["outside the model directory"]),
+    ("sha_mismatch", ["SHA-256 does not match"]),
+    ("sha_missing", ["sha256 is missing"]),
+    ("flipped_byte", ["SHA-256 does not match"]),
+    ("nan", ["non-finite"]),
+    ("float16", ["float16", "another dtype"]),
+    ("weights_not_mapping", ["'weights' must be a mapping"]),
+    ("config_list", ["'config' must be a mapping"]),
+    ("model_int", ["'model' must be a string"]),
+    ("version_str", ["version '1' is not supported"]),
+    ("text_escape", ["outside the model directory"]),
+])
+def test_bad_model_folder_is_one_line_exit_2(built, tmp_path, capsys, kind, words):
+    d = _copy_dir(built["out"], tmp_path / "m")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    if kind == "escape":
+        _edit_config(d, lambda c: c["weights"].__setitem__("file", "../elsewhere/model.safetensors"))
+    elif kind == "absolute":
+        _edit_config(d, lambda c: c["weights"].__setitem__("file", str(elsewhere / "model.safetensors")))
+    elif kind == "sha_mismatch":
+        _edit_config(d, lambda c: c["weights"].__setitem__("sha256", "0" * 64))
+    elif kind == "sha_missing":
+        _edit_config(d, lambda c: c["weights"].pop("sha256"))
+    elif kind == "flipped_byte":
+        b = bytearray((d / "model.safetensors").read_bytes())
+        b[-5] ^= 0x40
+        (d / "model.safetensors").write_bytes(bytes(b))
+    elif kind == "nan":
+        _resave(d, lambda sd: sd[_first_float(sd)].fill_(float("nan")))
+    elif kind == "float16":
+        _resave(d, lambda sd: sd.update({k: v.half() for k, v in sd.items() if v.is_floating_point()}))
+    elif kind == "weights_not_mapping":
+        _edit_config(d, lambda c: c.__setitem__("weights", "model.safetensors"))
+    elif kind == "config_list":
+        _edit_config(d, lambda c: c.__setitem__("config", []))
+    elif kind == "model_int":
+        _edit_config(d, lambda c: c.__setitem__("model", 5))
+    elif kind == "version_str":
+        _edit_config(d, lambda c: c.__setitem__("version", "1"))
+    elif kind == "text_escape":
+        (elsewhere / "config.json").write_text("{}")
+        _edit_config(d, lambda c: c.__setitem__("text", {"dir": "../elsewhere"}))
+    with pytest.raises(FvlmError) as e:
+        fvlm.load(d, device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+    assert main(["embed", "--checkpoint", str(d), "--data", str(built["shards"]), "--out",
+                 str(tmp_path / "e.parquet"), "-q"]) == 2
+    _one_line(capsys, "fvlm embed: error:")
