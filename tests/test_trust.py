@@ -187,3 +187,133 @@ def test_bad_model_folder_is_one_line_exit_2(built, tmp_path, capsys, kind, word
     assert main(["embed", "--checkpoint", str(d), "--data", str(built["shards"]), "--out",
                  str(tmp_path / "e.parquet"), "-q"]) == 2
     _one_line(capsys, "fvlm embed: error:")
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _h5_edit(root: Path, fn):
+    from fvlm.data.shards import open_h5
+
+    with open_h5(root / "shards" / "000-00000.h5", "r+") as f:
+        fn(f)
+
+
+def _index_edit(root: Path, fn):
+    rows = [json.loads(x) for x in (root / "index.jsonl").read_text().splitlines() if x.strip()]
+    rows = fn(rows)
+    (root / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _replace(f, name, arr):
+    del f[name]
+    f.create_dataset(name, data=arr)
+
+
+def _bad_shards(kind: str, src: Path, tmp: Path) -> Path:
+    import shutil
+
+    import numpy as np
+
+    root = tmp / "shards"
+    shutil.copytree(src, root)
+    if kind == "index_escape":
+        other = tmp / "other"
+        other.mkdir()
+        shutil.copy(root / "shards" / "000-00000.h5", other / "x.h5")
+        _index_edit(root, lambda rows: [{**r, "shard": "../other/x.h5"} for r in rows])
+    elif kind == "index_absolute":
+        _index_edit(root, lambda rows: [{**r, "shard": str(root / "shards" / "000-00000.h5")} for r in rows])
+    elif kind == "index_duplicate":
+        _index_edit(root, lambda rows: rows + rows[:1])
+    elif kind == "index_past_end":
+        _index_edit(root, lambda rows: [{**r, "row": r["row"] + 5} for r in rows])
+    elif kind == "index_row_str":
+        _index_edit(root, lambda rows: [{**r, "row": "0"} for r in rows])
+    elif kind == "no_volume":
+        _h5_edit(root, lambda f: f["volume"].__delitem__("0"))
+    elif kind == "no_label_map":
+        _h5_edit(root, lambda f: f["label_map"].__delitem__("0"))
+    elif kind == "no_bbox":
+        _h5_edit(root, lambda f: f.__delitem__("bbox"))
+    elif kind == "version_3":
+        _h5_edit(root, lambda f: f.attrs.__setitem__("version", 3))
+    elif kind == "version_str":
+        _h5_edit(root, lambda f: f.attrs.__setitem__("version", "two"))
+    elif kind == "label_shape":
+        _h5_edit(root, lambda f: _replace(f, "label_map/0", np.zeros((10, 10, 10), np.uint8)))
+    elif kind == "label_ids":
+        _h5_edit(root, lambda f: _replace(f, "label_map/0", np.full(f["volume/0"].shape, 200, np.uint8)))
+    elif kind == "float_nan":
+        def fl(f):
+            v = f["volume/0"][()].astype(np.float32)
+            v[0, 0, 0] = np.nan
+            _replace(f, "volume/0", v)
+        _h5_edit(root, fl)
+    elif kind == "spacing_nan":
+        def sp(f):
+            f["spacing_mm"][0] = [np.nan, 1.0, 1.0]
+        _h5_edit(root, sp)
+    elif kind == "bbox_outside":
+        def bb(f):
+            b = f["bbox"][0]
+            j = int(np.flatnonzero(f["present"][0])[0])
+            b[j] = [0, 0, 0, 9999, 10, 10]
+            f["bbox"][0] = b
+        _h5_edit(root, bb)
+    elif kind == "dataset_json_garbage":
+        (root / "dataset.json").write_text("{not json")
+    elif kind == "dataset_json_list":
+        (root / "dataset.json").write_text("[1, 2]")
+    elif kind == "dataset_json_layout":
+        info = json.loads((root / "dataset.json").read_text())
+        info["layout"]["crop_shapes"] = {"lung": [0, 4]}
+        (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+SHARD_CASES = [
+    ("index_escape", ["outside"]), ("index_absolute", ["outside"]), ("index_duplicate", ["listed twice", "c0"]),
+    ("index_past_end", ["c0", "row 5"]), ("index_row_str", ["not a row number"]),
+    ("no_volume", ["c0", "volume/0 is missing"]), ("no_label_map", ["c0", "label_map/0 is missing"]),
+    ("no_bbox", ["'bbox' is missing"]), ("version_3", ["version 3"]), ("version_str", ["version -1"]),
+    ("label_shape", ["c0", "label map shape"]), ("label_ids", ["c0", "label id 200"]),
+    ("float_nan", ["c0", "float32"]), ("spacing_nan", ["c0", "spacing"]), ("bbox_outside", ["c0", "outside"]),
+    ("dataset_json_garbage", ["not valid JSON"]), ("dataset_json_list", ["not an object"]),
+    ("dataset_json_layout", ["malformed layout"]),
+]
+
+
+@pytest.mark.parametrize("kind, words", SHARD_CASES)
+def test_bad_shards_are_one_format_error_naming_the_case(built, tmp_path, kind, words):
+    from fvlm.data.shards import ShardDataset
+    from fvlm.errors import FormatError
+
+    root = _bad_shards(kind, built["shards"], tmp_path)
+    with pytest.raises(FormatError) as e:
+        ds = ShardDataset(root)
+        for cid in ds.case_ids():
+            ds.get(cid)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+@pytest.mark.parametrize("kind", ["index_escape", "no_volume", "label_ids", "dataset_json_garbage"])
+def test_bad_shards_exit_2_from_embed_and_leave_no_output(built, tmp_path, capsys, kind):
+    root = _bad_shards(kind, built["shards"], tmp_path)
+    out = tmp_path / "e.parquet"
+    assert main(["embed", "--checkpoint", str(built["ck"]), "--data", str(root), "--out", str(out),
+                 "--device", "cpu", "-q"]) == 2
+    _one_line(capsys, "fvlm embed: error:")
+    assert not out.exists()
+
+
+def test_good_shards_still_read(built):
+    from fvlm.data.shards import ShardDataset
+
+    ds = ShardDataset(built["shards"])
+    for cid in ds.case_ids():
+        rec = ds.get(cid)
+        assert rec.volume.dtype.name == "int16" and rec.label_map.max() <= len(ds.anatomies)

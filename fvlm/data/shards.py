@@ -102,6 +102,9 @@ class CaseRecord:
     labels: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     bbox: dict = field(default_factory=dict)
+    #: ``(volume, label_map, layout, bbox)`` on the stored grid, set by one-case readers (``InMemoryCase``)
+    #: so that inference samples a single scan exactly as training samples its shard
+    stored: Any = None
 
 
 @dataclass
@@ -292,7 +295,11 @@ def write_shard(path: str | os.PathLike, layout: ShardLayout, records: Iterable[
 def _check_version(f, p) -> None:
     if f.attrs.get("format") != SHARD_FORMAT:
         raise FormatError(f"{p}: not a {SHARD_FORMAT} file")
-    v = int(f.attrs.get("version", -1))
+    v = f.attrs.get("version", -1)
+    try:
+        v = int(v) if np.ndim(v) == 0 and float(v) == int(v) else -1
+    except (TypeError, ValueError):
+        v = -1
     if v == 1:
         raise FormatError(f"{p}: {V1_HINT}")
     if v != SCHEMA_VERSION:
@@ -386,7 +393,12 @@ def read_dataset_info(root: str | os.PathLike) -> dict:
     p = Path(root) / DATASET_INFO_NAME
     if not p.is_file():
         raise FormatError(f"{root}: no {DATASET_INFO_NAME}; is this a directory written by `fvlm preprocess`?")
-    info = json.loads(p.read_text(encoding="utf-8"))
+    try:
+        info = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{p}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(info, dict):
+        raise FormatError(f"{p}: not a {DATASET_FORMAT} file (a JSON {type(info).__name__}, not an object)")
     if info.get("format") != DATASET_FORMAT:
         raise FormatError(f"{p}: format {info.get('format')!r}, expected {DATASET_FORMAT!r}")
     if info.get("version") == 1:
@@ -395,6 +407,112 @@ def read_dataset_info(root: str | os.PathLike) -> dict:
         raise FormatError(f"{p}: shard schema version {info.get('version')!r}; this fvlm reads "
                           f"version {SCHEMA_VERSION} (re-run `fvlm preprocess` or use a matching fvlm)")
     return info
+
+
+# --------------------------------------------------------------------------- checks of what is read
+
+
+def layout_of(info: dict, where) -> ShardLayout:
+    """The :class:`ShardLayout` of a ``dataset.json``; a malformed one is a one-line :class:`FormatError`."""
+    d = info.get("layout")
+    try:
+        if not isinstance(d, dict) or not isinstance(d.get("crop_shapes"), dict):
+            raise TypeError("no layout mapping with crop_shapes")
+        L = ShardLayout.from_dict(d)
+        if not all(isinstance(a, str) for a in L.anatomies) or len(set(L.anatomies)) != len(L.anatomies):
+            raise ValueError("anatomies must be distinct names")
+        if len(L.anatomies) > 255:
+            raise ValueError(f"{len(L.anatomies)} anatomies do not fit a uint8 label map")
+        shapes = list(L.crop_shapes.values()) + ([L.whole_shape] if L.whole_shape else []) + [L.chunk_shape]
+        for shp in shapes:
+            if len(shp) != 3 or not all(isinstance(x, (int, np.integer)) and x > 0 for x in shp):
+                raise ValueError(f"shape {list(shp)} is not three positive integers")
+        for sp in (L.spacing_mm, L.whole_spacing_mm or L.spacing_mm):
+            if len(sp) != 3 or not all(np.isfinite(x) and x > 0 for x in sp):
+                raise ValueError(f"spacing {list(sp)} is not three finite positive numbers")
+    except (KeyError, TypeError, ValueError, FvlmError) as e:
+        raise FormatError(f"{where}: malformed layout ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return L
+
+
+def check_index_rows(rows: list, root: Path, idx: Path) -> None:
+    """Index rows name a case once, a shard inside ``root`` and a row number (FORMATS.md §2)."""
+    seen: dict = {}
+    top = root.resolve()
+    for ln, r in enumerate(rows, 1):
+        if not isinstance(r, dict):
+            raise FormatError(f"{idx}: row {ln} is not a JSON object")
+        cid, shard, row = r.get("case_id"), r.get("shard"), r.get("row")
+        if not isinstance(cid, str) or not cid:
+            raise FormatError(f"{idx}: row {ln} has no case_id")
+        if cid in seen:
+            raise FormatError(f"{idx}: case {cid!r} is listed twice (rows {seen[cid]} and {ln}); "
+                              "re-run `fvlm preprocess merge`")
+        seen[cid] = ln
+        if not isinstance(shard, str) or not shard:
+            raise FormatError(f"{idx}: case {cid!r} names no shard file")
+        if os.path.isabs(shard) or not (root / shard).resolve().is_relative_to(top):
+            raise FormatError(f"{idx}: case {cid!r}: shard {shard!r} lies outside {root}; refused")
+        if isinstance(row, bool) or not isinstance(row, int) or row < 0:
+            raise FormatError(f"{idx}: case {cid!r} has row {row!r}, not a row number")
+
+
+def check_shard_structure(f, p, n_anatomies: int) -> int:
+    """Datasets, shapes and dtypes of an open shard against layout v2 -> its ``n_cases``."""
+    _check_version(f, p)
+    try:
+        n = int(f.attrs["n_cases"])
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"{p}: no n_cases attribute (not written by `fvlm preprocess`?)") from None
+    want = {name: ((n,), "string") for name in _STR_FIELDS}
+    want.update({"spacing_mm": ((n, 3), "f"), "present": ((n, n_anatomies), "u"),
+                 "bbox": ((n, n_anatomies, 6), "i"), "shape": ((n, 3), "i")})
+    for name, (shape, kind) in want.items():
+        d = f.get(name)
+        if d is None or not hasattr(d, "shape"):
+            raise FormatError(f"{p}: dataset '{name}' is missing")
+        ok = (d.dtype.kind in "OSU") if kind == "string" else (d.dtype.kind == kind or (kind == "i" and d.dtype.kind == "u"))
+        if tuple(d.shape) != shape or not ok:
+            raise FormatError(f"{p}: dataset '{name}' is {d.dtype} {list(d.shape)}, the layout needs {list(shape)}")
+    for name, _, _ in _IMAGES:
+        if not hasattr(f.get(name), "keys"):
+            raise FormatError(f"{p}: group '{name}' is missing")
+    return n
+
+
+def _case_image(f, name: str, i: int, p, case_id: str, dtype: str):
+    d = f[name].get(str(i))
+    if d is None or not hasattr(d, "shape"):
+        raise FormatError(f"{p}: case {case_id!r}: {name}/{i} is missing")
+    if d.dtype != np.dtype(dtype) or d.ndim != 3:
+        raise FormatError(f"{p}: case {case_id!r}: {name}/{i} is {d.dtype} with {d.ndim} axes, the layout "
+                          f"stores {np.dtype(dtype)} [X, Y, Z]")
+    return d
+
+
+def _check_case_values(p, case_id: str, vol, lab, spacing, bb, present_row) -> None:
+    """Per-case values: shapes agree, spacing finite, boxes inside the volume (one error naming the case)."""
+    if tuple(vol.shape) != tuple(lab.shape):
+        raise FormatError(f"{p}: case {case_id!r}: label map shape {list(lab.shape)} != volume shape "
+                          f"{list(vol.shape)}")
+    if min(vol.shape) < 1:
+        raise FormatError(f"{p}: case {case_id!r}: empty volume {list(vol.shape)}")
+    sp = np.asarray(spacing, dtype=np.float64)
+    if not (np.isfinite(sp).all() and (sp > 0).all()):
+        raise FormatError(f"{p}: case {case_id!r}: spacing {sp.tolist()} is not finite and positive")
+    shape = np.asarray(vol.shape)
+    for j, on in enumerate(present_row):
+        if on:
+            b = np.asarray(bb[j])
+            if not ((b[:3] >= 0).all() and (b[:3] < b[3:]).all() and (b[3:] <= shape).all()):
+                raise FormatError(f"{p}: case {case_id!r}: box {b.tolist()} of anatomy {j + 1} lies outside "
+                                  f"the volume {shape.tolist()}")
+
+
+def _check_labels(where, case_id: str, lab: np.ndarray, n_anatomies: int) -> None:
+    if lab is not None and lab.size and int(lab.max()) > n_anatomies:
+        raise FormatError(f"{where}: case {case_id!r}: label id {int(lab.max())} is past the {n_anatomies} "
+                          "anatomies of the layout")
 
 
 # --------------------------------------------------------------------------- reading
@@ -455,7 +573,7 @@ class ShardDataset:
     def __init__(self, root: str | os.PathLike, split: str | None = None):
         self.root = Path(root)
         self.info = read_dataset_info(self.root)
-        self.layout = ShardLayout.from_dict(self.info["layout"])
+        self.layout = layout_of(self.info, self.root / DATASET_INFO_NAME)
         idx = self.root / INDEX_NAME
         if not idx.is_file():
             parts = sorted(self.root.glob("index-*.jsonl"))
@@ -463,11 +581,13 @@ class ShardDataset:
                     if parts else "")
             raise FormatError(f"{self.root}: no {INDEX_NAME}{hint}")
         rows = read_index(idx)
+        check_index_rows(rows, self.root, idx)
         if split is not None:
             rows = [r for r in rows if r.get("split") == split]
         self._rows = rows
         self._by_id = {r["case_id"]: r for r in rows}
         self._files: dict = {}
+        self._n: dict = {}
         self._pid = None
 
     # -- metadata
@@ -514,7 +634,11 @@ class ShardDataset:
                 f = open_h5(p, "r", rdcc_nbytes=0)
             except OSError as e:
                 raise FormatError(f"{p}: cannot open shard ({e})") from None
-            _check_version(f, p)
+            try:
+                self._n[rel] = check_shard_structure(f, p, len(self.anatomies))
+            except BaseException:
+                f.close()
+                raise
             self._files[rel] = f
         return f
 
@@ -548,6 +672,9 @@ class ShardDataset:
         r = self.index_row(case_id)
         f = self._file(r["shard"])
         i = int(r["row"])
+        if i >= self._n[r["shard"]]:
+            raise FormatError(f"{self.root / INDEX_NAME}: case {case_id!r} points at row {i} of {r['shard']}, "
+                              f"which holds {self._n[r['shard']]} cases (index and shards disagree)")
         stored_id = f["case_id"][i]
         stored_id = stored_id.decode() if isinstance(stored_id, bytes) else stored_id
         if stored_id != case_id:
@@ -618,8 +745,25 @@ class ShardDataset:
         j = self.anatomies.index(anatomy)
         present = {a: False for a in self.anatomies}
         present[anatomy] = bool(f["present"][i][j])
-        crops, masks = self._crops(f["volume"][str(i)], f["label_map"][str(i)], [anatomy], f["bbox"][i], present)
+        vol, lab, bb = self._case_arrays(r, f, i, case_id)
+        crops, masks = self._crops(vol, lab, [anatomy], bb, present)
         return crops[anatomy], masks[anatomy], present[anatomy]
+
+    def _case_arrays(self, r: dict, f, i: int, case_id: str):
+        """``(volume, label_map, bbox)`` of row ``i``: datasets present with the layout's dtypes,
+        their shapes, spacing and boxes checked."""
+        p = self.root / r["shard"]
+        vol = _case_image(f, "volume", i, p, case_id, "i2")
+        lab = _case_image(f, "label_map", i, p, case_id, "u1")
+        bb = f["bbox"][i]
+        _check_case_values(p, case_id, vol, lab, f["spacing_mm"][i], bb, f["present"][i])
+        return vol, lab, bb
+
+    def stored(self, case_id: str):
+        """``(volume, label_map)`` of a case as stored (int16 HU, uint8 ids on the ``spacing_mm``
+        grid), as sliceable ``h5py.Dataset`` s: the sample path reads one hyperslab of them."""
+        _, f, i = self._open_row(case_id)
+        return f["volume"][str(i)], f["label_map"][str(i)]
 
     #: ``get`` takes ``crop_size`` (readers check this before passing it)
     resizes_on_read = True
@@ -640,10 +784,10 @@ class ShardDataset:
             v = f[name][i]
             return json.loads(v.decode() if isinstance(v, bytes) else v)
 
+        vol, lab, bb = self._case_arrays(r, f, i, case_id)
         present_row = f["present"][i]
         all_anats = self.anatomies
         present = {a: bool(present_row[j]) for j, a in enumerate(all_anats)}
-        bb = f["bbox"][i]
         bbox = {a: (tuple(int(v) for v in bb[j]) if present[a] else None) for j, a in enumerate(all_anats)}
         L = self.layout
         spacing = tuple(float(s) for s in (L.whole_spacing_mm or f["spacing_mm"][i])) if L.whole_shape else \
@@ -652,11 +796,12 @@ class ShardDataset:
                          spacing_mm=spacing, present=present,
                          report=js("report"), anatomy_text=js("anatomy_text"), labels=js("labels"),
                          meta=js("meta"), bbox=bbox)
-        return self._cut(rec, f["volume"][str(i)], f["label_map"][str(i)], bb, anats, volume, crops, crop_size)
+        return self._cut(rec, vol, lab, bb, anats, volume, crops, crop_size)
 
     def _cut(self, rec: CaseRecord, vol, lab, bb, anats, volume: bool, crops: bool, crop_size) -> CaseRecord:
         if volume:
             rec.volume, rec.label_map, rec.bbox = self._whole(vol, lab, bb, rec.present)
+            _check_labels(self.root, rec.case_id, rec.label_map, len(self.anatomies))
         if crops:
             rec.crops, rec.crop_masks = self._crops(vol, lab, anats, bb, rec.present,
                                                     None if crop_size is None else tuple(int(x) for x in crop_size))
@@ -689,4 +834,10 @@ class InMemoryCase(ShardDataset):
                          present=present, report=dict(w.report), anatomy_text=dict(w.anatomy_text),
                          labels=dict(w.labels), meta=dict(w.meta),
                          bbox={a: (tuple(int(v) for v in bb[j]) if present[a] else None) for j, a in enumerate(A)})
-        return self._cut(rec, w.volume, w.label_map, bb, self._check_anatomies(anatomies), volume, crops, crop_size)
+        rec = self._cut(rec, w.volume, w.label_map, bb, self._check_anatomies(anatomies), volume, crops, crop_size)
+        rec.stored = (w.volume, w.label_map, L, {a: (tuple(int(v) for v in bb[j]) if present[a] else None)
+                                                  for j, a in enumerate(A)})
+        return rec
+
+    def stored(self, case_id: str | None = None):
+        return self._rec.volume, self._rec.label_map
