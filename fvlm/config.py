@@ -30,7 +30,7 @@ from .errors import ConfigError, FvlmError
 from .resources import config_path
 
 __all__ = ["opt", "load_config", "build", "to_dict", "dump_config", "describe", "parse_set",
-           "merge", "read_yaml", "ConfigError"]
+           "merge", "read_yaml", "safe_yaml", "ConfigError"]
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None) -> Any:
@@ -54,16 +54,120 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | 
 # --------------------------------------------------------------------------- YAML
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping, following ``_base_`` (a path relative to the file or to configs/)."""
+#: a config file larger than this is refused before it is parsed (the shipped ones are a few KB)
+MAX_CONFIG_BYTES = 1 << 20
+#: a document whose aliases expand to more nodes than this is refused ("billion laughs")
+MAX_EXPANDED_NODES = 100_000
+#: ``_base_`` chains deeper than this are refused
+MAX_INCLUDE_DEPTH = 32
+
+
+def _expanded_size(node, memo: dict, stack: set, where) -> int:
+    """Nodes a YAML node tree expands to when every alias is copied out (memoised, cycle-safe)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in stack:
+        raise ConfigError(f"{where}: a YAML alias refers to itself (recursive anchor); refused")
+    stack.add(key)
+    if isinstance(node, yaml.SequenceNode):
+        kids = node.value
+    elif isinstance(node, yaml.MappingNode):
+        kids = [x for kv in node.value for x in kv]
+    else:
+        kids = []
+    n = 1
+    for k in kids:
+        n += _expanded_size(k, memo, stack, where)
+        if n > MAX_EXPANDED_NODES:
+            raise ConfigError(f"{where}: YAML aliases expand to more than {MAX_EXPANDED_NODES} values "
+                              "(nested anchors, a \"billion laughs\"); refused")
+    stack.discard(key)
+    memo[key] = n
+    return n
+
+
+def safe_yaml(text: str, where) -> Any:
+    """``yaml.safe_load`` of untrusted text with a size cap and an alias-expansion cap.
+
+    Errors never quote the text (only YAML's position of the problem).
+    """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters, above the {MAX_CONFIG_BYTES} a config may hold; refused")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set(), where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}{at})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply; refused") from None
+    finally:
+        loader.dispose()
+
+
+def _include_roots(p: Path, trusted: tuple) -> tuple:
+    from .resources import configs_dir
+
+    return tuple(r.resolve() for r in (configs_dir(), *trusted))
+
+
+def _resolve_base(b, p: Path, trusted: tuple) -> Path:
+    """Where ``_base_: b`` of file ``p`` points: relative to ``p`` or to configs/, inside a trusted root.
+
+    Trusted roots: the package's configs/ and the folders of the files named on the command
+    line. Anything else (an absolute path, ``../../elsewhere``) is refused without being read.
+    """
+    from .resources import configs_dir
+
+    if not isinstance(b, str) or not b.strip():
+        raise ConfigError(f"{p}: _base_ must name a YAML file (or a list of them), got {type(b).__name__}")
+    if not b.endswith((".yaml", ".yml")):
+        raise ConfigError(f"{p}: _base_ {b!r} is not a .yaml file; refused")
+    roots = _include_roots(p, trusted)
+    cands = [Path(b)] if os.path.isabs(b) else [p.parent / b, configs_dir() / b]
+    for c in cands:
+        r = c.resolve()
+        if any(r.is_relative_to(root) for root in roots):
+            if r.is_file():
+                return r
+        elif c.exists():
+            raise ConfigError(f"{p}: _base_ {b!r} lies outside configs/ and the folders of the --config files; "
+                              "refused (name it with --config instead)")
+    raise ConfigError(f"{p}: _base_ {b!r} not found (relative to {p.parent} or configs/)")
+
+
+def read_yaml(path: str | os.PathLike, *, _trusted: tuple = (), _chain: tuple = ()) -> dict:
+    """Read a YAML mapping, following ``_base_`` (a path relative to the file or to configs/).
+
+    ``path`` itself is trusted (the caller named it); its includes must stay inside configs/
+    or the folder of a file named on the command line, a loop of includes is named, and the
+    file is capped in size and alias expansion (:func:`safe_yaml`).
+    """
     p = Path(path)
     if not p.is_file():
         p = config_path(path)
+    p = p.resolve()
+    if not _trusted:
+        _trusted = (p.parent,)
+    if p in _chain:
+        loop = " -> ".join(x.name for x in (*_chain[_chain.index(p):], p))
+        raise ConfigError(f"{_chain[0]}: _base_ loop: {loop}")
+    if len(_chain) >= MAX_INCLUDE_DEPTH:
+        raise ConfigError(f"{_chain[0]}: _base_ chain deeper than {MAX_INCLUDE_DEPTH} files; refused")
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: {size} bytes, above the {MAX_CONFIG_BYTES} a config file may hold; refused")
     try:
-        with open(p, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    data = safe_yaml(text, p)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -73,8 +177,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
         bases = base if isinstance(base, list) else [base]
         merged: dict = {}
         for b in bases:
-            cand = p.parent / b
-            merged = merge(merged, read_yaml(cand if cand.is_file() else b))
+            merged = merge(merged, read_yaml(_resolve_base(b, p, _trusted), _trusted=_trusted, _chain=(*_chain, p)))
         data = merge(merged, data)
     return data
 
@@ -99,8 +202,10 @@ def parse_set(item: str) -> dict:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set has an empty key in {item!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
+        value = safe_yaml(raw, f"--set {key}") if raw.strip() != "" else ""
+    except ConfigError as e:
+        if "refused" in str(e):
+            raise
         value = raw
     out: dict = {}
     cur = out
@@ -271,7 +376,38 @@ def build(cls, data: dict, _prefix: str = "", _root=None):
         obj = cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid config{(' section ' + _prefix.rstrip('.')) if _prefix else ''}: {e}") from None
+    for name, v in kwargs.items():  # after the schema's own checks, whose messages are more specific
+        _check_value(_prefix + name, v)
     return obj
+
+
+#: keys (by their last name, in any schema) whose numbers must be above 0, or at least 0
+_POSITIVE = frozenset({"lr", "batch_size", "sw_batch_size", "img_size", "patch_size", "volume_size",
+                       "crop_size", "embed_dim", "chunk_shape", "whole_shape"})
+_NON_NEGATIVE = frozenset({"steps", "num_workers", "min_lr", "encoder_lr", "weight_decay", "compression_level"})
+
+
+def _numbers(v):
+    if isinstance(v, bool):
+        return []
+    if isinstance(v, (int, float)):
+        return [v]
+    if isinstance(v, (list, tuple)):
+        return [x for item in v for x in _numbers(item)]
+    return []
+
+
+def _check_value(key: str, v) -> None:
+    """Load-time value checks: every float finite; sizes, steps and learning rates positive."""
+    nums = _numbers(v)
+    bad = [x for x in nums if isinstance(x, float) and x != x or x in (float("inf"), float("-inf"))]
+    if bad:
+        raise ConfigError(f"config key '{key}' must be a finite number, got {bad[0]!r}")
+    last = key.rsplit(".", 1)[-1]
+    if last in _POSITIVE and any(x <= 0 for x in nums):
+        raise ConfigError(f"config key '{key}' must be above 0, got {v!r}")
+    if last in _NON_NEGATIVE and any(x < 0 for x in nums):
+        raise ConfigError(f"config key '{key}' must be 0 or more, got {v!r}")
 
 
 def load_config(cls, files: list | tuple = (), sets: list | tuple = (), base: str | None = None,
@@ -288,6 +424,7 @@ def load_config(cls, files: list | tuple = (), sets: list | tuple = (), base: st
     data: dict = {}
     if base:
         data = merge(data, read_yaml(config_path(base)))
+    paths = []
     for f in files or ():
         p = Path(f)
         if not p.is_file():
@@ -295,7 +432,10 @@ def load_config(cls, files: list | tuple = (), sets: list | tuple = (), base: st
                 p = config_path(f)
             except FvlmError:
                 raise ConfigError(f"config file not found: {f}") from None
-        data = merge(data, read_yaml(p))
+        paths.append(p.resolve())
+    trusted = tuple(dict.fromkeys(p.parent for p in paths))
+    for p in paths:
+        data = merge(data, read_yaml(p, _trusted=trusted))
     for s in sets or ():
         data = merge(data, parse_set(s))
     if extra:

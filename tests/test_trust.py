@@ -317,3 +317,87 @@ def test_good_shards_still_read(built):
     for cid in ds.case_ids():
         rec = ds.get(cid)
         assert rec.volume.dtype.name == "int16" and rec.label_map.max() <= len(ds.anatomies)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _cfg(tmp_path, name, text):
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("base_absolute_outside", ["outside configs/", "refused"]),
+    ("base_relative_escape", ["outside configs/", "refused"]),
+    ("base_not_yaml", ["not a .yaml file"]),
+    ("base_loop", ["_base_ loop", "a.yaml -> b.yaml -> a.yaml"]),
+    ("base_self", ["_base_ loop", "a.yaml -> a.yaml"]),
+    ("billion_laughs", ["billion laughs"]),
+    ("huge_list", ["a config file may hold"]),
+    ("recursive_anchor", ["refused"]),
+    ("deep_nesting", ["refused"]),
+    ("lr_nan", ["train.lr", "finite"]),
+    ("batch_negative", ["data.batch_size", "above 0"]),
+])
+def test_bad_config_is_one_line_exit_2_and_never_quotes_a_refused_file(tmp_path, capsys, kind, words):
+    secret = _cfg(tmp_path, "private/secret.yaml", "password: hunter2\n")
+    (tmp_path / "private" / "shadow").write_text("root:$6$hunter2:19000:0:99999:7:::\n")
+    sets = []
+    if kind == "base_absolute_outside":
+        a = _cfg(tmp_path, "cfg/a.yaml", f"_base_: {secret}\n")
+    elif kind == "base_relative_escape":
+        a = _cfg(tmp_path, "cfg/a.yaml", "_base_: ../private/secret.yaml\n")
+    elif kind == "base_not_yaml":
+        a = _cfg(tmp_path, "cfg/a.yaml", f"_base_: {tmp_path / 'private' / 'shadow'}\n")
+    elif kind == "base_loop":
+        a = _cfg(tmp_path, "cfg/a.yaml", "_base_: b.yaml\n")
+        _cfg(tmp_path, "cfg/b.yaml", "_base_: a.yaml\n")
+    elif kind == "base_self":
+        a = _cfg(tmp_path, "cfg/a.yaml", "_base_: a.yaml\n")
+    elif kind == "billion_laughs":
+        lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+        a = _cfg(tmp_path, "cfg/a.yaml", "\n".join(lines) + "\n")
+    elif kind == "huge_list":
+        a = _cfg(tmp_path, "cfg/a.yaml", "x:\n" + "- 1\n" * 600_000)
+    elif kind == "recursive_anchor":
+        a = _cfg(tmp_path, "cfg/a.yaml", "x: &a [*a]\n")
+    elif kind == "deep_nesting":
+        a = _cfg(tmp_path, "cfg/a.yaml", "x: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    elif kind == "lr_nan":
+        a, sets = None, ["--set", "train.lr=nan"]
+    elif kind == "batch_negative":
+        a, sets = None, ["--set", "data.batch_size=-3"]
+    argv = ["config", "show", "pretrain", *(["--config", a] if a else []), *sets]
+    import time
+
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - t0 < 10
+    err = _one_line(capsys, "fvlm config: error:", *words)
+    assert "hunter2" not in err and "password" not in err and "root:" not in err
+
+
+def test_includes_inside_configs_and_beside_the_file_still_work(tmp_path):
+    from dataclasses import dataclass
+
+    from fvlm.config import load_config, opt, read_yaml
+
+    a = _cfg(tmp_path, "cfg/a.yaml", "_base_: [sub/b.yaml, train/tiny.yaml]\nname: a\n")
+    _cfg(tmp_path, "cfg/sub/b.yaml", "x: 1\n")
+    d = read_yaml(a)
+    assert d["name"] == "a" and d["x"] == 1 and "train" in d
+
+    @dataclass
+    class S:
+        y: int = opt(0, "")
+
+    other = _cfg(tmp_path, "other/c.yaml", "y: 2\n")
+    b = _cfg(tmp_path, "cfg/b2.yaml", f"_base_: {other}\n")
+    with pytest.raises(FvlmError, match="outside configs/"):
+        load_config(S, files=[b])
+    # named on the command line too: its folder is trusted
+    assert load_config(S, files=[other, b]).y == 2
