@@ -10,6 +10,14 @@ nodule.") in the finding's anatomy space, next to the same cosine on the frozen 
     nice -n 5 /usr/bin/time -v -o runs/c48.time fvlm demo --out runs/c48 --set ...
     python benchmarks/demo_sweep.py runs/c48=crop48 runs/base=baseline --negation
 
+With ``--eval`` the row reads the run's larger evaluation split (``fvlm demo --eval-cases N``,
+``results_eval/``) instead of its own test split; every AUC cell carries its 95% bootstrap CI.
+Without a time report, CPU seconds come from the demo's own ``summary.json`` (``cpu_s.total``).
+With ``--prompt-spread`` the row also gives, per anatomy, the mean pairwise cosine of the
+taxonomy's prompts of that anatomy (positive and negative wording of all its diagnoses) in the
+anatomy's text space: on the frozen MiniLM, in the untrained model (seeded as training was) and
+after training; a value near 1 means the prompts collapsed (CA-GCL).
+
 Prints a Markdown table (and ``--json FILE`` writes the rows).
 """
 from __future__ import annotations
@@ -65,22 +73,69 @@ def negation_cosines(ckpt: Path, taxonomy: str, diagnoses: list[str]) -> dict:
     return out
 
 
-def row(run: Path, change: str, time_file: Path | None, negation: bool, taxonomy: str) -> dict:
-    res = json.loads((run / "results" / "fvlm" / "results.json").read_text())
+def _mean_offdiag_cos(e):
+    import torch.nn.functional as F
+
+    e = F.normalize(e.float(), dim=-1)
+    n = e.shape[0]
+    c = e @ e.t()
+    return float((c.sum() - c.diagonal().sum()) / (n * (n - 1))) if n > 1 else float("nan")
+
+
+def prompt_spread(ckpt: Path, taxonomy: str) -> dict:
+    """``{anatomy: {"frozen": c, "init": c, "trained": c, "n": prompts}}``: the mean pairwise cosine
+    of the taxonomy's prompts of each anatomy the model knows (frozen MiniLM features; the model
+    built from the checkpoint's config under its training seed, before any step; the trained one)."""
+    import torch
+
+    from fvlm.models import create_model
+    from fvlm.models.checkpoint import load_consolidated
+    from fvlm.taxonomy import load_taxonomy
+
+    import yaml
+
+    net, meta = load_consolidated(ckpt)
+    conf = ckpt.parent / "config.yaml"      # the pretrain run's resolved config: its seed
+    seed = ((yaml.safe_load(conf.read_text()) or {}).get("train") or {}).get("seed", 0) if conf.is_file() else 0
+    torch.manual_seed(int(seed))            # as fvlm.train.pretrain.prepare() seeds the model it builds
+    init = create_model(meta.get("model_name", "fvlm"), net.cfg).eval()
+    out = {}
+    with torch.no_grad():
+        for a in net.anatomies:
+            texts = list(dict.fromkeys(p for d in load_taxonomy(taxonomy).diagnoses if d.anatomy == a
+                                       for p in (*d.prompts_positive, *d.prompts_negative)))
+            if len(texts) < 2:
+                continue
+            out[a] = {"frozen": _mean_offdiag_cos(net._raw_text(texts)),
+                      "init": _mean_offdiag_cos(init.encode_text(texts, anatomy=a)),
+                      "trained": _mean_offdiag_cos(net.encode_text(texts, anatomy=a)), "n": len(texts)}
+    return out
+
+
+def row(run: Path, change: str, time_file: Path | None, negation: bool, taxonomy: str, split: str = "test",
+        spread: bool = False) -> dict:
+    folder = "results_eval" if split == "eval" else "results"
+    res = json.loads((run / folder / "fvlm" / "results.json").read_text())
     zs = res["zeroshot"]
     macro = zs["macro"]["overall"]["auc"]
     aucs = {d: e["auc"]["value"] for d, e in zs["diagnoses"].items()}
-    r = {"run": str(run), "change": change, "macro_auc": macro["value"], "macro_ci": macro.get("ci"),
-         "auc": aucs}
+    r = {"run": str(run), "change": change, "split": split, "macro_auc": macro["value"], "macro_ci": macro.get("ci"),
+         "auc": aucs, "auc_ci": {d: e["auc"].get("ci") for d, e in zs["diagnoses"].items()},
+         "positives": {d: (e.get("support") or {}).get("positives") for d, e in zs["diagnoses"].items()}}
     summary = run / "summary.json"
     if summary.is_file():
-        r["timings_s"] = json.loads(summary.read_text()).get("timings_s")
+        s = json.loads(summary.read_text())
+        r["timings_s"] = s.get("timings_s")
+        if (s.get("cpu_s") or {}).get("total") is not None:
+            r["cpu_s"] = s["cpu_s"]["total"]
     time_file = time_file or run.with_suffix(".time")
     if time_file.is_file():
         r.update(time_report(time_file))
     if negation:
         r["negation_cos"] = negation_cosines(run / "train" / "fvlm" / "model.pt", taxonomy,
                                              [d for d in FOCAL if d in aucs])
+    if spread:
+        r["prompt_spread"] = prompt_spread(run / "train" / "fvlm" / "model.pt", taxonomy)
     return r
 
 
@@ -92,11 +147,15 @@ def markdown(rows: list[dict]) -> str:
     def f(v, d=2):
         return "n/a" if v is None else f"{v:.{d}f}"
 
+    def auc(r, d):
+        v, ci = r["auc"].get(d), (r.get("auc_ci") or {}).get(d)
+        return f(v) if v is None or not ci or None in ci else f"{f(v)} [{f(ci[0])}, {f(ci[1])}]"
+
     for r in rows:
         ci = r.get("macro_ci") or [None, None]
         pre = (r.get("timings_s") or {}).get("pretrain_fvlm")
         cells = [r["change"], f"{f(r['macro_auc'], 3)} [{f(ci[0], 3)}, {f(ci[1], 3)}]",
-                 *(f(r["auc"].get(d)) for d in focal), f(r.get("cpu_s"), 0), f(pre, 0), f(r.get("peak_rss_mb"), 0)]
+                 *(auc(r, d) for d in focal), f(r.get("cpu_s"), 0), f(pre, 0), f(r.get("peak_rss_mb"), 0)]
         lines.append("| " + " | ".join(cells) + " |")
     neg = [r for r in rows if r.get("negation_cos")]
     if neg:
@@ -104,6 +163,12 @@ def markdown(rows: list[dict]) -> str:
         for r in neg:
             lines.append(f"- {r['change']}: " + ", ".join(f"{d} {a:.2f} ({b:.2f})"
                                                           for d, (a, b) in r["negation_cos"].items()))
+    spread = [r for r in rows if r.get("prompt_spread")]
+    if spread:
+        lines += ["", "mean pairwise cosine of each anatomy's prompts: frozen MiniLM / untrained model / trained:", ""]
+        for r in spread:
+            lines.append(f"- {r['change']}: " + ", ".join(f"{a} ({v['n']}) {v['frozen']:.2f} / {v['init']:.2f} / "
+                                                          f"{v['trained']:.2f}" for a, v in r["prompt_spread"].items()))
     return "\n".join(lines) + "\n"
 
 
@@ -112,12 +177,15 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="DIR or DIR=change (a demo output folder and what it changed)")
     p.add_argument("--negation", action="store_true", help="also the prompt-pair cosines of the trained text side")
     p.add_argument("--taxonomy", default="fvlm54")
+    p.add_argument("--eval", action="store_true", help="read the evaluation split (results_eval/), not the test split")
+    p.add_argument("--prompt-spread", action="store_true", help="also the per-anatomy prompt spread (lever 4)")
     p.add_argument("--json", help="write the rows to this file")
     a = p.parse_args(argv)
     rows = []
     for spec in a.runs:
         path, _, change = spec.partition("=")
-        rows.append(row(Path(path), change or Path(path).name, None, a.negation, a.taxonomy))
+        rows.append(row(Path(path), change or Path(path).name, None, a.negation, a.taxonomy,
+                        "eval" if a.eval else "test", a.prompt_spread))
     print(markdown(rows), end="")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))

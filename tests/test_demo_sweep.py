@@ -47,3 +47,19 @@ def test_row_and_markdown(tmp_path, capsys):
     assert table[2] == "| crop 48^3 | 0.800 [0.700, 0.900] | 0.61 | n/a | 750 | 300 | 1024 |"
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert rows[0]["auc"]["splenomegaly"] == 1.0 and rows[0]["cpu_s"] == pytest.approx(750.0)
+
+
+def test_eval_split_row_prints_ci_next_to_every_auc_and_cpu_from_summary(tmp_path, capsys):
+    run = tmp_path / "big"
+    (run / "results_eval" / "fvlm").mkdir(parents=True)
+    diags = {"lung_nodule": {"auc": {"value": 0.61, "ci": [0.5, 0.72]}, "support": {"positives": 40}},
+             "renal_cyst": {"auc": {"value": 0.9, "ci": [0.85, 0.95]}, "support": {"positives": 35}}}
+    (run / "results_eval" / "fvlm" / "results.json").write_text(json.dumps(
+        {"zeroshot": {"macro": {"overall": {"auc": {"value": 0.8, "ci": [0.7, 0.9]}}}, "diagnoses": diags}}))
+    (run / "summary.json").write_text(json.dumps({"timings_s": {"pretrain_fvlm": 300.0},
+                                                  "cpu_s": {"total": 1234.4}}))
+    assert sweep.main([f"{run}=aux", "--eval"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2] == "| aux | 0.800 [0.700, 0.900] | 0.61 [0.50, 0.72] | 0.90 [0.85, 0.95] | 1234 | 300 | n/a |"
+    with pytest.raises(FileNotFoundError):   # the run has no results/ (test split) folder
+        sweep.main([f"{run}=aux"])

@@ -57,6 +57,9 @@ def _default_findings() -> dict:
 class DemoCorpusConfig:
     n_cases: int = opt(200, "number of volumes (cases) to write")
     seed: int = opt(0, "random seed; the same seed gives the same corpus")
+    variant_seed: int | None = opt(None, "seed of the anatomy variants (null = seed): an evaluation corpus drawn "
+                                         "with another seed keeps the training corpus's variants")
+    id_prefix: str = opt("demo", "prefix of patient ids (demo0001, ...); case ids add the study")
     study_mix: dict[str, float] = opt({"both": 0.4, "abdomen": 0.35, "chest": 0.25},
                                       "chance that a patient has both studies, only the abdominal, only the chest")
     splits: dict[str, float] = opt({"train": 0.6, "val": 0.1, "test": 0.3}, "fraction of cases per split (by patient)")
@@ -84,6 +87,8 @@ def _validate(cfg: DemoCorpusConfig) -> None:
     unknown = sorted(set(cfg.findings) - set(FINDINGS))
     if unknown:
         raise FvlmError(f"unknown demo finding(s) {', '.join(unknown)}; known: {', '.join(FINDINGS)}")
+    if not cfg.id_prefix.isalnum():
+        raise FvlmError(f"id_prefix must be letters and digits (it names files), got {cfg.id_prefix!r}")
     if cfg.n_cases < 1:
         raise FvlmError(f"n_cases must be at least 1, got {cfg.n_cases}")
     if set(cfg.splits) - {"train", "val", "test"} or not cfg.splits or min(cfg.splits.values()) < 0:
@@ -107,7 +112,7 @@ def _cohort(cfg: DemoCorpusConfig, rng: np.random.Generator) -> list[dict]:
         kind = kinds[rng.choice(len(kinds), p=w / w.sum())]
         studies = ["abdomen", "chest"] if kind == "both" else [kind]
         studies = studies[: cfg.n_cases - n]
-        patients.append({"patient_id": f"demo{len(patients) + 1:04d}", "studies": studies})
+        patients.append({"patient_id": f"{cfg.id_prefix}{len(patients) + 1:04d}", "studies": studies})
         n += len(studies)
     # splits by patient, filled to the case fractions
     order = rng.permutation(len(patients))
@@ -197,6 +202,18 @@ def _save(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
 # --------------------------------------------------------------------------- corpus
 
 
+def make_variants(cfg: DemoCorpusConfig, templates: dict[str, Template]) -> dict[str, list[Template]]:
+    """Per region: the template and ``n_variants - 1`` rotated/scaled copies, drawn from
+    ``variant_seed`` (or ``seed``): corpora with the same variant seed share their anatomies."""
+    vseed = cfg.seed if cfg.variant_seed is None else cfg.variant_seed
+    variants = {}
+    for region, t in templates.items():
+        vrng = np.random.default_rng([vseed, 7, 0 if region == "abdomen" else 1])
+        variants[region] = [t] + [vary_template(t, vrng, cfg.max_rotation_deg, cfg.max_scale)
+                                  for _ in range(max(cfg.n_variants, 1) - 1)]
+    return variants
+
+
 def generate_corpus(out_dir: str | Path, n_cases: int | None = None, seed: int | None = None,
                     preset: str | Path = "default", config: DemoCorpusConfig | None = None) -> dict:
     """Write the demo corpus to ``out_dir`` and return a summary.
@@ -225,12 +242,7 @@ def generate_corpus(out_dir: str | Path, n_cases: int | None = None, seed: int |
 
     rng = np.random.default_rng(cfg.seed)
     cases = _cohort(cfg, rng)
-    templates = load_templates()
-    variants = {}
-    for region, t in templates.items():
-        vrng = np.random.default_rng([cfg.seed, 7, 0 if region == "abdomen" else 1])
-        variants[region] = [t] + [vary_template(t, vrng, cfg.max_rotation_deg, cfg.max_scale)
-                                  for _ in range(max(cfg.n_variants, 1) - 1)]
+    variants = make_variants(cfg, load_templates())
 
     diag_ids = [f for f in FINDINGS if f in cfg.findings and cfg.findings[f].prevalence > 0]
     rows, label_rows, gt_lines = [], [], []
