@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..config import opt
+from ..errors import ConfigError
 from .calibration import STATUS_NOT_MENTIONED, CalibrationRule, PairContext, create_calibration
 from .gather import gather_nograd, gather_with_grad
 from .targets import (combine_pair_weights, masked_sigmoid_pair_loss, masked_soft_infonce, sigmoid_pair_loss,
@@ -50,6 +51,8 @@ class LossConfig:
     global_weight: float = opt(1.0, "weight of the global (whole volume <-> whole report) loss")
     min_valid: int = opt(2, "an anatomy needs this many valid rows in the global batch to count")
     gather: bool = opt(True, "use negatives from all ranks (all-gather)")
+    aux_weight: float = opt(0.0, "weight of the auxiliary per-anatomy classification loss (BCE of the model's "
+                            "head on the silver labels, fvlm.losses.classification; 0 = off)")
 
 
 def _rules(cfg: LossConfig) -> list[CalibrationRule]:
@@ -235,5 +238,13 @@ def _stacked(out: dict) -> dict:
 
 
 def build_loss(cfg: LossConfig, anatomies: list[str], label_groups: dict[str, list[int]] | None = None):
-    """The loss module for a config (the registry of loss kinds is :class:`LossConfig.kind`)."""
-    return FineGrainedContrastiveLoss(cfg, anatomies, label_groups)
+    """The loss module for a config (the registry of loss kinds is :class:`LossConfig.kind`); with
+    ``aux_weight > 0`` the contrastive loss plus the weighted auxiliary classification loss."""
+    main = FineGrainedContrastiveLoss(cfg, anatomies, label_groups)
+    if cfg.aux_weight < 0:
+        raise ConfigError(f"loss.aux_weight must be >= 0, got {cfg.aux_weight}")
+    if not cfg.aux_weight or not anatomies:    # a global-only model has no anatomy to classify
+        return main
+    from .classification import AuxClassificationLoss, WithAuxLoss
+
+    return WithAuxLoss(main, AuxClassificationLoss(anatomies, label_groups or {}), cfg.aux_weight)

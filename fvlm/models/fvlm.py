@@ -48,6 +48,11 @@ class ImageConfig:
     patch_size: list[int] = opt([8, 8, 4], "patch size [x, y, z]")
     encoder_args: dict[str, Any] = opt({}, "extra encoder arguments, e.g. {depth: 4, embed_dim: 96, num_heads: 4}")
     levels: list[int] = opt([-1], "encoder blocks whose outputs are pooled (negative = from the end)")
+    pool: Literal["query", "mean", "topk"] = opt(
+        "query", "anatomy pooling over the tokens of the anatomy's mask: a learnable query per anatomy and "
+        "level (attention), the mean of the tokens, or per channel the mean of the top-k tokens (k = "
+        "pool_topk; 1 = max pooling, multiple-instance style: one token holding a small finding is enough)")
+    pool_topk: int = opt(1, "tokens averaged per channel by pool: topk (1 = max)")
     pool_heads: int = opt(1, "attention heads of the anatomy query pooling")
     mask_threshold: float = opt(0.0, "a token belongs to an anatomy when more than this fraction of its patch does")
     global_pool: Literal["mean", "query"] = opt("mean", "global embedding: mean of all tokens, or a learnable query")
@@ -85,6 +90,10 @@ class FVLMConfig:
     temperature_min: float = opt(0.01, "temperature clamp (logit scale at most 1 / this)")
     learn_temperature: bool = opt(True, "learn the temperature")
     logit_bias_init: float | None = opt(None, "learnable logit bias (sigmoid loss, e.g. -10); null = none")
+    aux_classes: int = opt(0, "outputs of a per-anatomy linear classification head on the anatomy embeddings "
+                           "(one logit per diagnosis label column; 0 = no head). Only the auxiliary loss "
+                           "(loss.aux_weight) uses it; zero-shot scoring stays image <-> text. fvlm pretrain "
+                           "sets it to the number of label columns when loss.aux_weight > 0")
     image: ImageConfig = opt(ImageConfig(), "image side")
     text: TextConfig = opt(TextConfig(), "text side")
 
@@ -117,17 +126,25 @@ class _QueryPool(nn.Module):
     empty mask attends to all tokens (its output is masked out of the loss anyway).
     """
 
-    def __init__(self, n_queries: int, dim: int, heads: int):
+    def __init__(self, n_queries: int, dim: int, heads: int, kind: str = "query", topk: int = 1):
         super().__init__()
         if dim % heads:
             raise FvlmError(f"model.image.pool_heads ({heads}) must divide the encoder width ({dim})")
+        if kind not in ("query", "mean", "topk"):
+            raise ConfigError(f"model.image.pool must be query, mean or topk, got {kind!r}")
+        if topk < 1:
+            raise ConfigError(f"model.image.pool_topk must be at least 1, got {topk}")
+        self.kind, self.topk = kind, topk
         self.heads = heads
-        self.q = nn.Parameter(torch.randn(n_queries, dim) * 0.02)
-        self.k = nn.Linear(dim, dim)
+        if kind == "query":      # mean/topk have no queries: no parameters that never get a gradient
+            self.q = nn.Parameter(torch.randn(n_queries, dim) * 0.02)
+            self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, qid: torch.Tensor) -> torch.Tensor:
+        if self.kind != "query":
+            return self._masked_reduce(tokens, mask)
         B, N, C = tokens.shape
         h, d = self.heads, C // self.heads
         t = self.norm(tokens)
@@ -139,6 +156,21 @@ class _QueryPool(nn.Module):
         logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
         attn = logits.softmax(dim=-1)
         return torch.einsum("bqhn,bnhd->bqhd", attn, v).reshape(B, -1, C)
+
+    def _masked_reduce(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean, or per channel the mean of the ``topk`` largest, of the values ``v(norm(tokens))``
+        over each row's masked tokens: ``(B, N, C)``, ``(B, Q, N)`` -> ``(B, Q, C)``."""
+        v = self.v(self.norm(tokens))                                          # (B, N, C)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        if self.kind == "mean":
+            w = mask.to(v.dtype)
+            return torch.einsum("bqn,bnc->bqc", w, v) / w.sum(-1, keepdim=True)
+        k = min(self.topk, v.shape[1])
+        vals = v.unsqueeze(1).masked_fill(~mask.unsqueeze(-1), float("-inf"))  # (B, Q, N, C)
+        top = vals.topk(k, dim=2).values                                       # (B, Q, k, C)
+        # a mask with fewer than k tokens: average its tokens only (the -inf rows are not values)
+        ok = torch.isfinite(top)
+        return torch.where(ok, top, torch.zeros_like(top)).sum(2) / ok.sum(2).clamp_min(1)
 
 
 class _MaskedCenter(nn.Module):
@@ -192,9 +224,15 @@ class FVLM(nn.Module):
         C = self.image_encoder.embed_dim
         L = len(self.levels)
         K = len(self.names)
-        self.pool = _QueryPool(K * L, C, ic.pool_heads)
+        self.pool = _QueryPool(K * L, C, ic.pool_heads, ic.pool, ic.pool_topk)
         self.image_proj = _Heads(K, C * L, cfg.embed_dim, cfg.proj_hidden)
         self.image_center = _MaskedCenter(K, cfg.embed_dim, cfg.center_momentum) if cfg.center_image else None
+        if cfg.aux_classes < 0:
+            raise ConfigError(f"model.aux_classes must be >= 0, got {cfg.aux_classes}")
+        # the auxiliary classifier reads the L2-normalised anatomy embedding (what zero-shot compares
+        # with text), scaled to unit variance per dimension, so its supervision shapes that space
+        self.aux_head = (_Heads(len(self.anatomies), cfg.embed_dim, cfg.aux_classes)
+                         if cfg.aux_classes and self.anatomies else None)
 
         tc = cfg.text
         if tc.encode_group < 1:
@@ -452,6 +490,8 @@ class FVLM(nn.Module):
         txt = F.normalize(txt, dim=-1)
         out = {"image": {}, "text": {}, "valid": {}, "text_ref": {}, "logit_scale": self.get_logit_scale()}
         A = len(self.anatomies)
+        if self.aux_head is not None:
+            out["aux"] = {"logits": self.aux_logits(img[:, :A]), "valid": ivalid[:, :A].clone()}
         if A and "has_text" in batch:
             tvalid[:, :A] &= batch["has_text"].to(tvalid.device)
         valid = ivalid & tvalid
@@ -466,6 +506,13 @@ class FVLM(nn.Module):
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias.float().squeeze(0)
         return out
+
+    def aux_logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """Classification logits ``(B, A, aux_classes)`` from L2-normalised anatomy embeddings ``(B, A, E)``."""
+        B, A, E = emb.shape
+        head = torch.arange(A, device=emb.device).repeat(B)
+        x = emb.reshape(B * A, E).to(self.aux_head.w1.dtype) * math.sqrt(E)
+        return self.aux_head(x, head).view(B, A, -1).float()
 
     def no_weight_decay(self) -> set[str]:
         """Full parameter names that must get no weight decay.

@@ -133,6 +133,8 @@ def prepare(cfg: PretrainConfig):
     diag_ids, diags, names = _diagnoses(cfg, source)
     opts = SampleOptions.from_config(cfg.data, anats, diag_ids, names)
     torch.manual_seed(cfg.train.seed)
+    if cfg.loss.aux_weight > 0 and anats:   # the classification head: one logit per label column
+        cfg.model.aux_classes = len(diag_ids)
     model = create_model(cfg.model_name, cfg.model)
     groups: dict[str, list[int]] = {}
     for d in diags:
