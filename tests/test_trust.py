@@ -401,3 +401,73 @@ def test_includes_inside_configs_and_beside_the_file_still_work(tmp_path):
         load_config(S, files=[b])
     # named on the command line too: its folder is trusted
     assert load_config(S, files=[other, b]).y == 2
+
+
+# --------------------------------------------------------------------------- thresholds sidecars
+
+
+@pytest.fixture(scope="module")
+def loaded(built, tmp_path_factory):
+    """A copy of the checkpoint loaded once, and one embedding (sidecar tests write beside the copy)."""
+    from fvlm.data.shards import ShardDataset
+
+    ck = tmp_path_factory.mktemp("sidecar") / "model.pt"
+    ck.write_bytes(Path(built["ck"]).read_bytes())
+    m = fvlm.load(ck, device="cpu")
+    return ck, m, m.embed_records([ShardDataset(built["shards"]).get("c0")])[0]
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("null_hash", ["records no checkpoint sha256"]),
+    ("missing_hash", ["records no checkpoint sha256"]),
+    ("other_hash", ["another checkpoint"]),
+    ("future_version", ["version 2 is not supported"]),
+    ("nan_threshold", ["hepatic_steatosis", "not a finite number"]),
+    ("inf_threshold", ["hepatic_steatosis", "not a finite number"]),
+    ("string_threshold", ["must be a number"]),
+    ("diagnoses_list", ["zeroshot.diagnoses"]),
+])
+def test_bad_thresholds_sidecar_is_refused(loaded, tmp_path, capsys, kind, words):
+    from fvlm.eval.predict import thresholds_sidecar
+
+    ck, m, emb = loaded
+    doc = {"format": "fvlm-thresholds", "version": 1, "checkpoint": {"sha256": m.sha256()},
+           "scoring": {"rule": "pairwise"}, "zeroshot": {"diagnoses": {"hepatic_steatosis": {"threshold": 0.3}}}}
+    if kind == "null_hash":
+        doc["checkpoint"]["sha256"] = None
+    elif kind == "missing_hash":
+        del doc["checkpoint"]
+    elif kind == "other_hash":
+        doc["checkpoint"]["sha256"] = "f" * 64
+    elif kind == "future_version":
+        doc["version"] = 2
+    elif kind == "nan_threshold":
+        doc["zeroshot"]["diagnoses"]["hepatic_steatosis"]["threshold"] = float("nan")
+    elif kind == "inf_threshold":
+        doc["zeroshot"]["diagnoses"]["hepatic_steatosis"]["threshold"] = float("inf")
+    elif kind == "string_threshold":
+        doc["zeroshot"]["diagnoses"]["hepatic_steatosis"]["threshold"] = "high"
+    elif kind == "diagnoses_list":
+        doc["zeroshot"]["diagnoses"] = [0.3]
+    side = thresholds_sidecar(ck)
+    side.write_text(json.dumps(doc))  # json writes NaN / Infinity
+    try:
+        with pytest.raises(FvlmError) as e:
+            m.predict(emb)
+        for w in words:
+            assert w in str(e.value), (w, str(e.value))
+        assert main(["export", "--checkpoint", str(ck), "--out", str(tmp_path / "ex")]) == 2
+        _one_line(capsys, "fvlm export: error:", *words)
+        assert not (tmp_path / "ex").exists()
+    finally:
+        side.unlink()
+
+
+def test_write_thresholds_refuses_results_without_a_hash(tmp_path):
+    from fvlm.eval.predict import write_thresholds
+
+    ck = tmp_path / "m.pt"
+    ck.write_bytes(b"x")
+    with pytest.raises(FvlmError, match="no checkpoint sha256"):
+        write_thresholds(ck, {"checkpoint": {}, "zeroshot": {"diagnoses": {"a": {"threshold": 0.1}}}})
+    assert list(tmp_path.iterdir()) == [ck]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FvlmError
+from ..errors import FormatError, FvlmError
 from ..logs import get_logger
 from .prompts import GLOBAL, build_prompt_sets, encode_prompt_sets, model_logit_scale, score
 
@@ -40,16 +40,44 @@ class Scoring:
     source: str = "none"          # where thresholds/scoring came from
 
 
-def scoring_from_results(doc: dict, checkpoint_sha256: str | None) -> Scoring:
+def check_thresholds(values, where: str) -> dict[str, float]:
+    """``{diagnosis id: finite float}``, or a one-line :class:`FvlmError` naming the first bad entry."""
+    if not isinstance(values, dict):
+        raise FvlmError(f"{where}: thresholds must be a mapping of diagnosis id to a number, "
+                        f"got {type(values).__name__}")
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise FvlmError(f"{where}: threshold of {k!r} must be a number, got {type(v).__name__}")
+        if not np.isfinite(float(v)):
+            raise FvlmError(f"{where}: threshold of {k!r} is {float(v)}, not a finite number")
+        out[str(k)] = float(v)
+    return out
+
+
+def _diagnoses(doc: dict, where: str) -> dict:
+    zs = doc.get("zeroshot") or {}
+    d = zs.get("diagnoses", {}) if isinstance(zs, dict) else None
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise FvlmError(f"{where}: zeroshot.diagnoses must map diagnosis ids to {{threshold: ...}}")
+    return d
+
+
+def scoring_from_results(doc: dict, checkpoint_sha256: str | None, where: str = "the thresholds file") -> Scoring:
     """Thresholds and scoring settings of a ``results.json`` made for this checkpoint."""
-    ck = (doc.get("checkpoint") or {}).get("sha256")
+    ck = (doc.get("checkpoint") or {}).get("sha256") if isinstance(doc.get("checkpoint"), dict) else None
     if checkpoint_sha256 and ck and ck != checkpoint_sha256:
-        raise FvlmError("the thresholds file was computed for another checkpoint "
-                        f"(sha256 {ck[:12]}..., this one {checkpoint_sha256[:12]}...); its thresholds do not apply")
+        raise FvlmError(f"{where} was computed for another checkpoint "
+                        f"(sha256 {str(ck)[:12]}..., this one {checkpoint_sha256[:12]}...); its thresholds do not apply")
     sc = doc.get("scoring") or {}
-    thr = {d: v["threshold"] for d, v in (doc.get("zeroshot") or {}).get("diagnoses", {}).items()
-           if v.get("threshold") is not None}
-    return Scoring(sc.get("rule", "pairwise"), sc.get("prompts", "taxonomy"), sc.get("logit_scale"),
+    if not isinstance(sc, dict):
+        raise FvlmError(f"{where}: 'scoring' must be a mapping")
+    thr = check_thresholds({d: v["threshold"] for d, v in _diagnoses(doc, where).items()
+                            if v.get("threshold") is not None}, where)
+    ls = sc.get("logit_scale")
+    if ls is not None and (isinstance(ls, bool) or not isinstance(ls, (int, float)) or not np.isfinite(ls) or ls <= 0):
+        raise FvlmError(f"{where}: scoring.logit_scale must be a finite positive number, got {ls!r}")
+    return Scoring(sc.get("rule", "pairwise"), sc.get("prompts", "taxonomy"), ls,
                    str(sc.get("embedding", "")).startswith("global"), thr, "results.json")
 
 
@@ -60,9 +88,9 @@ def scoring_from_meta(meta: dict) -> Scoring | None:
     if isinstance(t, dict) and "values" in t:  # {"values": {...}, "scoring": {...}}
         sc = t.get("scoring") or {}
         return Scoring(sc.get("rule", "pairwise"), sc.get("prompts", "taxonomy"), sc.get("logit_scale"),
-                       bool(sc.get("clip_baseline", False)), {k: float(v) for k, v in t["values"].items()},
+                       bool(sc.get("clip_baseline", False)), check_thresholds(t["values"], "the model's thresholds"),
                        "checkpoint")
-    return Scoring(thresholds={k: float(v) for k, v in t.items()}, source="checkpoint")
+    return Scoring(thresholds=check_thresholds(t, "the model's thresholds"), source="checkpoint")
 
 
 @dataclass
@@ -336,6 +364,10 @@ def thresholds_document(results: dict, source: str | None = None) -> dict:
 def write_thresholds(checkpoint: str | os.PathLike, results: dict, source: str | None = None) -> Path:
     """Write the thresholds of ``results`` (for this checkpoint) to its sidecar, atomically."""
     doc = thresholds_document(results, source)
+    if not isinstance(doc["checkpoint"]["sha256"], str) or not doc["checkpoint"]["sha256"]:
+        raise FvlmError("these results record no checkpoint sha256; thresholds not tied to a checkpoint are not "
+                        "written")
+    check_thresholds({d: v["threshold"] for d, v in doc["zeroshot"]["diagnoses"].items()}, "results")
     p = thresholds_sidecar(checkpoint)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
@@ -353,8 +385,20 @@ def read_thresholds_sidecar(checkpoint: str | os.PathLike, checkpoint_sha256: st
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FvlmError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != THRESHOLDS_FORMAT:
-        raise FvlmError(f"{p}: not an {THRESHOLDS_FORMAT} file")
-    sc = scoring_from_results(doc, checkpoint_sha256)
+        raise FormatError(f"{p}: not an {THRESHOLDS_FORMAT} file")
+    if doc.get("version") != THRESHOLDS_VERSION:
+        raise FormatError(f"{p}: {THRESHOLDS_FORMAT} version {doc.get('version')!r} is not supported (this fvlm "
+                          f"reads version {THRESHOLDS_VERSION}); not applied")
+    ck = doc.get("checkpoint")
+    ck = ck.get("sha256") if isinstance(ck, dict) else None
+    if not isinstance(ck, str) or not ck:
+        raise FormatError(f"{p}: records no checkpoint sha256, so it cannot be tied to this checkpoint; not "
+                          "applied (re-run `fvlm zeroshot --write-thresholds`, or delete it)")
+    if checkpoint_sha256 is None:
+        from .loading import checkpoint_sha256 as sha_of
+
+        checkpoint_sha256 = sha_of(str(checkpoint))
+    sc = scoring_from_results(doc, checkpoint_sha256, str(p))
     sc.source = "thresholds.json"
     return sc
 
