@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "config": "fvlm.commands.config_cmd",
     "preprocess": "fvlm.commands.preprocess",
     "reports": "fvlm.commands.reports",
+    "cache": "fvlm.commands.cache",
     "pretrain": "fvlm.commands.pretrain",
     "zeroshot": "fvlm.commands.zeroshot",
     "compare": "fvlm.commands.compare",

@@ -212,7 +212,7 @@ def test_shards_feed_the_training_stream(source, tmp_path):
     ds, opts, model, loss_fn, _ = prepare(cfg)
     assert model.anatomies == ["lung", "liver"]
     stream = CTStream(ds, ds.case_ids("train"), opts, 4, source_anatomies=ds.anatomies)
-    b = stream.make(0)
+    b = stream.prepare(stream.make(0))   # host batch -> model batch (the trainer does this on the device)
     rec = ds.get(b["case_id"][0])
     want = torch.from_numpy((rec.label_map == order.index("liver") + 1).astype("uint8"))
     assert torch.equal((b["label_map"][0] == 2).to(torch.uint8), want)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ..config import opt
 from ..errors import FvlmError
 from ..taxonomy import NOT_MENTIONED, STATUS_ABNORMAL, STATUS_CODES, STATUS_NORMAL, STATUS_NOT_MENTIONED
-from .shards import AIR_HU, window
+from .inputs import RAW_KEY, build_inputs, fit_size, read_regions, regions_of
 from .stream import BatchStream
 
 __all__ = ["AugmentConfig", "CTDataConfig", "record_to_sample", "collate", "make_batch_fn", "CTStream",
@@ -69,6 +69,11 @@ class CTDataConfig:
         {}, "per-anatomy HU windows for crops, e.g. {lung: [-1000, 0], liver: [-150, 250]} (others use window)")
     volume_size: list[int] = opt([64, 64, 32], "whole volume resized to this [X, Y, Z] (volume mode, global)")
     crop_size: list[int] = opt([32, 32, 16], "every anatomy crop resized to this [x, y, z] (crop mode)")
+    antialias: bool = opt(False, "shrinks of more than 1.5x average the source over each output voxel (area) "
+                                 "instead of reading its 2 nearest voxels per axis, so small structures are not "
+                                 "dropped or kept by chance (images only; label maps stay nearest)")
+    cache: str = opt("auto", "model-input cache of `fvlm cache` (cases already on the model's grid): auto = "
+                             "<shards>/cache/<key> when it exists for this input, off, or a cache folder")
     load_volume: bool = opt(True, "read whole volumes + label maps (volume mode and the global embedding)")
     load_crops: bool = opt(False, "read per-anatomy crops (crop mode)")
     sentences: Literal["all", "random"] = opt("all", "per-anatomy text: all sentences joined, or a random "
@@ -108,6 +113,7 @@ class SampleOptions:
     global_text: str = "findings_impressions"
     diagnoses: list[str] = field(default_factory=list)
     anatomy_names: dict[str, str] = field(default_factory=dict)
+    antialias: bool = False
 
     @classmethod
     def from_config(cls, cfg: CTDataConfig, anatomies: Sequence[str], diagnoses: Sequence[str],
@@ -118,7 +124,7 @@ class SampleOptions:
                    crop_size=list(cfg.crop_size) if cfg.load_crops else None, sentences=cfg.sentences,
                    max_sentences=cfg.max_sentences, unmentioned=cfg.unmentioned,
                    normal_template=cfg.normal_template, global_text=cfg.global_text,
-                   diagnoses=list(diagnoses), anatomy_names=dict(anatomy_names or {}))
+                   diagnoses=list(diagnoses), anatomy_names=dict(anatomy_names or {}), antialias=bool(cfg.antialias))
 
     def to_dict(self) -> dict:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
@@ -157,15 +163,6 @@ def _nearest_exact_index(n_in: int, n_out: int) -> torch.Tensor:
     return F.interpolate(ramp, size=n_out, mode="nearest-exact")[0, 0].long()
 
 
-def fit_size(shape: Sequence[int], size: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Aspect-keeping fit of a ``shape`` grid into ``size``: one zoom factor on every axis
-    (the largest ``shape / size``), so voxels keep their proportions. Returns ``(resized,
-    before)``: the resized shape and the padding before it per axis (the rest goes after)."""
-    f = max(float(n) / float(m) for n, m in zip(shape, size))
-    resized = [min(int(m), max(1, int(round(n / f)))) for n, m in zip(shape, size)]
-    return resized, [(int(m) - r) // 2 for m, r in zip(size, resized)]
-
-
 def _fit(x: torch.Tensor, size: Sequence[int] | None, mode: str, pad: float) -> torch.Tensor:
     """``(C, *S)`` -> ``(C, *size)`` without distortion: resized by one factor, centre-padded with ``pad``."""
     if size is None or tuple(x.shape[1:]) == tuple(size):
@@ -200,50 +197,9 @@ def _global_text(report: dict, how: str) -> str:
     return " ".join(x for x in (f, i) if x)
 
 
-def record_to_sample(rec, opts: SampleOptions | CTDataConfig, rng: np.random.Generator | None = None,
-                     augment: AugmentConfig | None = None, source_anatomies: Sequence[str] | None = None) -> dict:
-    """Turn one :class:`~fvlm.data.shards.CaseRecord` into a model sample (table in the module doc).
-
-    ``rng`` drives random sentence subsets and augmentation (None: deterministic, no
-    augmentation). ``source_anatomies``: the label-map order of ``rec`` (default: the
-    order of ``rec.present``).
-    """
-    if isinstance(opts, CTDataConfig):
-        opts = SampleOptions.from_config(opts, opts.anatomies or list(rec.present), opts.diagnoses)
+def _text_fields(rec, opts: SampleOptions, rng: np.random.Generator | None) -> dict:
+    """The non-image keys of a sample (texts, statuses, labels); ``rng`` draws random sentence subsets."""
     anats = opts.anatomies
-    A = len(anats)
-    lo, hi = opts.window
-    out: dict[str, Any] = {"case_id": rec.case_id}
-    if opts.volume_size is not None:
-        if rec.volume is None:
-            raise FvlmError(f"case {rec.case_id}: no whole volume in the data, but the model needs one "
-                            "(preprocess with a whole_shape, or use crop mode without the global embedding)")
-        vol = torch.from_numpy(np.ascontiguousarray(window(rec.volume, lo, hi)))[None]
-        src = list(source_anatomies or rec.present.keys())
-        lut = np.zeros(256, np.uint8)
-        for j, a in enumerate(src):
-            if a in anats:
-                lut[j + 1] = anats.index(a) + 1
-        lab = torch.from_numpy(lut[np.asarray(rec.label_map)])[None]
-        # one zoom factor on all axes (a 384 x 384 x 128 grid into 64 x 64 x 32 is 64 x 64 x 21,
-        # padded with air): stretching each axis on its own would distort the anatomy
-        air = float(window(np.full(1, AIR_HU, np.int16), lo, hi)[0])
-        out["volume"] = _fit(vol, opts.volume_size, "trilinear", air)
-        out["label_map"] = _fit(lab, opts.volume_size, "nearest", 0)[0]
-    if opts.crop_size is not None:
-        crops = torch.zeros(A, 1, *opts.crop_size)
-        masks = torch.zeros(A, *opts.crop_size, dtype=torch.uint8)
-        for k, a in enumerate(anats):
-            if a in rec.crops and rec.present.get(a, False):
-                alo, ahi = opts.anatomy_windows.get(a, (lo, hi))
-                c = torch.from_numpy(np.ascontiguousarray(window(rec.crops[a], alo, ahi)))[None]
-                crops[k] = _resize(c, opts.crop_size, "trilinear")
-                m = torch.from_numpy(np.asarray(rec.crop_masks[a], dtype=np.uint8))[None]
-                masks[k] = _resize(m, opts.crop_size, "nearest")[0]
-        out["crops"], out["crop_masks"] = crops, masks
-    if augment is not None and augment.enabled and rng is not None:
-        _augment(out, augment, rng)
-
     present = torch.tensor([bool(rec.present.get(a, False)) for a in anats], dtype=torch.bool)
     texts, status, has_text = [], [], []
     for a in anats:
@@ -259,20 +215,52 @@ def record_to_sample(rec, opts: SampleOptions | CTDataConfig, rng: np.random.Gen
     labels = torch.tensor([float(rec.labels.get(d, -1)) for d in opts.diagnoses], dtype=torch.float32)
     gtext = _global_text(rec.report or {}, opts.global_text)
     any_abn = any(s == STATUS_ABNORMAL for s in status) or bool((labels == 1).any())
-    out.update(present=present, has_text=torch.tensor(has_text, dtype=torch.bool),
-               status=torch.tensor(status, dtype=torch.long), texts=texts, global_text=gtext,
-               global_status=torch.tensor(STATUS_ABNORMAL if any_abn else STATUS_NORMAL),
-               labels=labels)
+    return {"case_id": rec.case_id, "present": present, "has_text": torch.tensor(has_text, dtype=torch.bool),
+            "status": torch.tensor(status, dtype=torch.long), "texts": texts, "global_text": gtext,
+            "global_status": torch.tensor(STATUS_ABNORMAL if any_abn else STATUS_NORMAL), "labels": labels}
+
+
+def record_to_sample(rec, opts: SampleOptions | CTDataConfig, rng: np.random.Generator | None = None,
+                     augment: AugmentConfig | None = None, source_anatomies: Sequence[str] | None = None) -> dict:
+    """Turn one :class:`~fvlm.data.shards.CaseRecord` whose arrays are already cut into a model sample
+    (table in the module doc), on the CPU, through the sample path of :mod:`fvlm.data.inputs`.
+
+    ``rng`` drives random sentence subsets and augmentation (None: deterministic, no
+    augmentation). ``source_anatomies``: the label-map order of ``rec`` (default: the
+    order of ``rec.present``).
+    """
+    if isinstance(opts, CTDataConfig):
+        opts = SampleOptions.from_config(opts, opts.anatomies or list(rec.present), opts.diagnoses)
+    raw = regions_of(rec, opts, opts.anatomies, list(source_anatomies or rec.present.keys()))
+    seed = _aug_seed(augment, rng)
+    img = build_inputs([raw], opts, opts.anatomies, augment=augment, aug_seeds=None if seed is None else [seed])
+    out = {"case_id": rec.case_id, **{k: v[0] for k, v in img.items()}}
+    out.update(_text_fields(rec, opts, rng))
     return out
 
 
-def _augment(s: dict, aug: AugmentConfig, rng: np.random.Generator) -> None:
-    """MONAI dictionary transforms, seeded from ``rng``; image + masks move together."""
+def _aug_seed(augment: AugmentConfig | None, rng: np.random.Generator | None) -> int | None:
+    if augment is not None and augment.enabled and rng is not None:
+        return int(rng.integers(2**31 - 1))
+    return None
+
+
+def augment_batch(batch: dict, aug: AugmentConfig, seeds: Sequence[int]) -> None:
+    """Random affine + intensity transforms of each sample's image keys, in place, on their device
+    (MONAI dictionary transforms seeded by ``seeds[i]``; image and masks move together)."""
+    for i, seed in enumerate(seeds):
+        s = {k: batch[k][i] for k in ("volume", "label_map", "crops", "crop_masks") if k in batch}
+        _augment(s, aug, int(seed))
+        for k, v in s.items():
+            batch[k][i] = v
+
+
+def _augment(s: dict, aug: AugmentConfig, seed: int) -> None:
+    """MONAI dictionary transforms seeded by ``seed``; image + masks move together."""
     from monai.transforms import (Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd,
                                   RandShiftIntensityd)
 
     rot = math.radians(aug.rotate_deg)
-    seed = int(rng.integers(2**31 - 1))
     if "volume" in s:
         d = {"volume": s["volume"], "label_map": s["label_map"][None]}
         t = Compose([
@@ -316,14 +304,55 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-def make_batch_fn(opts: SampleOptions | dict) -> Callable[[list], dict]:
-    """``records -> batch`` for inference (no augmentation), e.g. from a checkpoint's ``meta["data"]``."""
+def read_batch(source, case_ids: Sequence[str], opts: SampleOptions, rng: np.random.Generator | None = None,
+               augment: AugmentConfig | None = None, source_anatomies: Sequence[str] | None = None) -> dict:
+    """Host stage of a batch (a DataLoader worker's whole job): the stored voxels each case needs,
+    its sampling plan, and the text fields; the image keys are made by :func:`prepare_batch`."""
+    src = list(source_anatomies if source_anatomies is not None else source.anatomies)
+    raws, samples, seeds = [], [], []
+    for cid in case_ids:
+        rec, raw = read_regions(source, cid, opts, opts.anatomies, src)
+        raws.append(raw)
+        seeds.append(_aug_seed(augment, rng))
+        samples.append(_text_fields(rec, opts, rng))
+    batch = collate(samples)
+    batch[RAW_KEY] = raws
+    if seeds and seeds[0] is not None:
+        batch["aug_seed"] = torch.tensor(seeds, dtype=torch.long)
+    return batch
+
+
+def prepare_batch(batch: dict, opts: SampleOptions, device=None, augment: AugmentConfig | None = None) -> dict:
+    """Device stage of a batch: the image keys from ``batch["raw"]`` (resample, window, masks,
+    augmentation) on ``device``; the other tensors moved there. Returns a new dict without ``raw``."""
+    from ..devices import to_device
+
+    out = {k: v for k, v in batch.items() if k not in (RAW_KEY, "aug_seed")}
+    if device is not None:
+        out = to_device(out, device)
+    seeds = batch["aug_seed"].tolist() if "aug_seed" in batch else None
+    out.update(build_inputs(batch[RAW_KEY], opts, opts.anatomies, device=device, augment=augment, aug_seeds=seeds))
+    return out
+
+
+def make_batch_fn(opts: SampleOptions | dict, device=None) -> Callable[[list], dict]:
+    """``records -> batch`` for inference (no augmentation), e.g. from a checkpoint's ``meta["data"]``.
+
+    The function also has ``.load(source, case_ids, source_anatomies=None)``: the batch of those
+    cases read from ``source`` the way training reads them (:func:`read_batch` +
+    :func:`prepare_batch` on ``device``); evaluation uses it, so it sees the training input.
+    """
     if isinstance(opts, dict):
         opts = SampleOptions.from_dict(opts)
 
     def make_batch(records):
         return collate([record_to_sample(r, opts) for r in records])
 
+    def load(source, case_ids, source_anatomies=None):
+        return prepare_batch(read_batch(source, case_ids, opts, source_anatomies=source_anatomies), opts, device)
+
+    make_batch.load = load
+    make_batch.opts = opts
     return make_batch
 
 
@@ -365,15 +394,12 @@ class CTStream(BatchStream):
         return [self.ids[i] for i in mine[k * self.batch_size:(k + 1) * self.batch_size]]
 
     def make(self, b: int) -> dict:
+        """Host stage of stream batch ``b`` (the image keys are built by :meth:`prepare` on the device)."""
         rng = np.random.default_rng([self.seed, self.rank, b, 7])
-        samples = []
-        for cid in self.batch_ids(b):
-            kw = {"crop_size": self.opts.crop_size} if self.load_crops and getattr(
-                self.source, "resizes_on_read", False) else {}  # crops cut at the model's size
-            rec = self.source.get(cid, anatomies=self.opts.anatomies if self.load_crops else None,
-                                  volume=self.load_volume, crops=self.load_crops, **kw)
-            samples.append(record_to_sample(rec, self.opts, rng=rng, augment=self.augment,
-                                            source_anatomies=self.source_anatomies))
-        batch = collate(samples)
+        batch = read_batch(self.source, self.batch_ids(b), self.opts, rng, self.augment, self.source_anatomies)
         batch["stream_index"] = torch.tensor(b)
         return batch
+
+    def prepare(self, batch: dict, device=None) -> dict:
+        """The model batch of a host batch of this stream, on ``device`` (the trainer's ``prepare_batch``)."""
+        return prepare_batch(batch, self.opts, device, self.augment)

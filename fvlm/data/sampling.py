@@ -14,7 +14,53 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sample_axes", "cut", "axis_order"]
+__all__ = ["sample_axes", "cut", "axis_order", "axis_taps", "ANTIALIAS_MIN_SHRINK"]
+
+#: an anti-aliased axis is area-averaged only when it shrinks by more than this (below it, the
+#: two linear taps already touch every source voxel)
+ANTIALIAS_MIN_SHRINK = 1.5
+
+
+def axis_taps(pos, n: int, linear: bool, step: float = 1.0, antialias: bool = False):
+    """The source voxels and weights of each output voxel of one axis (the device resize's plan).
+
+    Args:
+        pos: ``(m,)`` float positions on an axis of ``n`` source voxels (voxel centres at integers).
+        linear: two-tap linear interpolation (border-clamped, as ``sample_axes``); else nearest.
+        step: distance between neighbouring output voxels, in source voxels (the shrink factor).
+        antialias: with ``linear`` and ``step > ANTIALIAS_MIN_SHRINK``, area averaging instead: each
+            output voxel is the mean of the source over its footprint ``[p - step/2, p + step/2]``
+            (partial voxels weighted by overlap), so a structure smaller than ``step`` voxels is
+            averaged in rather than kept or dropped depending on where the samples fall.
+    Returns ``(idx (m, K) int64, w (m, K) float32, outside (m,) bool)``: output ``i`` is
+    ``sum_k w[i, k] * src[idx[i, k]]``; ``outside`` marks positions beyond ``[-0.5, n - 0.5]`` (padding).
+    """
+    p = np.asarray(pos, dtype=np.float64)
+    outside = (p < -0.5) | (p > n - 0.5)
+    if not linear:
+        idx = np.clip(np.floor(p + 0.5), 0, n - 1).astype(np.int64)[:, None]
+        return idx, np.ones(idx.shape, np.float32), outside
+    if antialias and step > ANTIALIAS_MIN_SHRINK:
+        a = np.clip(p - step / 2.0, -0.5, n - 0.5)
+        b = np.clip(p + step / 2.0, -0.5, n - 0.5)
+        first = np.clip(np.floor(a + 0.5), 0, n - 1).astype(np.int64)
+        last = np.clip(np.ceil(b - 0.5), 0, n - 1).astype(np.int64)
+        K = int(max(1, (last - first).max() + 1)) if len(p) else 1
+        idx = first[:, None] + np.arange(K)[None, :]
+        w = np.clip(np.minimum(b[:, None], idx + 0.5) - np.maximum(a[:, None], idx - 0.5), 0.0, None)
+        w[idx > last[:, None]] = 0.0
+        idx = np.minimum(idx, n - 1)
+        total = w.sum(1, keepdims=True)
+        empty = total[:, 0] <= 0                      # only outside positions: any tap, it is padded
+        w[empty, 0], total[empty] = 1.0, 1.0
+        return idx, (w / total).astype(np.float32), outside
+    pc = np.clip(p, 0.0, n - 1.0)
+    i0 = np.floor(pc).astype(np.int64)
+    f = pc - i0
+    if not f.any():                                  # whole voxels: a copy, one tap
+        return i0[:, None], np.ones((len(p), 1), np.float32), outside
+    idx = np.stack([i0, np.minimum(i0 + 1, n - 1)], 1)
+    return idx, np.stack([1.0 - f, f], 1).astype(np.float32), outside
 
 
 def axis_order(positions, shape) -> list[int]:

@@ -134,7 +134,8 @@ def encode_cases(model, dataset, case_ids: Sequence[str], make_batch: Callable, 
     Args:
         model: has ``encode_image(batch) -> {"global": (B, E), anatomy: (B, E), ...}``.
         dataset: has ``get(case_id, ...) -> CaseRecord`` (``fvlm.data.shards.ShardDataset``).
-        make_batch: ``list[CaseRecord] -> batch`` in the model's input format.
+        make_batch: ``list[CaseRecord] -> batch`` in the model's input format; when it has
+            ``load(dataset, case_ids)`` (``fvlm.data.ct.make_batch_fn``) that reads the cases instead.
         cache: cases found there are not encoded again; new ones are added to it.
         get_kwargs: passed to ``dataset.get`` (e.g. ``crops=False`` when the model reads volumes only).
     Rows come back in the order of ``case_ids``.
@@ -151,15 +152,23 @@ def encode_cases(model, dataset, case_ids: Sequence[str], make_batch: Callable, 
         bar = progress(total=len(todo), desc=desc, unit="case")
         for i in range(0, len(todo), batch_size):
             ids = todo[i:i + batch_size]
-            records = [dataset.get(c, **(get_kwargs or {})) for c in ids]
-            out = model.encode_image(make_batch(records))
+            load = getattr(make_batch, "load", None)
+            if load is not None:   # the training sample path (fvlm.data.ct.make_batch_fn)
+                batch = load(dataset, ids)
+                flags = batch["present"].cpu().numpy()
+                pres = [{a: bool(flags[j, k]) for k, a in enumerate(make_batch.opts.anatomies)}
+                        for j in range(len(ids))]
+            else:
+                records = [dataset.get(c, **(get_kwargs or {})) for c in ids]
+                batch = make_batch(records)
+                pres = [dict(getattr(r, "present", None) or {}) for r in records]
+            out = model.encode_image(batch)
             n_forwards += 1
             for k, v in out.items():
                 rows.setdefault(str(k), []).append(_to_numpy(v))
             anat_keys = [k for k in out if k != "global"]
             for k in anat_keys:
-                present.setdefault(str(k), []).append(np.asarray(
-                    [bool((getattr(r, "present", None) or {}).get(k, True)) for r in records]))
+                present.setdefault(str(k), []).append(np.asarray([bool(p.get(k, True)) for p in pres]))
             bar.update(len(ids))
         bar.close()
         fresh = CaseEmbeddings(todo, {k: np.concatenate(v) for k, v in rows.items()},

@@ -114,6 +114,11 @@ def load_model(path: str, device: str = "auto", dtype=None) -> tuple[Any, dict, 
         return _to_device(fn(records), dev)
 
     make_batch.get_kwargs = get_kwargs
+    if hasattr(fn, "load"):   # read cases from a source exactly as training does (host + device stages)
+        from ..data.ct import make_batch_fn
+
+        make_batch.load = make_batch_fn(fn.opts, device=dev).load
+        make_batch.opts = fn.opts
     return model, dict(meta or {}), make_batch
 
 

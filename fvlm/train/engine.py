@@ -13,7 +13,9 @@ program both drive it::
 iterable of batches that starts at that position of the (deterministic) stream, which is how
 the data position is restored on resume. ``on_step(step, batch, outputs)`` runs on every rank
 after each optimizer step with the last micro-batch and the model's outputs for it (the X-ray
-program draws its reconstruction grids there). ``save_model(path, module, step, state_dict)``
+program draws its reconstruction grids there). ``prepare_batch(host_batch, device)`` (optional)
+turns what the loader yields into the model's batch on the device (the CT program resamples and
+windows there); without it the batch's tensors are moved as they are. ``save_model(path, module, step, state_dict)``
 writes ``out_dir/<model_file>`` (default ``model.pt``) at every checkpoint and ``best.pt`` at a new
 best validation metric, on rank 0; ``state_dict`` is the full fp32 master weights
 (:meth:`Trainer.master_state_dict`), or ``None`` when the module's own weights are those (fp32
@@ -240,7 +242,7 @@ class Trainer:
                  save_model: Callable[[Path, torch.nn.Module, int, dict | None], None] | None = None,
                  validate: Callable[[torch.nn.Module, int], dict] | None = None,
                  on_step: Callable[[int, Any, Any], None] | None = None, model_file: str = "model.pt",
-                 desc: str = "pretrain"):
+                 desc: str = "pretrain", prepare_batch: Callable[[Any, torch.device], Any] | None = None):
         import deepspeed
 
         self.cfg = cfg
@@ -250,6 +252,7 @@ class Trainer:
         self.save_model = save_model
         self.validate = validate
         self.on_step = on_step
+        self.prepare_batch = prepare_batch
         self.model_file = model_file
         self.desc = desc
         self.micro_batch = int(micro_batch)
@@ -551,7 +554,10 @@ class Trainer:
             for _ in range(gas):
                 t0 = time.perf_counter()
                 batch = next(loader)
-                batch = _to_device(batch, self.device)
+                # the loader's host batch -> the model's batch on the device (resampling, windowing,
+                # augmentation run here, batched, where they are cheap)
+                batch = (self.prepare_batch(batch, self.device) if self.prepare_batch is not None
+                         else _to_device(batch, self.device))
                 t1 = time.perf_counter()
                 out = self.engine(batch)
                 loss, logs = self.loss_fn(out, batch)

@@ -153,7 +153,7 @@ def run(cfg: PretrainConfig) -> dict:
     """Train (all ranks call this). Returns the trainer's summary."""
     import torch
 
-    from ..data.ct import CTStream
+    from ..data.ct import CTStream, prepare_batch
     from ..data.loader import make_loader as make_loader_for
     from ..devices import train_device
     from ..logs import setup_logging
@@ -181,8 +181,14 @@ def run(cfg: PretrainConfig) -> dict:
     val_ids = check_val_config(cfg, source)  # a val_metric that can never be computed is a ConfigError
     src_anats = list(source.anatomies)
 
+    from ..data.cache import open_cache
+
+    train_source = open_cache(source, opts, cfg.data.cache) if cfg.data.shards else source
+    if train_source is not source:
+        log.info("training reads the model-input cache %s", train_source.dir)
+
     def make_loader(start: int):
-        ds = CTStream(source, train_ids, opts, cfg.data.batch_size, rank=rank, world=world, seed=cfg.train.seed,
+        ds = CTStream(train_source, train_ids, opts, cfg.data.batch_size, rank=rank, world=world, seed=cfg.train.seed,
                       start=start, augment=cfg.data.augment, source_anatomies=src_anats)
         # pinned host batches on CUDA, so the trainer's non_blocking copy overlaps compute
         return make_loader_for(ds, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
@@ -203,7 +209,8 @@ def run(cfg: PretrainConfig) -> dict:
                                   source_anatomies=src_anats)
 
     trainer = Trainer(model, loss_fn, make_loader, cfg.train, out, micro_batch=cfg.data.batch_size,
-                      save_model=save_model, validate=validate)
+                      save_model=save_model, validate=validate,
+                      prepare_batch=lambda batch, dev: prepare_batch(batch, opts, dev, cfg.data.augment))
     trainer.resume()                       # raises (touching nothing) if the directory's run is not this one
     setup_logging(out if rank == 0 else None, "pretrain", quiet=rank != 0)
     if rank == 0:

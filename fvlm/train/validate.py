@@ -23,8 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data.ct import SampleOptions, collate, record_to_sample
-from ..devices import module_device, to_device
+from ..data.ct import SampleOptions, prepare_batch, read_batch
+from ..devices import module_device
 from ..errors import ConfigError
 from ..eval.metrics import recall_at_k, roc_auc
 from ..eval.prompts import GLOBAL, build_prompt_sets, encode_prompt_sets, model_logit_scale, score_prompt_sets
@@ -75,16 +75,16 @@ def _encode_cases(model, source, case_ids, opts, batch_size, source_anatomies):
     valid: dict[str, list] = {n: [] for n in names}
     present, labels = [], []
     for i in range(0, len(case_ids), batch_size):
-        recs = [source.get(c, volume=opts.volume_size is not None, crops=opts.crop_size is not None)
-                for c in case_ids[i:i + batch_size]]
-        batch = collate([record_to_sample(r, opts, source_anatomies=source_anatomies) for r in recs])
-        out = model(to_device(batch, dev))
+        # the training input of these cases (the same host and device stages as a training batch)
+        batch = prepare_batch(read_batch(source, case_ids[i:i + batch_size], opts, source_anatomies=source_anatomies),
+                              opts, dev)
+        out = model(batch)
         for n in names:
             embs[n].append(out["image"][n].float().cpu())
             txts[n].append(out["text"][n].float().cpu())
             valid[n].append(out["valid"][n].cpu())
-        present.append(batch["present"])
-        labels.append(batch["labels"])
+        present.append(batch["present"].cpu())
+        labels.append(batch["labels"].cpu())
     if not labels:
         return None
     cat = {k: {n: torch.cat(v[n]).numpy() for n in names} for k, v in (("i", embs), ("t", txts), ("v", valid))}

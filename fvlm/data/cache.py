@@ -1,0 +1,241 @@
+"""The model-input cache: every case of a shards directory already sampled to one model's input grid.
+
+A GPU consumes a ViT-B/3D sample in about 3 ms; decoding a stored v2 volume alone takes tens of
+ms of a core (FORMATS.md §2). So, as fVLM does offline, ``fvlm cache`` samples each case once to
+the model's grid (the same :func:`fvlm.data.inputs.sample_case` as training, in HU) and stores it
+uncompressed, packed for the host-to-device copy:
+
+- ``volume.npy`` int16 ``(N, *volume_size)`` HU and ``labels.npy`` uint8 ``(N, prod(volume_size) / 2)``,
+  two 4-bit source label ids per byte (anatomy sets of at most 15 anatomies);
+- ``crops.npy`` int16 ``(N, A, *crop_size)`` HU, ``masks.npy`` uint8 ``(N, A, prod(crop_size) / 8)``
+  (bits, ``np.packbits`` order) and ``present.npy`` bool ``(N, A)``;
+- ``cache.json``: format ``fvlm-input-cache`` version 1, the ``key`` options, ``case_ids`` (row order)
+  and ``complete``.
+
+A loader worker then copies one row of memory-mapped arrays into shared memory (no decode, no
+float); unpacking, windowing and masks run in the device stage. The directory is
+``<shards>/cache/<key>``, ``key`` a hash of what the sampled voxels depend on (sizes, anatomies,
+anti-aliasing, the shard layout): training uses it only when it matches (``data.cache``).
+Values are rounded to whole HU (at most 0.5 HU from the uncached input; the default window is
+1,500 HU wide). Building is resumable: rows are flushed in blocks and ``progress`` records them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import FormatError, FvlmError
+
+__all__ = ["cache_key", "cache_dir", "build_cache", "CachedShards", "open_cache", "CACHE_FORMAT", "CACHE_VERSION"]
+
+CACHE_FORMAT = "fvlm-input-cache"
+CACHE_VERSION = 1
+INFO = "cache.json"
+_FLUSH_EVERY = 32
+
+
+def key_options(opts, layout, source_anatomies: Sequence[str]) -> dict:
+    """What the cached voxels depend on (windows, texts and diagnoses do not change them)."""
+    return {"volume_size": list(opts.volume_size) if opts.volume_size is not None else None,
+            "crop_size": list(opts.crop_size) if opts.crop_size is not None else None,
+            "anatomies": list(opts.anatomies) if opts.crop_size is not None else [],
+            "antialias": bool(getattr(opts, "antialias", False)),
+            "layout": {k: v for k, v in layout.to_dict().items()
+                       if k not in ("compression", "compression_level", "shuffle", "chunk_shape")},
+            "source_anatomies": list(source_anatomies), "version": CACHE_VERSION}
+
+
+def cache_key(opts, layout, source_anatomies: Sequence[str]) -> str:
+    blob = json.dumps(key_options(opts, layout, source_anatomies), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cache_dir(shards_root, opts, layout, source_anatomies) -> Path:
+    return Path(shards_root) / "cache" / cache_key(opts, layout, source_anatomies)
+
+
+def _pack4(x: np.ndarray) -> np.ndarray:
+    f = x.reshape(-1)
+    return (f[0::2] | (f[1::2] << 4)).astype(np.uint8)
+
+
+def _arrays(d: Path, n: int, opts, A: int, mode: str) -> dict:
+    from numpy.lib.format import open_memmap
+
+    spec = {}
+    if opts.volume_size is not None:
+        nv = int(np.prod(opts.volume_size))
+        if nv % 2:
+            raise FvlmError(f"cache: volume_size {opts.volume_size} has an odd voxel count (labels are packed 2 per byte)")
+        spec.update(volume=(np.int16, (n, *opts.volume_size)), labels=(np.uint8, (n, nv // 2)))
+    if opts.crop_size is not None:
+        nc = int(np.prod(opts.crop_size))
+        spec.update(crops=(np.int16, (n, A, *opts.crop_size)), masks=(np.uint8, (n, A, (nc + 7) // 8)),
+                    present=(np.bool_, (n, A)))
+    return {k: open_memmap(d / f"{k}.npy", mode=mode, dtype=dt, shape=shp) for k, (dt, shp) in spec.items()}
+
+
+def build_cache(ds, opts, out: str | os.PathLike | None = None) -> Path:
+    """Sample every case of ``ds`` (a ``ShardDataset``) to ``opts``' input grid into ``out``
+    (default ``<shards>/cache/<key>``). Resumes a half-built cache with the same key."""
+    import torch
+
+    from ..progress import progress
+    from .inputs import regions_of, sample_case
+
+    src = list(ds.anatomies)
+    if opts.volume_size is not None and len(src) > 15:
+        raise FvlmError(f"cache: {len(src)} anatomies do not fit 4-bit label maps (at most 15)")
+    key = key_options(opts, ds.layout, src)
+    d = Path(out) if out is not None else cache_dir(ds.root, opts, ds.layout, src)
+    ids = ds.case_ids()
+    if not ids:
+        raise FvlmError(f"cache: {ds.root} has no cases")
+    info_p = d / INFO
+    start = 0
+    if info_p.is_file():
+        info = _read_info(d)
+        if info["key"] != json.loads(json.dumps(key)) or info["case_ids"] != ids:
+            raise FvlmError(f"cache: {d} holds another model input or other cases; remove it or pick another --out")
+        if info["complete"]:
+            return d
+        start = int(info.get("progress", 0))
+    d.mkdir(parents=True, exist_ok=True)
+    arrays = _arrays(d, len(ids), opts, len(opts.anatomies), "r+" if start else "w+")
+    info = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "case_ids": ids,
+            "complete": False, "progress": start}
+    _write_info(d, info)
+    bar = progress(total=len(ids), initial=start, desc="cache", unit="case")
+    with torch.inference_mode():
+        for i in range(start, len(ids)):
+            rec = ds.get(ids[i], volume=False, crops=False)
+            raw = regions_of(rec, opts, opts.anatomies, src, (*ds.stored(ids[i]), ds.layout, rec.bbox))
+            s = sample_case(raw, opts, opts.anatomies)
+            if "volume" in arrays:
+                arrays["volume"][i] = _hu16(s["volume"])
+                arrays["labels"][i] = _pack4(s["label_map"].numpy())
+            if "crops" in arrays:
+                arrays["crops"][i] = _hu16(s["crops"])
+                arrays["masks"][i] = np.packbits(s["crop_masks"].numpy().reshape(len(opts.anatomies), -1), axis=1)
+                arrays["present"][i] = s["crop_present"].numpy()
+            if (i + 1) % _FLUSH_EVERY == 0 or i + 1 == len(ids):
+                for a in arrays.values():
+                    a.flush()
+                info["progress"] = i + 1
+                _write_info(d, info)
+            bar.update(1)
+    bar.close()
+    info["complete"] = True
+    _write_info(d, info)
+    return d
+
+
+def _hu16(x) -> np.ndarray:
+    return np.clip(np.rint(x.numpy()), -32768, 32767).astype(np.int16)
+
+
+def _write_info(d: Path, info: dict) -> None:
+    tmp = d / (INFO + ".tmp")
+    tmp.write_text(json.dumps(info), encoding="utf-8")
+    os.replace(tmp, d / INFO)
+
+
+def _read_info(d: Path) -> dict:
+    try:
+        info = json.loads((d / INFO).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{d / INFO}: unreadable ({str(e).splitlines()[0]})") from None
+    if not isinstance(info, dict) or info.get("format") != CACHE_FORMAT:
+        raise FormatError(f"{d / INFO}: not an {CACHE_FORMAT} file")
+    if info.get("version") != CACHE_VERSION:
+        raise FormatError(f"{d / INFO}: cache version {info.get('version')!r}; this fvlm reads {CACHE_VERSION} "
+                          "(rebuild it with `fvlm cache`)")
+    return info
+
+
+class CachedShards:
+    """A ``ShardDataset`` whose image voxels come from a complete cache (metadata from the shards).
+
+    ``cached(case_id)`` is the host stage: one row of each array copied into shared-memory tensors
+    (the only copy a loader worker makes; the DataLoader then passes them by handle)."""
+
+    def __init__(self, ds, d: str | os.PathLike, opts):
+        self.ds, self.dir = ds, Path(d)
+        info = _read_info(self.dir)
+        if not info.get("complete"):
+            raise FormatError(f"{self.dir}: the cache is incomplete; run `fvlm cache` again to finish it")
+        want = json.loads(json.dumps(key_options(opts, ds.layout, list(ds.anatomies))))
+        if info["key"] != want:
+            raise FvlmError(f"{self.dir}: cached for another model input than this run's "
+                            "(sizes, anatomies, antialias or shard layout differ)")
+        self.row = {c: i for i, c in enumerate(info["case_ids"])}
+        self._mm = None
+        self.anatomies, self.root = ds.anatomies, ds.root
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_mm"] = None
+        return d
+
+    def _arrays(self) -> dict:
+        if self._mm is None:
+            self._mm = {p.stem: np.load(p, mmap_mode="r") for p in self.dir.glob("*.npy")}
+        return self._mm
+
+    def case_ids(self, split: str | None = None) -> list[str]:
+        return self.ds.case_ids(split)
+
+    def get(self, case_id: str, *args, **kw):
+        return self.ds.get(case_id, *args, **kw)
+
+    def cached(self, case_id: str) -> dict:
+        import torch
+
+        if case_id not in self.row:
+            raise FvlmError(f"case {case_id!r} is not in the cache {self.dir} (rebuild it with `fvlm cache`)")
+        i = self.row[case_id]
+        out = {"cached": True}
+        for k, a in self._arrays().items():
+            t = torch.empty(a.shape[1:], dtype=torch.from_numpy(np.empty(0, a.dtype)).dtype).share_memory_()
+            np.copyto(t.numpy(), a[i])
+            out[k] = t
+        return out
+
+
+def open_cache(ds, opts, setting: str):
+    """``data.cache``: ``auto`` (use ``<shards>/cache/<key>`` when complete), ``off``, or a cache folder."""
+    if setting == "off" or not hasattr(ds, "stored"):
+        return ds
+    if setting == "auto":
+        d = cache_dir(ds.root, opts, ds.layout, list(ds.anatomies))
+        if not (d / INFO).is_file():
+            return ds
+        try:
+            return CachedShards(ds, d, opts)
+        except (FormatError, FvlmError):
+            return ds
+    return CachedShards(ds, setting, opts)
+
+
+def unpack_case(raw: dict, opts, anatomies, dev) -> dict:
+    """The device stage of a cached case: unpack labels and masks (HU stays int16 -> float32)."""
+    import torch
+
+    out = {}
+    if "volume" in raw:
+        out["volume"] = raw["volume"].to(dev, non_blocking=True).float()
+        b = raw["labels"].to(dev, non_blocking=True)
+        out["label_map"] = torch.stack([b & 15, b >> 4], -1).reshape(*opts.volume_size)
+    if "crops" in raw:
+        out["crops"] = raw["crops"].to(dev, non_blocking=True).float()
+        b = raw["masks"].to(dev, non_blocking=True)
+        bits = (b[..., None] >> torch.arange(7, -1, -1, device=dev, dtype=torch.uint8)) & 1
+        n = int(np.prod(opts.crop_size))
+        out["crop_masks"] = bits.reshape(b.shape[0], -1)[:, :n].reshape(b.shape[0], *opts.crop_size)
+        out["crop_present"] = raw["present"].to(dev, non_blocking=True)
+    return out

@@ -1,0 +1,370 @@
+"""The one sample path: a host stage that only reads, and a device stage that builds the model input.
+
+Every CT model input (training, validation, ``fvlm zeroshot``, ``fvlm embed``, ``fvlm predict``,
+``fvlm.load().embed``) is made by the same two functions:
+
+1. :func:`read_regions` (in a DataLoader worker): the int16 HU and uint8 label voxels a sample
+   needs, at the stored resolution, as they are stored (one hyperslab of the stored volume; no
+   float conversion, no resampling), plus a *plan*: for every output (the fitted volume, its
+   label map, each anatomy crop and mask) and every axis, which box voxels are mixed with which
+   weights (:func:`fvlm.data.sampling.axis_taps`). Plans are a few kB of numpy arrays.
+2. :func:`build_inputs` (on the model's device, batched inside the step): separable resampling of
+   the boxes by those plans (``index_select`` + weighted sums, shrinking axis first), windowing,
+   label remapping and crop masks; then augmentation. On a CPU run the same code runs on the CPU.
+
+The output is the batch the model reads (keys ``volume``, ``label_map``, ``crops``,
+``crop_masks``; table in :mod:`fvlm.data.ct`). Because train and eval call the same functions
+with the same plan, a training batch with augmentation and text sampling off equals the
+evaluation batch bitwise on one device (``tests/test_sample_path.py``).
+
+Geometry, per output voxel, as a position on the stored grid (one resampling, not two):
+
+- volume mode: the stored volume resampled to ``whole_spacing_mm`` and centred in
+  ``whole_shape`` (:func:`fvlm.data.shards.whole_positions`), fitted into ``volume_size``
+  with one zoom factor (:func:`fit_size`, ``align_corners=False`` positions) and air-padded;
+- crop mode: the anatomy crop of the crop policy (:func:`fvlm.data.crop.crop_positions`)
+  resized to ``crop_size`` (:func:`fvlm.data.shards.resized_positions`).
+
+Images are linear (or area-averaged with ``antialias`` where an axis shrinks more than 1.5x),
+label maps and masks nearest; positions outside the scan get air (``AIR_HU``) / background.
+Sources without stored arrays (records already cut, the synthetic generator) take the record
+path: their arrays are the boxes and only the fit/resize is planned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .crop import AIR_HU, crop_positions
+from .sampling import axis_taps
+
+__all__ = ["read_regions", "regions_of", "sample_case", "build_inputs", "fit_size", "fit_positions", "Plan", "RAW_KEY"]
+
+#: batch key holding the host stage's output (removed by :func:`build_inputs`)
+RAW_KEY = "raw"
+
+
+def fit_size(shape: Sequence[int], size: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Aspect-keeping fit of a ``shape`` grid into ``size``: one zoom factor on every axis
+    (the largest ``shape / size``), so voxels keep their proportions. Returns ``(resized,
+    before)``: the resized shape and the padding before it per axis (the rest goes after)."""
+    f = max(float(n) / float(m) for n, m in zip(shape, size))
+    resized = [min(int(m), max(1, int(round(n / f)))) for n, m in zip(shape, size)]
+    return resized, [(int(m) - r) // 2 for m, r in zip(size, resized)]
+
+
+def fit_positions(shape: Sequence[int], size: Sequence[int]) -> tuple[list[np.ndarray], list[float]]:
+    """Per axis, the positions on a ``shape`` grid of the ``size`` voxels of its aspect-keeping fit
+    (``F.interpolate(align_corners=False)`` positions, clamped; padding voxels at ``-1``), and the step."""
+    resized, before = fit_size(shape, size)
+    pos, steps = [], []
+    for n, m, r, b in zip(shape, size, resized, before):
+        j = np.arange(int(m), dtype=np.float64) - b
+        p = np.clip((j + 0.5) * n / r - 0.5, 0.0, n - 1.0)
+        pos.append(np.where((j < 0) | (j >= r), -1.0, p))
+        steps.append(float(n) / float(r))
+    return pos, steps
+
+
+@dataclass
+class Plan:
+    """How one output is sampled from box ``box`` of its sample: per axis ``(idx, w, outside)``
+    (:func:`fvlm.data.sampling.axis_taps`, indices relative to the box), the axis order (shrinking
+    first), ``linear``, the padding value and (masks) the label to compare with."""
+    box: int
+    taps: list
+    order: list
+    linear: bool
+    pad: float
+    label: int | None = None
+
+
+def _plan(positions, steps, shape, linear: bool, antialias: bool, pad: float, label=None) -> Plan:
+    taps = [axis_taps(p, int(n), linear, s, antialias) for p, s, n in zip(positions, steps, shape)]
+    order = sorted(range(3), key=lambda i: len(positions[i]) / max(1, shape[i]))
+    return Plan(0, taps, order, linear, pad, label)
+
+
+def _shift(plans: list[Plan], box: Sequence[slice]) -> None:
+    """Indices relative to ``box``; taps outside it (padding positions, zero weights) clamped into it."""
+    for pl in plans:
+        pl.taps = [(np.clip(idx - b.start, 0, b.stop - b.start - 1), w, out) for (idx, w, out), b in zip(pl.taps, box)]
+
+
+def _box_of(plans: list[Plan]) -> list[slice]:
+    """The box of stored voxels every plan touches (outside positions read nothing)."""
+    lo, hi = [None] * 3, [None] * 3
+    for pl in plans:
+        for ax, (idx, w, out) in enumerate(pl.taps):
+            used = idx[~out][w[~out] > 0] if idx.shape[1] > 1 else idx[~out, 0]
+            if used.size:
+                a, b = int(used.min()), int(used.max()) + 1
+                lo[ax] = a if lo[ax] is None else min(lo[ax], a)
+                hi[ax] = b if hi[ax] is None else max(hi[ax], b)
+    return [slice(a or 0, b if b is not None else 1) for a, b in zip(lo, hi)]
+
+
+def _volume_positions(layout, shape, volume_size) -> tuple[list[np.ndarray], list[float]]:
+    """Stored-grid positions of the ``volume_size`` voxels: whole grid, then its fit (composed)."""
+    from .shards import whole_positions
+
+    wsp = layout.whole_spacing_mm or layout.spacing_mm
+    W = [int(w) for w in layout.whole_shape]
+    wpos, off = whole_positions(shape, layout.spacing_mm, wsp, W)
+    fpos, fsteps = fit_positions(W, volume_size)
+    pos, steps = [], []
+    for ax in range(3):
+        r = float(wsp[ax]) / float(layout.spacing_mm[ax])
+        g = fpos[ax]
+        n_out = int(np.sum(wpos[ax] >= 0)) if np.any(wpos[ax] >= 0) else 0
+        inside = (g >= 0) & (g >= off[ax] - 0.5) & (g <= off[ax] + n_out - 0.5)
+        p = np.clip((g - off[ax]) * r, 0.0, shape[ax] - 1.0)
+        pos.append(np.where(inside, p, -1.0))
+        steps.append(r * fsteps[ax])
+    return pos, steps
+
+
+def _crop_positions(layout, bbox, anatomy, crop_size) -> tuple[list[np.ndarray], list[float]]:
+    from .shards import resized_positions
+
+    cs = [int(x) for x in layout.crop_shapes[anatomy]]
+    pos, scale = crop_positions(bbox, layout.spacing_mm, cs, layout.margin(anatomy), layout.crop_oversize)
+    return resized_positions(pos, crop_size), [scale * n / float(m) for n, m in zip(cs, crop_size)]
+
+
+def read_regions(source, case_id: str, opts, anatomies: Sequence[str], source_anatomies: Sequence[str]):
+    """Host stage of one case: ``(record, raw)`` (see :func:`regions_of`). A source with stored
+    arrays (``ShardDataset``: ``stored(case_id)`` and a ``layout``) gives its metadata without
+    arrays and one hyperslab of the stored grid; any other source (``get`` -> a cut record) is
+    planned on the record's own arrays."""
+    cached = getattr(source, "cached", None)
+    if callable(cached):          # fvlm.data.cache: already on the model's grid, packed
+        rec = source.get(case_id, volume=False, crops=False)
+        raw = cached(case_id)
+        raw["lut"] = _lut(anatomies, source_anatomies)
+        return rec, raw
+    stored = getattr(source, "stored", None)
+    layout = getattr(source, "layout", None)
+    if callable(stored) and layout is not None and (opts.volume_size is None or layout.whole_shape):
+        rec = source.get(case_id, volume=False, crops=False)
+        return rec, regions_of(rec, opts, anatomies, source_anatomies, (*stored(case_id), layout, rec.bbox))
+    want_crops = opts.crop_size is not None
+    rec = source.get(case_id, **({"anatomies": list(anatomies)} if want_crops else {}),
+                     volume=opts.volume_size is not None, crops=want_crops)
+    return rec, regions_of(rec, opts, anatomies, source_anatomies)
+
+
+def _lut(anatomies: Sequence[str], source_anatomies: Sequence[str]) -> np.ndarray:
+    """Source label id -> model label id (``i + 1`` = ``anatomies[i]``; 0 for anatomies not modelled)."""
+    lut = np.zeros(256, np.uint8)
+    for j, a in enumerate(source_anatomies):
+        if a in anatomies:
+            lut[j + 1] = list(anatomies).index(a) + 1
+    return lut
+
+
+def regions_of(rec, opts, anatomies: Sequence[str], source_anatomies: Sequence[str], stored=None) -> dict:
+    """The host stage's output for one case: ``{"boxes": [(int16 HU, uint8 labels) tensors],
+    "volume"/"label_map": Plan | None, "crops"/"masks": [Plan | None] * A, "lut": uint8 (256,)}``.
+
+    ``stored`` = ``(volume, label_map, layout, bbox)`` on the stored grid (sliceable: numpy or h5py;
+    also ``rec.stored`` of a one-case reader's record): plans on that grid and one box read for
+    all outputs. Otherwise the record's arrays are the boxes (the volume fitted, each crop resized).
+    """
+    import torch
+
+    stored = stored if stored is not None else getattr(rec, "stored", None)
+    if stored is not None and (opts.volume_size is None or stored[2].whole_shape):
+        raw = _plan_stored(rec, *stored, opts, anatomies, source_anatomies)
+    else:
+        raw = _plan_record(rec, opts, anatomies)
+    raw["lut"] = _lut(anatomies, source_anatomies)
+    raw["boxes"] = [(torch.from_numpy(np.ascontiguousarray(v, dtype=np.int16)),
+                     torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8))) for v, m in raw["boxes"]]
+    return raw
+
+
+def _plan_stored(rec, vol, lab, layout, bbox, opts, anatomies, source_anatomies) -> dict:
+    """Plans on the stored grid, one box read for all of them."""
+    shape = tuple(int(s) for s in vol.shape)
+    aa = bool(getattr(opts, "antialias", False))
+    raw: dict[str, Any] = {"volume": None, "label_map": None, "crops": [None] * len(anatomies),
+                           "masks": [None] * len(anatomies)}
+    plans = []
+    if opts.volume_size is not None:
+        pos, steps = _volume_positions(layout, shape, opts.volume_size)
+        raw["volume"] = _plan(pos, steps, shape, True, aa, AIR_HU)
+        raw["label_map"] = _plan(pos, steps, shape, False, False, 0)
+        plans += [raw["volume"], raw["label_map"]]
+    if opts.crop_size is not None:
+        size = [int(x) for x in opts.crop_size]
+        for k, a in enumerate(anatomies):
+            if not rec.present.get(a, False) or bbox.get(a) is None:
+                continue
+            pos, steps = _crop_positions(layout, bbox[a], a, size)
+            raw["crops"][k] = _plan(pos, steps, shape, True, aa, AIR_HU)
+            raw["masks"][k] = _plan(pos, steps, shape, False, False, 0, label=list(source_anatomies).index(a) + 1)
+            plans += [raw["crops"][k], raw["masks"][k]]
+    box = _box_of(plans) if plans else [slice(0, 1)] * 3
+    _shift(plans, box)
+    raw["boxes"] = [(np.asarray(vol[tuple(box)]), np.asarray(lab[tuple(box)]))]
+    return raw
+
+
+def _plan_record(rec, opts, anatomies) -> dict:
+    """Plans for a record whose arrays are already cut: the volume fitted, each crop resized."""
+    from ..errors import FvlmError
+    from .shards import resized_positions
+
+    aa = bool(getattr(opts, "antialias", False))
+    raw: dict[str, Any] = {"volume": None, "label_map": None, "crops": [None] * len(anatomies),
+                           "masks": [None] * len(anatomies), "boxes": []}
+    if opts.volume_size is not None:
+        if rec.volume is None:
+            raise FvlmError(f"case {rec.case_id}: no whole volume in the data, but the model needs one "
+                            "(preprocess with a whole_shape, or use crop mode without the global embedding)")
+        shape = tuple(int(s) for s in rec.volume.shape)
+        pos, steps = fit_positions(shape, opts.volume_size)
+        raw["volume"] = _plan(pos, steps, shape, True, aa, AIR_HU)
+        raw["label_map"] = _plan(pos, steps, shape, False, False, 0)
+        raw["boxes"].append((rec.volume, rec.label_map))
+    if opts.crop_size is not None:
+        size = [int(x) for x in opts.crop_size]
+        for k, a in enumerate(anatomies):
+            if a not in rec.crops or not rec.present.get(a, False):
+                continue
+            c = np.asarray(rec.crops[a])
+            shape = tuple(int(s) for s in c.shape)
+            pos = resized_positions([np.arange(n, dtype=np.float64) for n in shape], size)
+            steps = [n / float(m) for n, m in zip(shape, size)]
+            b = len(raw["boxes"])
+            raw["crops"][k] = _plan(pos, steps, shape, True, aa, AIR_HU)
+            raw["masks"][k] = _plan(pos, steps, shape, False, False, 0, label=1)
+            raw["crops"][k].box = raw["masks"][k].box = b
+            if np.issubdtype(c.dtype, np.floating):   # a record cut in float HU: keep its values
+                c = np.rint(c)
+            raw["boxes"].append((np.clip(c, -32768, 32767).astype(np.int16, copy=False),
+                                 (np.asarray(rec.crop_masks[a]) > 0).astype(np.uint8)))
+    return raw
+
+
+# --------------------------------------------------------------------------- device stage
+
+
+def _resample(x, plan: Plan, taps):
+    """One output: ``x`` (a box, any dtype) sampled by ``plan`` with device ``taps``."""
+    import torch
+
+    t = x.float() if plan.linear else x
+    for ax in plan.order:
+        idx, w, _, ident = taps[ax]
+        if ident:
+            continue
+        if idx.shape[1] == 1:
+            t = t.index_select(ax, idx[:, 0])
+            continue
+        shape = [1, 1, 1]
+        shape[ax] = -1
+        acc = t.index_select(ax, idx[:, 0]) * w[:, 0].view(shape)
+        for k in range(1, idx.shape[1]):
+            acc.add_(t.index_select(ax, idx[:, k]) * w[:, k].view(shape))
+        t = acc
+    if t is x:
+        t = t.clone()
+    for ax in range(3):
+        out_idx = taps[ax][2]
+        if out_idx is not None:
+            t.index_fill_(ax, out_idx, plan.pad)
+    return t if plan.linear else t.to(torch.uint8)
+
+
+def _device_taps(plan: Plan, box_shape, device):
+    """Per axis ``(idx, w, outside index or None, identity)`` as device tensors."""
+    import torch
+
+    out = []
+    for (idx, w, outside), n in zip(plan.taps, box_shape):
+        ident = idx.shape[1] == 1 and len(idx) == n and not outside.any() and np.array_equal(idx[:, 0], np.arange(n))
+        o = np.nonzero(outside)[0]
+        out.append((torch.from_numpy(idx).to(device, non_blocking=True),
+                    torch.from_numpy(w).to(device, non_blocking=True),
+                    torch.from_numpy(o).to(device, non_blocking=True) if o.size else None, ident))
+    return out
+
+
+def sample_case(raw: dict, opts, anatomies: Sequence[str], device=None) -> dict:
+    """The sampled voxels of one case before windowing, on ``device``: ``volume`` float32 HU
+    ``(*volume_size)`` and ``label_map`` uint8 *source* label ids; ``crops`` float32 HU ``(A, *crop_size)``
+    and ``crop_masks`` uint8 ``(A, *crop_size)`` (absent anatomies: air and 0). A cached case
+    (:mod:`fvlm.data.cache`) is unpacked instead."""
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if raw.get("cached"):
+        from .cache import unpack_case
+
+        return unpack_case(raw, opts, anatomies, dev)
+    boxes = [(v.to(dev, non_blocking=True), m.to(dev, non_blocking=True)) for v, m in raw["boxes"]]
+    out = {}
+    if opts.volume_size is not None:
+        pv, pl = raw["volume"], raw["label_map"]
+        v, m = boxes[pv.box]
+        out["volume"] = _resample(v, pv, _device_taps(pv, v.shape, dev))
+        out["label_map"] = _resample(m, pl, _device_taps(pl, m.shape, dev))
+    if opts.crop_size is not None:
+        size = [int(x) for x in opts.crop_size]
+        A = len(anatomies)
+        c_all = torch.full((A, *size), float(AIR_HU), device=dev)
+        m_all = torch.zeros(A, *size, dtype=torch.uint8, device=dev)
+        for k in range(A):
+            pc, pm = raw["crops"][k], raw["masks"][k]
+            if pc is None:
+                continue
+            v, m = boxes[pc.box]
+            c_all[k] = _resample(v, pc, _device_taps(pc, v.shape, dev))
+            m_all[k] = (_resample(m, pm, _device_taps(pm, m.shape, dev)) == pm.label).to(torch.uint8)
+        out["crops"], out["crop_masks"] = c_all, m_all
+        out["crop_present"] = torch.tensor([p is not None for p in raw["crops"]], device=dev)
+    return out
+
+
+def build_inputs(raws: list[dict], opts, anatomies: Sequence[str], device=None, augment=None,
+                 aug_seeds: Sequence[int] | None = None) -> dict:
+    """Device stage: the image keys of a batch from the host stage's ``raws`` (one per sample).
+
+    ``volume`` float32 ``(B, 1, *volume_size)`` windowed to [0, 1]; ``label_map`` uint8
+    ``(B, *volume_size)`` (0 background, ``i + 1`` = ``anatomies[i]``); ``crops`` float32
+    ``(B, A, 1, *crop_size)`` windowed per anatomy (0 for an absent anatomy); ``crop_masks`` uint8
+    ``(B, A, *crop_size)``. ``augment`` (an :class:`~fvlm.data.ct.AugmentConfig`) with per-sample
+    ``aug_seeds``: random affine + intensity transforms after sampling (training only).
+    """
+    import torch
+
+    from .shards import window
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    lo, hi = opts.window
+    vols, labs, crops, masks = [], [], [], []
+    for raw in raws:
+        s = sample_case(raw, opts, anatomies, dev)
+        if "volume" in s:
+            vols.append(window(s["volume"], lo, hi)[None])
+            lut = torch.as_tensor(raw["lut"]).to(dev, non_blocking=True)   # numpy, or a tensor via the loader
+            labs.append(lut[s["label_map"].long()])
+        if "crops" in s:
+            c = torch.stack([window(s["crops"][k], *opts.anatomy_windows.get(a, (lo, hi)))
+                             for k, a in enumerate(anatomies)])[:, None]
+            crops.append(c * s["crop_present"].view(-1, 1, 1, 1, 1))
+            masks.append(s["crop_masks"])
+    out = {}
+    if vols:
+        out["volume"], out["label_map"] = torch.stack(vols), torch.stack(labs)
+    if crops:
+        out["crops"], out["crop_masks"] = torch.stack(crops), torch.stack(masks)
+    if augment is not None and getattr(augment, "enabled", False) and aug_seeds is not None:
+        from .ct import augment_batch
+
+        augment_batch(out, augment, aug_seeds)
+    return out
