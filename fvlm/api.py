@@ -96,6 +96,12 @@ class Prediction:
                 "scoring": dict(self.scoring), "predictions": [dict(r) for r in self.rows]}
 
 
+def _positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise FvlmError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
 def _torch_dtype(dtype):
     import torch
 
@@ -110,6 +116,65 @@ def _torch_dtype(dtype):
 
 def _is_batch(x) -> bool:
     return isinstance(x, (list, tuple))
+
+
+def _check_device(device) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (a GPU that exists), else a one-line :class:`FvlmError`."""
+    import torch
+
+    if not isinstance(device, str):
+        raise FvlmError(f"device must be a name such as 'cpu', 'cuda' or 'cuda:0', got {type(device).__name__}")
+    if device == "auto":
+        return device
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FvlmError(f"device {device!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise FvlmError(f"device {device!r}: fvlm runs on cpu or cuda")
+    if d.type == "cuda" and d.index is not None and torch.cuda.is_available() \
+            and d.index >= torch.cuda.device_count():
+        raise FvlmError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_image_arg(x, what: str) -> None:
+    """A path, nibabel image or numeric array; anything else is a one-line :class:`FvlmError`."""
+    if x is None:
+        raise FvlmError(f"{what} is None: pass a NIfTI path, a DICOM folder, a nibabel image or an (X, Y, Z) array")
+    if isinstance(x, (str, os.PathLike)) or hasattr(x, "affine") and hasattr(x, "dataobj"):
+        return
+    if isinstance(x, (bytes, bytearray)):
+        raise FvlmError(f"{what} is bytes: pass a path (str) or an array")
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.dtype.kind not in "biuf":
+        raise FvlmError(f"{what}: expected a NIfTI path, a nibabel image or a numeric (X, Y, Z) array, "
+                        f"got {type(x).__name__}")
+
+
+def _check_texts(texts) -> list[str]:
+    """``texts`` as a list of valid Unicode strings, or a one-line :class:`FvlmError`."""
+    if texts is None:
+        raise FvlmError("texts is None: pass a string or a list of strings")
+    if isinstance(texts, (bytes, bytearray)):
+        raise FvlmError("texts is bytes: decode it to str first (e.g. .decode('utf-8'))")
+    if isinstance(texts, str):
+        texts = [texts]
+    elif isinstance(texts, (list, tuple)):
+        texts = list(texts)
+    else:
+        raise FvlmError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise FvlmError(f"texts[{i}] is {type(t).__name__}, not a string")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FvlmError(f"texts[{i}] is not valid Unicode (a lone surrogate at character {e.start})") from None
+    return texts
 
 
 class Model:
@@ -187,6 +252,9 @@ class Model:
         """
         from .eval.predict import preprocess_scan
 
+        _check_image_arg(image, "image")
+        if mask is not None:
+            _check_image_arg(mask, "mask")
         pcfg = self.preprocess_config(mask is not None or mask_dir is not None)
         return preprocess_scan(image, mask, pcfg, affine=affine, mask_dir=mask_dir, case_id=case_id)
 
@@ -195,9 +263,14 @@ class Model:
         ``batch_size`` records per image forward."""
         import torch
 
-        bs = max(1, int(batch_size or self.batch_size))
+        bs = _positive_int(batch_size or self.batch_size, "batch_size")
         out: list[Embedding] = []
+        if records is None or isinstance(records, (str, bytes)):
+            raise FvlmError("records must be a list of CaseRecord (from Model.preprocess or a ShardDataset)")
         records = list(records)
+        for i, r in enumerate(records):
+            if not hasattr(r, "case_id") or not hasattr(r, "present"):
+                raise FvlmError(f"records[{i}] is {type(r).__name__}, not a CaseRecord")
         with torch.inference_mode():
             for i in range(0, len(records), bs):
                 chunk = records[i:i + bs]
@@ -231,6 +304,12 @@ class Model:
     def _scoring(self, thresholds):
         from .eval.predict import scoring_for, scoring_from_meta, thresholds_sidecar, Scoring
 
+        if thresholds is not None and not isinstance(thresholds, (str, os.PathLike, dict)):
+            raise FvlmError(f"thresholds must be a results.json of `fvlm zeroshot` (a path or its mapping), "
+                            f"got {type(thresholds).__name__}")
+        if isinstance(thresholds, dict) and not isinstance(thresholds.get("zeroshot"), dict):
+            raise FvlmError("thresholds mapping is not a results.json of `fvlm zeroshot` (no 'zeroshot' section "
+                            "with diagnoses and their thresholds)")
         if thresholds is None and not thresholds_sidecar(self.source).is_file():
             return scoring_from_meta(self.meta) or Scoring()
         return scoring_for(self.source, self.meta, self.sha256(), thresholds)
@@ -263,6 +342,8 @@ class Model:
 
         if _is_batch(image):
             masks = list(mask) if _is_batch(mask) else [mask] * len(image)
+            if len(masks) != len(image):
+                raise FvlmError(f"{len(image)} images but {len(masks)} masks")
             return [self.predict(im, m, taxonomy, thresholds=thresholds, affine=affine, mask_dir=mask_dir)
                     for im, m in zip(image, masks)]
         emb = image if isinstance(image, Embedding) else self.embed(image, mask, affine=affine, mask_dir=mask_dir)
@@ -287,7 +368,9 @@ class Model:
 
         from .eval.prompts import encode_texts
 
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _check_texts(texts)
+        if anatomy is not None and anatomy not in self.anatomies:
+            raise FvlmError(f"unknown anatomy {anatomy!r}; the model knows {', '.join(self.anatomies)}")
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
         with torch.inference_mode():
@@ -303,6 +386,8 @@ class Model:
         """
         x = image_or_embedding
         if isinstance(x, np.ndarray) and x.ndim == 1:
+            if x.dtype.kind not in "biuf" or not np.isfinite(x).all():
+                raise FvlmError(f"the embedding vector must hold finite numbers (dtype {x.dtype})")
             vec = x.astype(np.float32)
         else:
             emb = x if isinstance(x, Embedding) else self.embed(x, mask, affine=affine)
@@ -340,8 +425,11 @@ def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, batch_siz
     from .eval import loading
     from .models.checkpoint import load_consolidated
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise FvlmError(f"path must be a checkpoint file or model directory, got {type(path).__name__}")
+    batch_size = _positive_int(batch_size, "batch_size")
     loading.check_checkpoint_path(str(path))
-    dev = loading.pick_device(device)
+    dev = loading.pick_device(_check_device(device))
     net, meta = load_consolidated(path, text_model_dir=text_model_dir)
     td = _torch_dtype(dtype)
     net = net.to(dev) if td is None else net.to(dev, dtype=td)

@@ -471,3 +471,65 @@ def test_write_thresholds_refuses_results_without_a_hash(tmp_path):
     with pytest.raises(FvlmError, match="no checkpoint sha256"):
         write_thresholds(ck, {"checkpoint": {}, "zeroshot": {"diagnoses": {"a": {"threshold": 0.1}}}})
     assert list(tmp_path.iterdir()) == [ck]
+
+
+# --------------------------------------------------------------------------- the API speaks like the CLI
+
+
+def _api_calls(m, ck, emb):
+    import numpy as np
+
+    z = np.zeros((20, 20, 20), np.float32)
+    return {
+        "device_tpu9": (lambda: fvlm.load(ck, device="tpu9"), ["tpu9", "not a device name"]),
+        "device_int": (lambda: fvlm.load(ck, device=3), ["device must be a name"]),
+        "path_none": (lambda: fvlm.load(None), ["path must be"]),
+        "batch_size_0": (lambda: fvlm.load(ck, device="cpu", batch_size=0), ["batch_size"]),
+        "embed_none": (lambda: m.embed(None), ["image is None"]),
+        "embed_bytes": (lambda: m.embed(b"scan.nii.gz"), ["bytes"]),
+        "embed_object": (lambda: m.embed(object()), ["expected a NIfTI path"]),
+        "all_nan": (lambda: m.embed(np.full((20, 20, 20), np.nan), mask=z, affine=np.eye(4)), ["NaN"]),
+        "singular_affine": (lambda: m.embed(z, mask=z, affine=np.zeros((4, 4))), ["singular"]),
+        "nan_affine": (lambda: m.embed(z, mask=z, affine=np.full((4, 4), np.nan)), ["non-finite"]),
+        "zero_axis": (lambda: m.embed(np.zeros((0, 20, 20)), mask=np.zeros((0, 20, 20)), affine=np.eye(4)),
+                      ["empty axis"]),
+        "text_surrogate": (lambda: m.embed_text("the liver\ud800"), ["texts[0]", "surrogate"]),
+        "text_none": (lambda: m.embed_text(None), ["texts is None"]),
+        "text_bytes": (lambda: m.embed_text(b"liver"), ["bytes"]),
+        "text_list_none": (lambda: m.embed_text(["a", None]), ["texts[1]"]),
+        "text_anatomy": (lambda: m.embed_text("a", anatomy="brain"), ["unknown anatomy"]),
+        "thresholds_list": (lambda: m.predict(emb, thresholds=[1, 2]), ["thresholds must be"]),
+        "thresholds_plain_dict": (lambda: m.predict(emb, thresholds={"a": 1}), ["not a results.json"]),
+        "records_none": (lambda: m.embed_records(None), ["records"]),
+        "records_str": (lambda: m.embed_records([1]), ["records[0]"]),
+        "similarity_nan": (lambda: m.similarity(np.full(m.embed_dim, np.nan, np.float32), "a"), ["finite"]),
+    }
+
+
+API_KINDS = ["device_tpu9", "device_int", "path_none", "batch_size_0", "embed_none", "embed_bytes", "embed_object",
+             "all_nan", "singular_affine", "nan_affine", "zero_axis", "text_surrogate", "text_none", "text_bytes",
+             "text_list_none", "text_anatomy", "thresholds_list", "thresholds_plain_dict", "records_none",
+             "records_str", "similarity_nan"]
+
+
+@pytest.mark.parametrize("kind", API_KINDS)
+def test_api_bad_arguments_raise_one_sentence_fvlm_errors(loaded, kind):
+    ck, m, emb = loaded
+    fn, words = _api_calls(m, ck, emb)[kind]
+    with pytest.raises(FvlmError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 300, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+@pytest.mark.parametrize("where", ["volume_size", "img_size"])
+def test_model_folder_with_a_zero_size_is_refused(built, tmp_path, where):
+    d = _copy_dir(built["out"], tmp_path / "m")
+    if where == "volume_size":
+        _edit_config(d, lambda c: c["meta"]["data"].__setitem__("volume_size", [32, 0, 16]))
+    else:
+        _edit_config(d, lambda c: c["config"]["image"].__setitem__("img_size", [32, 0, 16]))
+    with pytest.raises(FvlmError, match="must be positive integers"):
+        fvlm.load(d, device="cpu")

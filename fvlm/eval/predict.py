@@ -282,6 +282,16 @@ def _is_nibabel(x) -> bool:
     return hasattr(x, "affine") and hasattr(x, "dataobj") and hasattr(x, "header")
 
 
+def check_affine(aff: np.ndarray, what: str) -> None:
+    """A voxel-to-world matrix must be finite with an invertible 3x3 part (else resampling divides by zero)."""
+    if not np.isfinite(aff).all():
+        raise FvlmError(f"{what}: affine has non-finite values (NaN or inf)")
+    det = float(np.linalg.det(aff[:3, :3]))
+    if not np.isfinite(det) or abs(det) < 1e-12:
+        raise FvlmError(f"{what}: affine is singular (its 3x3 part has determinant {det:g}); voxel sizes must "
+                        "be non-zero")
+
+
 def _as_nifti_file(x, affine, tmpdir: str, name: str, what: str, is_mask: bool = False) -> str | None:
     """A path for ``x``: a path as is; a nibabel image or an ``(X, Y, Z)`` array + 4x4 ``affine``
     written to ``tmpdir`` as NIfTI, so in-memory scans take the file path of ``fvlm preprocess``."""
@@ -293,6 +303,7 @@ def _as_nifti_file(x, affine, tmpdir: str, name: str, what: str, is_mask: bool =
         return str(x)
     if _is_nibabel(x):
         img = x
+        check_affine(np.asarray(img.affine, np.float64), what)
     else:
         arr = np.asarray(x)
         if arr.ndim != 3:
@@ -300,9 +311,20 @@ def _as_nifti_file(x, affine, tmpdir: str, name: str, what: str, is_mask: bool =
         if affine is None:
             raise FvlmError(f"{what}: an array needs its 4x4 voxel-to-world affine (affine=..., mm, RAS+ world "
                             "as nibabel uses)")
-        aff = np.asarray(affine, np.float64)
+        try:
+            aff = np.asarray(affine, np.float64)
+        except (TypeError, ValueError):
+            raise FvlmError(f"{what}: affine must be a 4x4 array of numbers, got {type(affine).__name__}") from None
         if aff.shape != (4, 4):
             raise FvlmError(f"{what}: affine must be 4x4, got shape {aff.shape}")
+        check_affine(aff, what)
+        if arr.dtype.kind not in "biuf":
+            raise FvlmError(f"{what}: expected a numeric array, got dtype {arr.dtype}")
+        if min(arr.shape) < 1:
+            raise FvlmError(f"{what}: array of shape {tuple(arr.shape)} has an empty axis")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise FvlmError(f"{what}: array holds {int((~np.isfinite(arr)).sum())} NaN/inf values of "
+                            f"{arr.size}")
         if is_mask:
             arr = arr.astype(np.uint8 if arr.max(initial=0) < 256 else np.int16)
         elif not np.issubdtype(arr.dtype, np.integer):

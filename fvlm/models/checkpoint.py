@@ -151,6 +151,20 @@ def check_state_dict(want: dict, have: dict, where: str, skip_prefix: str | None
                           + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
+def _check_sizes(cfg: dict, meta: dict, where) -> None:
+    """Input sizes of a checkpoint's config and sample options: lists of positive integers (a zero
+    would divide by zero deep in the model or the transform)."""
+    img = cfg.get("image") if isinstance(cfg.get("image"), dict) else {}
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    for name, v in (("config.image.img_size", img.get("img_size")), ("config.image.patch_size", img.get("patch_size")),
+                    ("meta.data.volume_size", data.get("volume_size")), ("meta.data.crop_size", data.get("crop_size"))):
+        if v is None:
+            continue
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        if not vals or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in vals):
+            raise FormatError(f"{where}: {name} {v!r} must be positive integers")
+
+
 def build_from_obj(obj: dict, where: str | os.PathLike, text_model_dir: str | None = None):
     """Rebuild the model of a checked raw dict (:func:`read_consolidated`) -> ``(model, meta)``."""
     from . import create_model
@@ -161,9 +175,10 @@ def build_from_obj(obj: dict, where: str | os.PathLike, text_model_dir: str | No
         cfg["text"] = {**cfg.get("text", {}), "model_dir": str(text_model_dir)}
     cfg.setdefault("image", {})
     cfg["image"] = {**cfg["image"], "pretrained": None}
+    _check_sizes(cfg, meta, where)
     try:
         model = create_model(obj["model"], cfg)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, AttributeError) as e:
         raise FormatError(f"{where}: the model config cannot be built ({_first_line(e)})") from None
     want = (meta.get("text_identity") or {}).get("config_sha256")
     have = model.text_identity.get("config_sha256")
