@@ -198,10 +198,32 @@ def _csvs_with(root: Path, column: str) -> list[Path]:
     return out
 
 
+#: columns that make a CSV a CT-RATE reports CSV; it must then also have VolumeName and Findings_EN
+_REPORT_COLS = ("Findings_EN", "Impressions_EN", "ClinicalInformation_EN", "Technique_EN")
+
+
+def _check_reports_header(p: Path, head: list[str]) -> None:
+    """A CSV with CT-RATE report columns but without ``VolumeName`` or ``Findings_EN`` would give
+    empty reports and one patient per scan; one line names the missing column instead."""
+    have = [c for c in _REPORT_COLS if c in head]
+    missing = [c for c in ("VolumeName", "Findings_EN") if c not in head]
+    if have and missing:
+        raise FvlmError(f"{p}: a CT-RATE reports CSV (columns {', '.join(have)}) without the "
+                        f"{' and '.join(missing)} column; fix its header row (names are matched exactly)")
+
+
 def is_ctrate(root: str | Path) -> bool:
     """A CT-RATE download: a reports CSV with ``VolumeName`` and ``Findings_EN``."""
     root = Path(root)
-    return any("Findings_EN" in _header(p) for p in _csvs_with(root, "VolumeName"))
+    found = False
+    for p in sorted(root.rglob("*.csv")):
+        try:
+            head = _header(p)
+        except (OSError, UnicodeDecodeError):
+            continue
+        _check_reports_header(p, head)
+        found = found or ("VolumeName" in head and "Findings_EN" in head)
+    return found
 
 
 def _header(p: Path) -> list[str]:
@@ -279,19 +301,32 @@ def read_ctrate(root: str | Path, masks_dir: str | None = None, volumes: str = "
     root = Path(root)
     if volumes not in VOLUME_CHOICES:
         raise FvlmError(f"ctrate.volumes must be one of {', '.join(VOLUME_CHOICES)}, got {volumes!r}")
+    is_ctrate(root)  # a reports CSV without VolumeName / Findings_EN is one line
     reports: dict = {}
     meta: dict = {}
+    seen: dict = {}
+    same = 0
     for p in _csvs_with(root, "VolumeName"):
         head = _header(p)
         with open(p, newline="", encoding="utf-8-sig") as f:
-            for r in csv.DictReader(f):
+            for ln, r in enumerate(csv.DictReader(f), 2):
                 name = (r.get("VolumeName") or "").strip()
                 if not name:
                     continue
-                if "Findings_EN" in head or "Impressions_EN" in head:
-                    reports[name] = r
-                if "RescaleIntercept" in head or "XYSpacing" in head:
-                    meta[name] = r
+                for kind, table, cols in (("report", reports, _REPORT_COLS),
+                                          ("metadata", meta, ("RescaleIntercept", "XYSpacing"))):
+                    if not any(c in head for c in cols):
+                        continue
+                    if name in table:
+                        if table[name] != r:
+                            raise FvlmError(f"{p}:{ln}: a second, different {kind} row for {name} (first at "
+                                            f"{seen[kind, name]}); keep one")
+                        same += 1
+                        continue
+                    table[name] = r
+                    seen[kind, name] = f"{p.name}:{ln}"
+    if same:
+        log.warning("%s: %d repeated identical CT-RATE CSV row(s) ignored", root, same)
     mdir = Path(masks_dir).resolve() if masks_dir else None
     copies: dict[str, dict[str, Path]] = {}
     tree_masks: dict[str, dict[str, str]] = {}

@@ -533,3 +533,47 @@ def test_model_folder_with_a_zero_size_is_refused(built, tmp_path, where):
         _edit_config(d, lambda c: c["config"]["image"].__setitem__("img_size", [32, 0, 16]))
     with pytest.raises(FvlmError, match="must be positive integers"):
         fvlm.load(d, device="cpu")
+
+
+# --------------------------------------------------------------------------- CT-RATE reports CSV
+
+
+def _ctrate_tree(root: Path, header, rows) -> Path:
+    import csv
+
+    ds = root / "dataset"
+    d = ds / "valid_fixed" / "valid_1" / "valid_1_a"
+    d.mkdir(parents=True)
+    (d / "valid_1_a_1.nii.gz").write_bytes(b"")
+    (ds / "reports").mkdir()
+    with open(ds / "reports" / "reports.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return ds
+
+
+@pytest.mark.parametrize("header, missing", [
+    (["VolumeName", "Impressions_EN"], "Findings_EN"),
+    (["Volume", "Findings_EN", "Impressions_EN"], "VolumeName"),
+    (["volumename", "findings_en", "Impressions_EN"], "VolumeName and Findings_EN"),
+])
+def test_ctrate_reports_csv_without_its_columns_is_one_line(tmp_path, capsys, header, missing):
+    ds = _ctrate_tree(tmp_path, header, [["valid_1_a_1.nii.gz", "Normal.", "Normal."][:len(header)]])
+    assert main(["preprocess", "--input", str(ds), "--out", str(tmp_path / "o"), "-q"]) == 2
+    _one_line(capsys, "reports.csv", f"without the {missing} column")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.h5"))
+
+
+def test_ctrate_duplicate_volume_rows(tmp_path, caplog):
+    from preprocess.inputs import read_ctrate
+
+    head = ["VolumeName", "Findings_EN", "Impressions_EN"]
+    row = ["valid_1_a_1.nii.gz", "Cardiomegaly.", "Cardiomegaly."]
+    ds = _ctrate_tree(tmp_path / "same", head, [row, row])
+    specs = read_ctrate(ds)  # an identical repeat: kept once, with a warning
+    assert [s.findings for s in specs] == ["Cardiomegaly."]
+    assert "repeated identical" in caplog.text
+    ds = _ctrate_tree(tmp_path / "differ", head, [row, ["valid_1_a_1.nii.gz", "Normal.", "Normal."]])
+    with pytest.raises(FvlmError, match=r"reports.csv:3: a second, different report row for valid_1_a_1.nii.gz"):
+        read_ctrate(ds)
