@@ -27,6 +27,7 @@ EXPECTED = {
     "train/default.yaml": (4, 96, 0.3 * M, 1 * M),
     "train/tiny.yaml": (2, 48, 0.02 * M, 0.2 * M),        # shrunk on purpose, for CPU tests
     "train/vitb3d_gpu.yaml": (12, 768, 85 * M, 95 * M),
+    "train/vitb3d_crop_gpu.yaml": (12, 768, 84 * M, 95 * M),  # same tower, 54 position embeddings, not 1232
 }
 
 

@@ -114,7 +114,7 @@ def test_area_taps_average_integer_blocks_like_adaptive_pooling():
 def test_antialias_keeps_a_small_bright_dot_at_every_position():
     """A 1-voxel dot in a 96^3 crop shrunk to 32^3: point sampling keeps it (1.0) or drops it (0)
     depending on where it falls; area averaging keeps a constant share (1/27) wherever it is."""
-    from fvlm.data.inputs import Plan, _device_taps, _resample
+    from fvlm.data.inputs import Plan, _resample
 
     peaks = {False: set(), True: set()}
     for off in range(3):
@@ -124,7 +124,7 @@ def test_antialias_keeps_a_small_bright_dot_at_every_position():
         for aa in (False, True):
             taps = [axis_taps(p, 96, True, 3.0, aa) for p in pos]
             plan = Plan(0, taps, [0, 1, 2], True, -1024)
-            y = _resample(vol, plan, _device_taps(plan, vol.shape, "cpu"))
+            y = _resample(vol, plan, "cpu")
             peaks[aa].add(round(float(y.max()), 3))
     assert len(peaks[False]) > 1 and 0.0 in peaks[False]          # flickers, and vanishes at one offset
     assert peaks[True] == {round(1000 / 27, 3)}

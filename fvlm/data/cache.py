@@ -183,9 +183,15 @@ class CachedShards:
         return d
 
     def _arrays(self) -> dict:
-        if self._mm is None:
-            self._mm = {p.stem: np.load(p, mmap_mode="r") for p in self.dir.glob("*.npy")}
-        return self._mm
+        """name -> (file descriptor, header offset, row shape, dtype), opened once per process."""
+        if self._mm is None or self._mm[0] != os.getpid():
+            files = {}
+            for p in sorted(self.dir.glob("*.npy")):
+                a = np.load(p, mmap_mode="r")
+                files[p.stem] = (os.open(p, os.O_RDONLY), int(a.offset), a.shape[1:], a.dtype)
+                del a
+            self._mm = (os.getpid(), files)
+        return self._mm[1]
 
     def case_ids(self, split: str | None = None) -> list[str]:
         return self.ds.case_ids(split)
@@ -194,17 +200,35 @@ class CachedShards:
         return self.ds.get(case_id, *args, **kw)
 
     def cached(self, case_id: str) -> dict:
+        """One case's rows, read (``pread``, one kernel copy from the page cache) straight into
+        tensors in shared memory, which a DataLoader hands to the main process without copying."""
         import torch
 
         if case_id not in self.row:
             raise FvlmError(f"case {case_id!r} is not in the cache {self.dir} (rebuild it with `fvlm cache`)")
         i = self.row[case_id]
         out = {"cached": True}
-        for k, a in self._arrays().items():
-            t = torch.empty(a.shape[1:], dtype=torch.from_numpy(np.empty(0, a.dtype)).dtype).share_memory_()
-            np.copyto(t.numpy(), a[i])
+        for k, (fd, offset, shape, dtype) in self._arrays().items():
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            t = _shared_tensor(shape, dtype)
+            buf = memoryview(t.numpy()).cast("B")
+            got = os.preadv(fd, [buf], offset + i * nbytes)
+            if got != nbytes:
+                raise FormatError(f"{self.dir / (k + '.npy')}: truncated at case {case_id!r}; rebuild the cache")
             out[k] = t
         return out
+
+
+def _shared_tensor(shape, dtype: np.dtype):
+    """An uninitialised CPU tensor in shared memory when in a DataLoader worker (else ordinary)."""
+    import torch
+
+    tdt = torch.from_numpy(np.empty(0, dtype)).dtype
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=tdt)
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    storage = torch.UntypedStorage._new_shared(n)
+    return torch.empty(0, dtype=tdt).set_(storage, 0, tuple(shape))
 
 
 def open_cache(ds, opts, setting: str):

@@ -68,7 +68,8 @@ class CTDataConfig:
     anatomy_windows: dict[str, tuple[float, float]] = opt(
         {}, "per-anatomy HU windows for crops, e.g. {lung: [-1000, 0], liver: [-150, 250]} (others use window)")
     volume_size: list[int] = opt([64, 64, 32], "whole volume resized to this [X, Y, Z] (volume mode, global)")
-    crop_size: list[int] = opt([32, 32, 16], "every anatomy crop resized to this [x, y, z] (crop mode)")
+    crop_size: list[int] | None = opt(None, "deprecated (the crop size is model.image.img_size in crop mode); "
+                                            "a value must equal it")
     antialias: bool = opt(False, "shrinks of more than 1.5x average the source over each output voxel (area) "
                                  "instead of reading its 2 nearest voxels per axis, so small structures are not "
                                  "dropped or kept by chance (images only; label maps stay nearest)")

@@ -79,6 +79,7 @@ class Plan:
     linear: bool
     pad: float
     label: int | None = None
+    sub: list | None = None       # (lo, hi) per axis of the box this output reads (None: all of it)
 
 
 def _plan(positions, steps, shape, linear: bool, antialias: bool, pad: float, label=None) -> Plan:
@@ -88,9 +89,12 @@ def _plan(positions, steps, shape, linear: bool, antialias: bool, pad: float, la
 
 
 def _shift(plans: list[Plan], box: Sequence[slice]) -> None:
-    """Indices relative to ``box``; taps outside it (padding positions, zero weights) clamped into it."""
+    """Indices relative to ``box`` (taps outside it, at padding positions or with zero weight, clamped
+    into it), then to each plan's own sub-box, so the device stage converts only what it samples."""
     for pl in plans:
-        pl.taps = [(np.clip(idx - b.start, 0, b.stop - b.start - 1), w, out) for (idx, w, out), b in zip(pl.taps, box)]
+        taps = [(np.clip(idx - b.start, 0, b.stop - b.start - 1), w, out) for (idx, w, out), b in zip(pl.taps, box)]
+        pl.sub = [(int(idx.min()), int(idx.max()) + 1) for idx, _, _ in taps]
+        pl.taps = [(idx - lo, w, out) for (idx, w, out), (lo, _) in zip(taps, pl.sub)]
 
 
 def _box_of(plans: list[Plan]) -> list[slice]:
@@ -181,8 +185,8 @@ def regions_of(rec, opts, anatomies: Sequence[str], source_anatomies: Sequence[s
     else:
         raw = _plan_record(rec, opts, anatomies)
     raw["lut"] = _lut(anatomies, source_anatomies)
-    raw["boxes"] = [(torch.from_numpy(np.ascontiguousarray(v, dtype=np.int16)),
-                     torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8))) for v, m in raw["boxes"]]
+    raw["boxes"] = [tuple(a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a, dtype=dt))
+                          for a, dt in zip(pair, (np.int16, np.uint8))) for pair in raw["boxes"]]
     return raw
 
 
@@ -209,8 +213,22 @@ def _plan_stored(rec, vol, lab, layout, bbox, opts, anatomies, source_anatomies)
             plans += [raw["crops"][k], raw["masks"][k]]
     box = _box_of(plans) if plans else [slice(0, 1)] * 3
     _shift(plans, box)
-    raw["boxes"] = [(np.asarray(vol[tuple(box)]), np.asarray(lab[tuple(box)]))]
+    raw["boxes"] = [(_read_box(vol, box, np.int16), _read_box(lab, box, np.uint8))]
     return raw
+
+
+def _read_box(src, box: Sequence[slice], dtype):
+    """``src[box]`` as a tensor: decompressed straight into shared memory in a loader worker (the
+    DataLoader then passes it by handle), so the hyperslab is copied once."""
+    from .cache import _shared_tensor
+
+    t = _shared_tensor([b.stop - b.start for b in box], np.dtype(dtype))
+    out = t.numpy()
+    if isinstance(src, np.ndarray) or np.dtype(src.dtype) != np.dtype(dtype):
+        out[...] = src[tuple(box)]
+    else:                                     # h5py: decompress into the tensor, no temporary
+        src.read_direct(out, np.s_[tuple(box)])
+    return t
 
 
 def _plan_record(rec, opts, anatomies) -> dict:
@@ -253,31 +271,48 @@ def _plan_record(rec, opts, anatomies) -> dict:
 # --------------------------------------------------------------------------- device stage
 
 
-def _resample(x, plan: Plan, taps):
-    """One output: ``x`` (a box, any dtype) sampled by ``plan`` with device ``taps``."""
+def _resample(x, plan: Plan, device):
+    """One output: ``x`` (a box, any dtype, on ``device``) sampled by ``plan``: float32 (linear) or uint8."""
     import torch
 
-    t = x.float() if plan.linear else x
+    if plan.sub is not None:
+        x = x[tuple(slice(lo, hi) for lo, hi in plan.sub)]
+    taps = _device_taps(plan, x.shape, device)
+    t = x
     for ax in plan.order:
         idx, w, _, ident = taps[ax]
         if ident:
             continue
         if idx.shape[1] == 1:
-            t = t.index_select(ax, idx[:, 0])
+            t = _take(t, ax, idx, plan.taps[ax][0], 0)
             continue
         shape = [1, 1, 1]
         shape[ax] = -1
-        acc = t.index_select(ax, idx[:, 0]) * w[:, 0].view(shape)
-        for k in range(1, idx.shape[1]):
-            acc.add_(t.index_select(ax, idx[:, k]) * w[:, k].view(shape))
+        acc = None
+        for k in range(idx.shape[1]):   # gather in the stored dtype, then float (exact either way)
+            g = _take(t, ax, idx, plan.taps[ax][0], k).float().mul_(w[:, k].view(shape))
+            acc = g if acc is None else acc.add_(g)
         t = acc
-    if t is x:
+    if plan.linear and t.dtype != torch.float32:
+        t = t.float()
+    if t.data_ptr() == x.data_ptr():      # no pass copied: never write into the box
         t = t.clone()
     for ax in range(3):
         out_idx = taps[ax][2]
         if out_idx is not None:
             t.index_fill_(ax, out_idx, plan.pad)
     return t if plan.linear else t.to(torch.uint8)
+
+
+def _take(t, ax: int, idx, idx_np: np.ndarray, k: int):
+    """``t.index_select(ax, idx[:, k])``; on the CPU numpy's ``take`` (measured 3-15x faster than
+    ``index_select`` on the inner axes of a 364 x 301 x 112 int16 box, one thread). A gather moves
+    values without arithmetic, so both give the same bits."""
+    if t.device.type == "cpu":
+        import torch
+
+        return torch.from_numpy(np.take(t.numpy(), idx_np[:, k], axis=ax))
+    return t.index_select(ax, idx[:, k])
 
 
 def _device_taps(plan: Plan, box_shape, device):
@@ -311,8 +346,8 @@ def sample_case(raw: dict, opts, anatomies: Sequence[str], device=None) -> dict:
     if opts.volume_size is not None:
         pv, pl = raw["volume"], raw["label_map"]
         v, m = boxes[pv.box]
-        out["volume"] = _resample(v, pv, _device_taps(pv, v.shape, dev))
-        out["label_map"] = _resample(m, pl, _device_taps(pl, m.shape, dev))
+        out["volume"] = _resample(v, pv, dev)
+        out["label_map"] = _resample(m, pl, dev)
     if opts.crop_size is not None:
         size = [int(x) for x in opts.crop_size]
         A = len(anatomies)
@@ -323,11 +358,20 @@ def sample_case(raw: dict, opts, anatomies: Sequence[str], device=None) -> dict:
             if pc is None:
                 continue
             v, m = boxes[pc.box]
-            c_all[k] = _resample(v, pc, _device_taps(pc, v.shape, dev))
-            m_all[k] = (_resample(m, pm, _device_taps(pm, m.shape, dev)) == pm.label).to(torch.uint8)
+            c_all[k] = _resample(v, pc, dev)
+            m_all[k] = (_resample(m, pm, dev) == pm.label).to(torch.uint8)
         out["crops"], out["crop_masks"] = c_all, m_all
         out["crop_present"] = torch.tensor([p is not None for p in raw["crops"]], device=dev)
     return out
+
+
+def _relabel(label_map, lut):
+    """Source label ids -> model ids through ``lut`` (256,) (numpy, or a tensor after a DataLoader)."""
+    import torch
+
+    if label_map.device.type == "cpu":
+        return torch.from_numpy(np.asarray(lut)[label_map.numpy()])
+    return torch.as_tensor(lut).to(label_map.device, non_blocking=True)[label_map.long()]
 
 
 def build_inputs(raws: list[dict], opts, anatomies: Sequence[str], device=None, augment=None,
@@ -351,8 +395,7 @@ def build_inputs(raws: list[dict], opts, anatomies: Sequence[str], device=None, 
         s = sample_case(raw, opts, anatomies, dev)
         if "volume" in s:
             vols.append(window(s["volume"], lo, hi)[None])
-            lut = torch.as_tensor(raw["lut"]).to(dev, non_blocking=True)   # numpy, or a tensor via the loader
-            labs.append(lut[s["label_map"].long()])
+            labs.append(_relabel(s["label_map"], raw["lut"]))
         if "crops" in s:
             c = torch.stack([window(s["crops"][k], *opts.anatomy_windows.get(a, (lo, hi)))
                              for k, a in enumerate(anatomies)])[:, None]

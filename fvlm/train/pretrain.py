@@ -23,6 +23,7 @@ validation metric).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from ..models.fvlm import FVLMConfig
 from .engine import TrainConfig
 
 __all__ = ["PretrainConfig", "run", "build_source", "prepare"]
+
+log = logging.getLogger("fvlm.pretrain")
 
 
 @dataclass
@@ -121,9 +124,13 @@ def prepare(cfg: PretrainConfig):
     cfg.model.anatomies = anats
     if cfg.model.mode == "crop":
         cfg.data.load_crops = True
-        if list(cfg.model.image.img_size) != list(cfg.data.crop_size):
-            raise FvlmError(f"crop mode: model.image.img_size {cfg.model.image.img_size} must equal "
-                            f"data.crop_size {cfg.data.crop_size}")
+        # one crop-size key: the model's input (data.crop_size is read for one release)
+        if cfg.data.crop_size is not None:
+            if list(cfg.model.image.img_size) != list(cfg.data.crop_size):
+                raise FvlmError(f"crop mode: data.crop_size {cfg.data.crop_size} differs from model.image.img_size "
+                                f"{cfg.model.image.img_size}; the crop size is the model's input: drop data.crop_size")
+            log.warning("data.crop_size is deprecated: crops are cut at model.image.img_size; drop the key")
+        cfg.data.crop_size = list(cfg.model.image.img_size)
         cfg.data.load_volume = cfg.model.use_global
     elif list(cfg.model.image.img_size) != list(cfg.data.volume_size):
         raise FvlmError(f"model.image.img_size {cfg.model.image.img_size} must equal data.volume_size "
