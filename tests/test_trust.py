@@ -290,11 +290,18 @@ def test_bad_shards_are_one_format_error_naming_the_case(built, tmp_path, kind, 
     from fvlm.errors import FormatError
 
     root = _bad_shards(kind, built["shards"], tmp_path)
+    import numpy as np
+
     with pytest.raises(FormatError) as e:
         ds = ShardDataset(root)
         for cid in ds.case_ids():
             ds.get(cid)
     msg = str(e.value)
+    if kind.startswith(("no_volume", "no_label", "label_", "float_", "spacing_", "bbox_")):  # the sample path's reader too
+        with pytest.raises(FormatError, match="c0"):
+            ds = ShardDataset(root)
+            vol, lab = ds.stored("c0")
+            np.asarray(lab)
     assert "\n" not in msg
     for w in words:
         assert w in msg, (w, msg)
@@ -577,3 +584,31 @@ def test_ctrate_duplicate_volume_rows(tmp_path, caplog):
     ds = _ctrate_tree(tmp_path / "differ", head, [row, ["valid_1_a_1.nii.gz", "Normal.", "Normal."]])
     with pytest.raises(FvlmError, match=r"reports.csv:3: a second, different report row for valid_1_a_1.nii.gz"):
         read_ctrate(ds)
+
+
+# --------------------------------------------------------------------------- embed leaves no state behind
+
+
+def test_embed_nosuch_split_leaves_nothing_and_the_corrected_command_runs(built, tmp_path, capsys):
+    out = tmp_path / "e.parquet"
+    argv = ["embed", "--checkpoint", str(built["ck"]), "--data", str(built["shards"]), "--out", str(out),
+            "--device", "cpu", "-q"]
+    assert main([*argv, "--split", "nosuch"]) == 2
+    _one_line(capsys, "no cases in split 'nosuch'", "train, valid")
+    assert list(tmp_path.iterdir()) == []
+    assert main([*argv, "--split", "valid"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.parquet"]
+
+
+def test_embed_failure_before_any_part_leaves_nothing(built, tmp_path, capsys, monkeypatch):
+    from fvlm.commands import embed as embed_cmd
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_cmd, "_embed_chunks", boom)
+    out = tmp_path / "e.parquet"
+    rc = main(["embed", "--checkpoint", str(built["ck"]), "--data", str(built["shards"]), "--out", str(out),
+               "--device", "cpu", "-q"])
+    assert rc == 130
+    assert list(tmp_path.iterdir()) == []

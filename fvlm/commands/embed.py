@@ -117,14 +117,38 @@ def _join_npz(parts: Path, out: Path, state: dict) -> int:
     return t.num_rows
 
 
-def run(args) -> int:
+def _embed_chunks(args, ds, case_ids, model, make_batch, parts: Path, names, anatomies) -> int:
+    """Encode the cases not yet in a part file, one part per chunk -> how many were done before."""
+    import pyarrow.parquet as pq
     import torch
 
+    from ..eval.embed import encode_cases
+    from ..progress import progress
+
+    done = _done_ids(parts)
+    todo = [c for c in case_ids if c not in done]
+    next_part = len(list(parts.glob("part-*.parquet")))
+    bar = progress(total=len(case_ids), desc="embed", unit="case", initial=len(case_ids) - len(todo))
+    with torch.inference_mode():
+        for i in range(0, len(todo), args.chunk):
+            ids = todo[i:i + args.chunk]
+            emb = encode_cases(model, ds, ids, make_batch, args.batch_size, None, "embed chunk",
+                               getattr(make_batch, "get_kwargs", None))
+            t = _table(emb, _ids(ds, ids), names, anatomies)
+            p = parts / f"part-{next_part:05d}.parquet"
+            pq.write_table(t, str(p) + ".tmp", **PARQUET_OPTIONS)
+            os.replace(str(p) + ".tmp", p)
+            next_part += 1
+            bar.update(len(ids))
+    bar.close()
+    return len(case_ids) - len(todo)
+
+
+def run(args) -> int:
     from .. import __version__
     from ..errors import FvlmError
     from ..eval import loading
-    from ..eval.embed import data_fingerprint, encode_cases
-    from ..progress import progress
+    from ..eval.embed import data_fingerprint
 
     out = Path(args.out)
     if out.suffix not in (".parquet", ".npz"):
@@ -143,39 +167,38 @@ def run(args) -> int:
     if out.is_file() and not parts.exists():
         raise FvlmError(f"--out {out} exists (a finished run); remove it or choose another name")
     if parts.is_dir():
-        old = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        if {k: old.get(k) for k in ("checkpoint", "data", "split")} != {k: state[k] for k in ("checkpoint", "data", "split")}:
+        try:
+            old = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = {}
+        if not isinstance(old, dict) or {k: old.get(k) for k in ("checkpoint", "data", "split")} != \
+                {k: state[k] for k in ("checkpoint", "data", "split")}:
             raise FvlmError(f"{parts} holds parts of another run (other checkpoint, data or split); "
                             "remove it to start over")
-    parts.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(state, ensure_ascii=False, indent=1))
+    # everything that can be refused is checked before the parts folder is made, so a corrected
+    # command is never blocked by the state of one that did nothing
+    case_ids = ds.case_ids(args.split)
+    if not case_ids:
+        splits = sorted({str(ds.index_row(c).get("split") or "") for c in ds.case_ids()})
+        raise FvlmError(f"no cases{' in split ' + repr(args.split) if args.split else ''} in {args.data}"
+                        + (f" (its splits: {', '.join(splits)})" if args.split and splits else ""))
     model, meta, make_batch = loading.load_model(args.checkpoint, args.device)
     names = [str(n) for n in getattr(model, "names", [])]
     anatomies = [n for n in names if n != "global"]
     state.update(names=names, anatomies=anatomies, embed_dim=int(meta.get("embed_dim") or 0))
-    case_ids = ds.case_ids(args.split)
-    if not case_ids:
-        raise FvlmError(f"no cases{' in split ' + repr(args.split) if args.split else ''} in {args.data}")
-    done = _done_ids(parts)
-    todo = [c for c in case_ids if c not in done]
-    next_part = len(list(parts.glob("part-*.parquet")))
-    bar = progress(total=len(case_ids), desc="embed", unit="case", initial=len(case_ids) - len(todo))
-    import pyarrow.parquet as pq
-
-    with torch.inference_mode():
-        for i in range(0, len(todo), args.chunk):
-            ids = todo[i:i + args.chunk]
-            emb = encode_cases(model, ds, ids, make_batch, args.batch_size, None, "embed chunk",
-                               getattr(make_batch, "get_kwargs", None))
-            t = _table(emb, _ids(ds, ids), names, anatomies)
-            p = parts / f"part-{next_part:05d}.parquet"
-            pq.write_table(t, str(p) + ".tmp", **PARQUET_OPTIONS)
-            os.replace(str(p) + ".tmp", p)
-            next_part += 1
-            bar.update(len(ids))
-    bar.close()
+    created = not parts.exists()
+    parts.mkdir(parents=True, exist_ok=True)
+    tmp_state = state_file.with_name(state_file.name + ".tmp")
+    tmp_state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp_state, state_file)
+    try:
+        before = _embed_chunks(args, ds, case_ids, model, make_batch, parts, names, anatomies)
+    except BaseException:
+        if created and not any(parts.glob("part-*.parquet")):  # nothing to resume: leave no state behind
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
     n = (_join_parquet if out.suffix == ".parquet" else _join_npz)(parts, out, state)
     shutil.rmtree(parts)
-    print(f"wrote {out}: {n} cases ({len(case_ids) - len(todo)} from an earlier run), "
+    print(f"wrote {out}: {n} cases ({before} from an earlier run), "
           f"{len(names)} embeddings of size {state['embed_dim']}")
     return 0

@@ -515,6 +515,28 @@ def _check_labels(where, case_id: str, lab: np.ndarray, n_anatomies: int) -> Non
                           "anatomies of the layout")
 
 
+class _CheckedLabels:
+    """A stored label map that checks the ids of every hyperslab read from it (one error naming the
+    case): the sample path reads a box, not the whole map, so the check rides on that read."""
+
+    def __init__(self, ds, where, case_id: str, n_anatomies: int):
+        self._ds, self._where, self._case, self._n = ds, where, case_id, n_anatomies
+        self.shape, self.dtype, self.ndim = ds.shape, ds.dtype, ds.ndim
+
+    def __getitem__(self, key):
+        out = self._ds[key]
+        _check_labels(self._where, self._case, np.asarray(out), self._n)
+        return out
+
+    def read_direct(self, dest, source_sel=None, dest_sel=None):
+        self._ds.read_direct(dest, source_sel, dest_sel)
+        _check_labels(self._where, self._case, dest if dest_sel is None else dest[dest_sel], self._n)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[()]
+        return out if dtype is None else out.astype(dtype)
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -761,9 +783,12 @@ class ShardDataset:
 
     def stored(self, case_id: str):
         """``(volume, label_map)`` of a case as stored (int16 HU, uint8 ids on the ``spacing_mm``
-        grid), as sliceable ``h5py.Dataset`` s: the sample path reads one hyperslab of them."""
-        _, f, i = self._open_row(case_id)
-        return f["volume"][str(i)], f["label_map"][str(i)]
+        grid), as sliceable ``h5py.Dataset`` s: the sample path reads one hyperslab of them.
+        Checked like :meth:`get` (dtypes, shapes, spacing, boxes); the label ids of every
+        hyperslab read are checked against the anatomy count."""
+        r, f, i = self._open_row(case_id)
+        vol, lab, _ = self._case_arrays(r, f, i, case_id)
+        return vol, _CheckedLabels(lab, self.root / r["shard"], case_id, len(self.anatomies))
 
     #: ``get`` takes ``crop_size`` (readers check this before passing it)
     resizes_on_read = True
