@@ -612,3 +612,32 @@ def test_embed_failure_before_any_part_leaves_nothing(built, tmp_path, capsys, m
                "--device", "cpu", "-q"])
     assert rc == 130
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- temporary files
+
+
+def test_temp_files_live_in_one_per_process_folder_removed_at_exit(tmp_path):
+    import subprocess
+
+    env = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    from fvlm.tempdir import PREFIX, _host
+
+    stale = tmp_path / f"{PREFIX}{_host()}-{dead}"
+    (stale / "vocab_x").mkdir(parents=True)
+    legacy = tmp_path / "fvlm_vocab_old"
+    legacy.mkdir()
+    os.utime(legacy, (0, 0))
+    young = tmp_path / "fvlm_vocab_young"  # maybe a live older fvlm: kept
+    young.mkdir()
+    code = ("from fvlm.encoders.text import TextEncoder; import os, tempfile; from pathlib import Path; "
+            "t = TextEncoder.tiny_random(); t.encode(['the liver']); "
+            "print(sorted(p.name for p in Path(tempfile.gettempdir()).iterdir()))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    during = eval(r.stdout.strip().splitlines()[-1])
+    assert stale.name not in during and legacy.name not in during and young.name in during
+    assert [n for n in during if n.startswith(PREFIX)], during  # its own folder, while it ran
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("fvlm")) == [young.name]  # removed at exit

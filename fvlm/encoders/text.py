@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..errors import FvlmError
 from ..resources import default_text_model_dir
+from ..tempdir import process_temp_dir
 
 _HOW = ("point to a local copy with model_dir / --set model.text.model_dir=PATH or FVLM_TEXT_MODEL=PATH "
         "(a directory with config.json, the weights and tokenizer files, e.g. from "
@@ -72,9 +73,10 @@ class TextEncoder(nn.Module):
                  "there left right lobe lower upper mm cm . , ; :").split()
         chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
         vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + chars + ["##" + c for c in chars]
-        tmp = Path(tempfile.mkdtemp(prefix="fvlm_vocab_"))
-        (tmp / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-        tok = BertTokenizerFast(vocab_file=str(tmp / "vocab.txt"), do_lower_case=True)
+        # the word list is read once, by the tokenizer's constructor: its folder goes right after
+        with tempfile.TemporaryDirectory(prefix="vocab_", dir=process_temp_dir()) as tmp:
+            (Path(tmp) / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+            tok = BertTokenizerFast(vocab_file=str(Path(tmp) / "vocab.txt"), do_lower_case=True)
         torch.manual_seed(seed)
         cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, intermediate_size=hidden * 2, max_position_embeddings=128)

@@ -344,7 +344,9 @@ def preprocess_scan(image, mask=None, pcfg=None, *, affine=None, mask_dir=None, 
     """
     if isinstance(image, (str, os.PathLike)) and not isinstance(mask, np.ndarray) and not _is_nibabel(mask):
         return preprocess_in_memory(str(image), None if mask is None else str(mask), mask_dir, pcfg, case_id)
-    with tempfile.TemporaryDirectory(prefix="fvlm_scan_") as tmp:
+    from ..tempdir import process_temp_dir
+
+    with tempfile.TemporaryDirectory(prefix="scan_", dir=process_temp_dir()) as tmp:
         if _is_nibabel(image) and affine is None:
             affine = image.affine
         if isinstance(image, (str, os.PathLike)) and affine is None and mask is not None \
