@@ -201,7 +201,7 @@ def main() -> None:
             t0 = time.perf_counter()
             cdir = build_cache(ds, opts, root / f"cache_{mode}")
             build_s = (time.perf_counter() - t0) / args.cases
-            cache_mb = sum(p.stat().st_size for p in cdir.glob("*.npy")) / args.cases / 1e6
+            cache_mb = sum(p.stat().st_size for p in cdir.iterdir() if p.is_file()) / args.cases / 1e6
             print(f"  bytes per case: v2 shards {shard_mb:.1f} MB (compressed, all modes); "
                   f"cache {cache_mb:.1f} MB (uncompressed, this input; built at {build_s:.2f} s/case here)")
             old = before_cpu(ds, opts, args.batches, args.batch_size)

@@ -159,6 +159,8 @@ def test_cache_stores_the_model_input_and_training_reads_it(real_shards, tmp_pat
         cached = CachedShards(ds, d, opts)
         a = make_batch_fn(opts).load(cached, ds.case_ids())
         b = make_batch_fn(opts).load(ds, ds.case_ids())
+        # the text side comes from the cache's own metadata, unchanged
+        assert a["texts"] == b["texts"] and torch.equal(a["labels"], b["labels"]) and torch.equal(a["present"], b["present"])
         for k in (k for k in IMAGE_KEYS if k in b):
             if b[k].dtype == torch.uint8:
                 assert torch.equal(a[k], b[k]), (mode, k)

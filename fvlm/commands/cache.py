@@ -41,7 +41,7 @@ def run(args) -> int:
     source, opts, _, _, _ = prepare(cfg)
     d = build_cache(source, opts, args.cache_dir)
     n = len(source.case_ids())
-    cache_b = sum(p.stat().st_size for p in Path(d).glob("*.npy")) / n
+    cache_b = sum(p.stat().st_size for p in Path(d).iterdir() if p.is_file()) / n
     shard_b = sum(p.stat().st_size for p in Path(source.root, "shards").glob("*.h5")) / n
     log.info("cache %s: %d cases, %.1f MB per case (the v2 shards: %.1f MB per case, compressed)",
              d, n, cache_b / 1e6, shard_b / 1e6)

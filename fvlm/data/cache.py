@@ -9,6 +9,8 @@ uncompressed, packed for the host-to-device copy:
   two 4-bit source label ids per byte (anatomy sets of at most 15 anatomies);
 - ``crops.npy`` int16 ``(N, A, *crop_size)`` HU, ``masks.npy`` uint8 ``(N, A, prod(crop_size) / 8)``
   (bits, ``np.packbits`` order) and ``present.npy`` bool ``(N, A)``;
+- ``meta.bin`` / ``meta.offsets``: each case's metadata (report, texts, labels, present) as JSON, so
+  a worker reading the cache never opens a shard;
 - ``cache.json``: format ``fvlm-input-cache`` version 1, the ``key`` options, ``case_ids`` (row order)
   and ``complete``.
 
@@ -130,9 +132,28 @@ def build_cache(ds, opts, out: str | os.PathLike | None = None) -> Path:
                 _write_info(d, info)
             bar.update(1)
     bar.close()
+    _write_meta(ds, ids, d)
     info["complete"] = True
     _write_info(d, info)
     return d
+
+
+#: the case metadata a batch's text fields need, so a worker reading the cache never opens a shard
+META_FIELDS = ("case_id", "patient_id", "split", "present", "report", "anatomy_text", "labels")
+
+
+def _write_meta(ds, ids, d: Path) -> None:
+    """``meta.bin``: one UTF-8 JSON object per case (``META_FIELDS``), ``meta.offsets``: int64 (N + 1)."""
+    offsets, parts, pos = [0], [], 0
+    for cid in ids:
+        rec = ds.get(cid, volume=False, crops=False)
+        b = json.dumps({k: getattr(rec, k) for k in META_FIELDS}, ensure_ascii=False).encode("utf-8")
+        parts.append(b)
+        pos += len(b)
+        offsets.append(pos)
+    (d / "meta.bin").write_bytes(b"".join(parts))
+    with open(d / "meta.offsets", "wb") as f:
+        np.save(f, np.asarray(offsets, np.int64))
 
 
 def _hu16(x) -> np.ndarray:
@@ -174,12 +195,12 @@ class CachedShards:
             raise FvlmError(f"{self.dir}: cached for another model input than this run's "
                             "(sizes, anatomies, antialias or shard layout differ)")
         self.row = {c: i for i, c in enumerate(info["case_ids"])}
-        self._mm = None
+        self._mm = self._meta = None
         self.anatomies, self.root = ds.anatomies, ds.root
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_mm"] = None
+        d["_mm"] = d["_meta"] = None
         return d
 
     def _arrays(self) -> dict:
@@ -196,8 +217,20 @@ class CachedShards:
     def case_ids(self, split: str | None = None) -> list[str]:
         return self.ds.case_ids(split)
 
-    def get(self, case_id: str, *args, **kw):
-        return self.ds.get(case_id, *args, **kw)
+    def get(self, case_id: str, anatomies=None, volume: bool = True, crops: bool = True, **kw):
+        """Metadata only (``volume=False, crops=False``, what the sample path asks for) comes from the
+        cache's ``meta.bin``; anything else from the shards."""
+        if volume or crops or case_id not in self.row:
+            return self.ds.get(case_id, anatomies=anatomies, volume=volume, crops=crops, **kw)
+        from .shards import CaseRecord
+
+        if self._meta is None or self._meta[0] != os.getpid():
+            with open(self.dir / "meta.offsets", "rb") as f:
+                self._meta = (os.getpid(), np.load(f), os.open(self.dir / "meta.bin", os.O_RDONLY))
+        _, off, fd = self._meta
+        i = self.row[case_id]
+        d = json.loads(os.pread(fd, int(off[i + 1] - off[i]), int(off[i])).decode("utf-8"))
+        return CaseRecord(**d)
 
     def cached(self, case_id: str) -> dict:
         """One case's rows, read (``pread``, one kernel copy from the page cache) straight into
