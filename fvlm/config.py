@@ -466,10 +466,14 @@ def dump_config(cfg, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"# resolved {type(cfg).__name__} written by fvlm\n")
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"# resolved {type(cfg).__name__} written by fvlm\n")
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: no half-written file left beside
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

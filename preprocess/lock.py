@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -22,6 +23,14 @@ __all__ = ["RunLock"]
 
 log = logging.getLogger("fvlm.preprocess")
 _UNREADABLE_GRACE_S = 30  # a lock file still being written by its owner may be empty for a moment
+
+
+def _block_signals():
+    """Block SIGINT and SIGTERM in this thread -> the previous mask (None where that is not possible)."""
+    try:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _pid_running(pid: int) -> bool:
@@ -65,6 +74,16 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Ctrl-C / SIGTERM held back from creating the file to recording it as ours, so an interrupt
+        # never leaves an empty lock behind; delivered when acquire returns (then __enter__ releases)
+        masked = _block_signals()
+        try:
+            return self._acquire()
+        finally:
+            if masked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+
+    def _acquire(self) -> "RunLock":
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -102,7 +121,11 @@ class RunLock:
                 pass
 
     def __enter__(self) -> "RunLock":
-        return self.acquire()
+        try:
+            return self.acquire()
+        except BaseException:  # an interrupt delivered as acquire returned: __exit__ will not run
+            self.release()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.release()

@@ -318,8 +318,17 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
                    shard_index: int = 0, num_shards: int = 1) -> dict:
     """Process this job's part of ``specs`` into ``out``; returns the summary dict.
 
-    Resumes by case id (preprocess/resume.py). Raises :class:`FvlmError` when the disk is full.
+    Resumes by case id (preprocess/resume.py). Raises :class:`FvlmError` when the disk is full,
+    ``KeyboardInterrupt`` on SIGINT or SIGTERM, wherever it lands (``runner.interrupts``).
     """
+    with runner.interrupts():
+        summary = _run_preprocess(cfg, specs, out, num_workers, shard_index, num_shards)
+        runner.check_interrupted()
+    return summary
+
+
+def _run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path, num_workers: int,
+                    shard_index: int, num_shards: int) -> dict:
     out = Path(out)
     check_output(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -389,6 +398,7 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
                                   _died(out), mp.get_context("spawn"))
     try:
         for cid, status, msg, secs in progress(results, desc="preprocess", total=len(todo), unit="case"):
+            runner.check_interrupted()
             if status == "disk_full":
                 raise _disk_full_error(msg)
             if status == "ok":
@@ -401,6 +411,7 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
     finally:
         if hasattr(results, "close"):  # stops and reaps the workers on any exit, Ctrl-C included
             results.close()
+    runner.check_interrupted()
     flush()
     run["seconds"] = round(time.perf_counter() - t0, 1)
     try:

@@ -7,21 +7,70 @@ worker dies; the cases that worker was processing (known from a marker file each
 writes while it runs, ``.state/running/<id>``) fail with a clear reason, and the rest
 are handed to a fresh pool. Workers ignore SIGINT: Ctrl-C reaches the parent, which
 kills every worker and re-raises ``KeyboardInterrupt`` (exit 130); the next run resumes.
+
+Inside :func:`interrupts`, SIGINT and SIGTERM raise ``KeyboardInterrupt`` *and* are recorded:
+Python discards an exception raised while a ``__del__`` or a weakref callback runs (it only
+prints "Exception ignored"), so a signal landing there was lost and the run went on to the
+end. :func:`check_interrupted`, called at every step of the run loop, raises it again.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["run_pool", "clear_running"]
+__all__ = ["run_pool", "clear_running", "interrupts", "check_interrupted"]
 
 log = logging.getLogger("fvlm.preprocess")
 _MAX_UNEXPLAINED = 2  # a case in flight during this many unexplained pool deaths is failed
+
+
+_pending: int | None = None
+
+
+def _on_signal(signum, frame) -> None:
+    global _pending
+    _pending = signum
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts():
+    """SIGINT and SIGTERM stop the run (``KeyboardInterrupt``, exit 130) wherever they land."""
+    global _pending
+    _pending = None
+    try:
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (an embedding program): leave signals alone
+        yield
+        return
+    hook = sys.unraisablehook
+
+    def quiet(u):  # a swallowed interrupt is raised again by check_interrupted: no "Exception ignored" trace
+        if u.exc_type is not KeyboardInterrupt:
+            hook(u)
+
+    sys.unraisablehook = quiet
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        sys.unraisablehook = hook
+        _pending = None
+
+
+def check_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` when a signal arrived since :func:`interrupts` began (even if the
+    exception it raised was swallowed)."""
+    if _pending is not None:
+        raise KeyboardInterrupt
 
 
 def _init(initializer, initargs) -> None:
@@ -93,14 +142,18 @@ def run_pool(todo: list, workers: int, initializer: Callable, initargs: tuple, w
         ex = ProcessPoolExecutor(max_workers=min(workers, len(left)), mp_context=ctx, initializer=_init,
                                  initargs=(initializer, initargs), max_tasks_per_child=50)
         procs: dict = {}
-        futs = {ex.submit(_guarded, work, s, str(running)): cid for cid, s in left.items()}
-        procs.update(getattr(ex, "_processes", None) or {})
         broken = False
         try:
+            # submitted inside the try: an interrupt while the workers start still stops them (else the
+            # executor's exit handler would wait for every submitted case)
+            futs = {ex.submit(_guarded, work, s, str(running)): cid for cid, s in left.items()}
+            procs.update(getattr(ex, "_processes", None) or {})
             pending = set(futs)
             while pending and not broken:
-                done, pending = wait(pending, timeout=5.0, return_when=FIRST_COMPLETED)
+                check_interrupted()
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 procs.update(getattr(ex, "_processes", None) or {})
+                check_interrupted()
                 for f in done:
                     try:
                         res = f.result()

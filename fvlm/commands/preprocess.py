@@ -84,7 +84,7 @@ def run(args) -> int:
     specs = collect_cases(args.manifest, args.input, cfg.layout, cfg=cfg)
     tag = "" if args.num_shards == 1 else "-" + part_tag(max(0, args.shard_index), args.num_shards)
     check_output(cfg, out)  # a refused re-run writes nothing: no log, no config.yaml, no lock
-    with RunLock(out / f".preprocess{tag}.lock"), _sigterm_interrupts():
+    with _sigterm_interrupts(), RunLock(out / f".preprocess{tag}.lock"):
         log = setup_logging(out, f"preprocess{tag}", quiet=args.quiet)
         dump_config(cfg, out / f"config{tag}.yaml")
         log.info("fvlm preprocess: %d cases from %s -> %s", len(specs), args.manifest or args.input, out)

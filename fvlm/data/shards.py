@@ -349,11 +349,15 @@ def concat_shards(path: str | os.PathLike, layout: ShardLayout, parts: Sequence[
 def _atomic_text(path: Path, text: str) -> None:
     # per-process temporary name: parallel array jobs write the same dataset.json
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: no half-written file left beside
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_index(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
