@@ -16,6 +16,24 @@ class FvlmError(Exception):
 
     exit_code = EXIT_INPUT
 
+    def __init__(self, *args):
+        # raised in a DataLoader worker, torch re-raises it in the main process as
+        # ``type(e)("Caught X in DataLoader worker ...\nOriginal Traceback ...")``: keep the one line
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") \
+                and "\nOriginal Traceback" in args[0]:
+            args = (_original_message(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _original_message(text: str, cls: type) -> str:
+    """The message of the last ``module.Class: message`` line of a formatted traceback."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head, sep, msg = ln.partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == cls.__name__:
+            return msg
+    return lines[0] if lines else text
+
 
 class CasesFailedError(FvlmError):
     """The job ran, but too many of its cases failed (or none landed); exit code 3.

@@ -737,3 +737,19 @@ def test_sigint_and_sigterm_land_at_any_point_under_load(ct_samples, tmp_path):
     assert p.returncode == 0, err
     rows = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines() if x.strip()]
     assert sorted(r["case_id"] for r in rows) == ids
+
+
+def test_a_bad_case_read_in_a_dataloader_worker_stays_one_line(built, tmp_path):
+    """torch re-raises a worker's exception with the worker's traceback as its message; an FvlmError
+    keeps its one line (pretrain's loader reads shards in workers)."""
+    from torch.utils.data import DataLoader
+
+    from fvlm.data.shards import ShardDataset
+    from fvlm.errors import FormatError
+
+    root = _bad_shards("no_volume", built["shards"], tmp_path)
+    ds = ShardDataset(root)
+    with pytest.raises(FormatError) as e:
+        for _ in DataLoader(ds, num_workers=1, collate_fn=lambda b: b):
+            pass
+    assert str(e.value).endswith("case 'c0': volume/0 is missing"), str(e.value)
