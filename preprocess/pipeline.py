@@ -322,8 +322,13 @@ def run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Path
     ``KeyboardInterrupt`` on SIGINT or SIGTERM, wherever it lands (``runner.interrupts``).
     """
     with runner.interrupts():
-        summary = _run_preprocess(cfg, specs, out, num_workers, shard_index, num_shards)
-        runner.check_interrupted()
+        try:
+            summary = _run_preprocess(cfg, specs, out, num_workers, shard_index, num_shards)
+            runner.check_interrupted()
+        except KeyboardInterrupt:  # the workers are stopped: what they were writing is discarded
+            for tmp in (Path(out) / ".state" / "cases").glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+            raise
     return summary
 
 

@@ -8,69 +8,25 @@ writes while it runs, ``.state/running/<id>``) fail with a clear reason, and the
 are handed to a fresh pool. Workers ignore SIGINT: Ctrl-C reaches the parent, which
 kills every worker and re-raises ``KeyboardInterrupt`` (exit 130); the next run resumes.
 
-Inside :func:`interrupts`, SIGINT and SIGTERM raise ``KeyboardInterrupt`` *and* are recorded:
-Python discards an exception raised while a ``__del__`` or a weakref callback runs (it only
-prints "Exception ignored"), so a signal landing there was lost and the run went on to the
-end. :func:`check_interrupted`, called at every step of the run loop, raises it again.
+The run loop calls :func:`fvlm.interrupts.check_interrupted` at every step: a Ctrl-C whose
+``KeyboardInterrupt`` Python swallowed (raised inside a ``__del__``) still stops the run.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
-import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator
 
+from fvlm.interrupts import check_interrupted, interrupts
+
 __all__ = ["run_pool", "clear_running", "interrupts", "check_interrupted"]
 
 log = logging.getLogger("fvlm.preprocess")
 _MAX_UNEXPLAINED = 2  # a case in flight during this many unexplained pool deaths is failed
-
-
-_pending: int | None = None
-
-
-def _on_signal(signum, frame) -> None:
-    global _pending
-    _pending = signum
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def interrupts():
-    """SIGINT and SIGTERM stop the run (``KeyboardInterrupt``, exit 130) wherever they land."""
-    global _pending
-    _pending = None
-    try:
-        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread (an embedding program): leave signals alone
-        yield
-        return
-    hook = sys.unraisablehook
-
-    def quiet(u):  # a swallowed interrupt is raised again by check_interrupted: no "Exception ignored" trace
-        if u.exc_type is not KeyboardInterrupt:
-            hook(u)
-
-    sys.unraisablehook = quiet
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        sys.unraisablehook = hook
-        _pending = None
-
-
-def check_interrupted() -> None:
-    """Raise ``KeyboardInterrupt`` when a signal arrived since :func:`interrupts` began (even if the
-    exception it raised was swallowed)."""
-    if _pending is not None:
-        raise KeyboardInterrupt
 
 
 def _init(initializer, initargs) -> None:

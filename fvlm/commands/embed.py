@@ -123,6 +123,7 @@ def _embed_chunks(args, ds, case_ids, model, make_batch, parts: Path, names, ana
     import torch
 
     from ..eval.embed import encode_cases
+    from ..interrupts import check_interrupted
     from ..progress import progress
 
     done = _done_ids(parts)
@@ -131,6 +132,7 @@ def _embed_chunks(args, ds, case_ids, model, make_batch, parts: Path, names, ana
     bar = progress(total=len(case_ids), desc="embed", unit="case", initial=len(case_ids) - len(todo))
     with torch.inference_mode():
         for i in range(0, len(todo), args.chunk):
+            check_interrupted()
             ids = todo[i:i + args.chunk]
             emb = encode_cases(model, ds, ids, make_batch, args.batch_size, None, "embed chunk",
                                getattr(make_batch, "get_kwargs", None))
@@ -149,6 +151,7 @@ def run(args) -> int:
     from ..errors import FvlmError
     from ..eval import loading
     from ..eval.embed import data_fingerprint
+    from ..interrupts import check_interrupted, interrupts
 
     out = Path(args.out)
     if out.suffix not in (".parquet", ".npz"):
@@ -192,7 +195,9 @@ def run(args) -> int:
     tmp_state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
     os.replace(tmp_state, state_file)
     try:
-        before = _embed_chunks(args, ds, case_ids, model, make_batch, parts, names, anatomies)
+        with interrupts():
+            before = _embed_chunks(args, ds, case_ids, model, make_batch, parts, names, anatomies)
+            check_interrupted()
     except BaseException:
         if created and not any(parts.glob("part-*.parquet")):  # nothing to resume: leave no state behind
             shutil.rmtree(parts, ignore_errors=True)
