@@ -100,12 +100,28 @@ def _opts(config: str, ds):
     return opts, cfg.model.image.img_size, cfg.model.image.patch_size
 
 
+def _fit(x, size, mode: str, pad: float):
+    """The loader's CPU resize before this issue: aspect-keeping ``F.interpolate`` + centre padding."""
+    import torch
+    import torch.nn.functional as F
+
+    from fvlm.data.inputs import fit_size
+
+    resized, before = fit_size(x.shape[1:], size)
+    if mode == "nearest":
+        y = F.interpolate(x[None].float(), size=tuple(resized), mode="nearest-exact")[0].to(x.dtype)
+    else:
+        y = F.interpolate(x[None], size=tuple(resized), mode="trilinear", align_corners=False)[0]
+    out = torch.full((x.shape[0], *size), pad, dtype=y.dtype)
+    out[(slice(None), *(slice(b, b + r) for b, r in zip(before, resized)))] = y
+    return out
+
+
 def _before(ds, ids, opts) -> None:
     """The worker's work until this issue: cut and resample in the reader, window, resize, masks."""
     import numpy as np
     import torch
 
-    from fvlm.data.ct import _fit
     from fvlm.data.shards import AIR_HU, window
 
     for cid in ids:

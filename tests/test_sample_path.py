@@ -188,9 +188,7 @@ def test_cache_build_resumes_after_a_crash(real_shards, tmp_path, monkeypatch):
     opts = _opts(ds, "volume")
     monkeypatch.setattr(cache, "_FLUSH_EVERY", 1)
     calls = {"n": 0}
-    from fvlm.data import inputs
-
-    orig = inputs.sample_case
+    orig = cache.sample_case
 
     def boom(*a, **k):
         calls["n"] += 1
@@ -198,12 +196,12 @@ def test_cache_build_resumes_after_a_crash(real_shards, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return orig(*a, **k)
 
-    monkeypatch.setattr(inputs, "sample_case", boom)
+    monkeypatch.setattr(cache, "sample_case", boom)
     with pytest.raises(KeyboardInterrupt):
         cache.build_cache(ds, opts, tmp_path / "c")
     info = cache._read_info(tmp_path / "c")
     assert info["progress"] == 1 and not info["complete"]
-    monkeypatch.setattr(inputs, "sample_case", orig)
+    monkeypatch.setattr(cache, "sample_case", orig)
     d = cache.build_cache(ds, opts, tmp_path / "c")
     ref = cache.build_cache(ds, opts, tmp_path / "ref")
     for name in ("volume", "labels"):

@@ -30,8 +30,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ..errors import FormatError, FvlmError
+from ..progress import progress
+from .inputs import _shared_tensor, regions_of, sample_case
+from .shards import CaseRecord
 
 __all__ = ["cache_key", "cache_dir", "build_cache", "CachedShards", "open_cache", "CACHE_FORMAT", "CACHE_VERSION"]
 
@@ -85,11 +89,6 @@ def _arrays(d: Path, n: int, opts, A: int, mode: str) -> dict:
 def build_cache(ds, opts, out: str | os.PathLike | None = None) -> Path:
     """Sample every case of ``ds`` (a ``ShardDataset``) to ``opts``' input grid into ``out``
     (default ``<shards>/cache/<key>``). Resumes a half-built cache with the same key."""
-    import torch
-
-    from ..progress import progress
-    from .inputs import regions_of, sample_case
-
     src = list(ds.anatomies)
     if opts.volume_size is not None and len(src) > 15:
         raise FvlmError(f"cache: {len(src)} anatomies do not fit 4-bit label maps (at most 15)")
@@ -222,8 +221,6 @@ class CachedShards:
         cache's ``meta.bin``; anything else from the shards."""
         if volume or crops or case_id not in self.row:
             return self.ds.get(case_id, anatomies=anatomies, volume=volume, crops=crops, **kw)
-        from .shards import CaseRecord
-
         if self._meta is None or self._meta[0] != os.getpid():
             with open(self.dir / "meta.offsets", "rb") as f:
                 self._meta = (os.getpid(), np.load(f), os.open(self.dir / "meta.bin", os.O_RDONLY))
@@ -235,8 +232,6 @@ class CachedShards:
     def cached(self, case_id: str) -> dict:
         """One case's rows, read (``pread``, one kernel copy from the page cache) straight into
         tensors in shared memory, which a DataLoader hands to the main process without copying."""
-        import torch
-
         if case_id not in self.row:
             raise FvlmError(f"case {case_id!r} is not in the cache {self.dir} (rebuild it with `fvlm cache`)")
         i = self.row[case_id]
@@ -252,18 +247,6 @@ class CachedShards:
         return out
 
 
-def _shared_tensor(shape, dtype: np.dtype):
-    """An uninitialised CPU tensor in shared memory when in a DataLoader worker (else ordinary)."""
-    import torch
-
-    tdt = torch.from_numpy(np.empty(0, dtype)).dtype
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(tuple(shape), dtype=tdt)
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    storage = torch.UntypedStorage._new_shared(n)
-    return torch.empty(0, dtype=tdt).set_(storage, 0, tuple(shape))
-
-
 def open_cache(ds, opts, setting: str):
     """``data.cache``: ``auto`` (use ``<shards>/cache/<key>`` when complete), ``off``, or a cache folder."""
     if setting == "off" or not hasattr(ds, "stored"):
@@ -277,22 +260,3 @@ def open_cache(ds, opts, setting: str):
         except (FormatError, FvlmError):
             return ds
     return CachedShards(ds, setting, opts)
-
-
-def unpack_case(raw: dict, opts, anatomies, dev) -> dict:
-    """The device stage of a cached case: unpack labels and masks (HU stays int16 -> float32)."""
-    import torch
-
-    out = {}
-    if "volume" in raw:
-        out["volume"] = raw["volume"].to(dev, non_blocking=True).float()
-        b = raw["labels"].to(dev, non_blocking=True)
-        out["label_map"] = torch.stack([b & 15, b >> 4], -1).reshape(*opts.volume_size)
-    if "crops" in raw:
-        out["crops"] = raw["crops"].to(dev, non_blocking=True).float()
-        b = raw["masks"].to(dev, non_blocking=True)
-        bits = (b[..., None] >> torch.arange(7, -1, -1, device=dev, dtype=torch.uint8)) & 1
-        n = int(np.prod(opts.crop_size))
-        out["crop_masks"] = bits.reshape(b.shape[0], -1)[:, :n].reshape(b.shape[0], *opts.crop_size)
-        out["crop_present"] = raw["present"].to(dev, non_blocking=True)
-    return out

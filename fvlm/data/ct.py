@@ -26,14 +26,11 @@ would no longer match their text.
 """
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import opt
 from ..errors import FvlmError
@@ -143,38 +140,6 @@ class SampleOptions:
 # --------------------------------------------------------------------------- one sample
 
 
-def _resize(x: torch.Tensor, size: Sequence[int] | None, mode: str) -> torch.Tensor:
-    """``(C, *S)`` -> ``(C, *size)``; no-op when already that size."""
-    if size is None or tuple(x.shape[1:]) == tuple(size):
-        return x
-    if mode == "nearest":       # a label map: pick source voxels, no float copy of the volume
-        for axis, (n_in, n_out) in enumerate(zip(x.shape[1:], size)):
-            if n_in != n_out:
-                x = x.index_select(axis + 1, _nearest_exact_index(n_in, int(n_out)))
-        return x
-    return F.interpolate(x[None], size=tuple(size), mode="trilinear", align_corners=False)[0]
-
-
-@functools.lru_cache(maxsize=1024)
-def _nearest_exact_index(n_in: int, n_out: int) -> torch.Tensor:
-    """Source indices of ``F.interpolate(mode="nearest-exact")`` along one axis, taken from torch's own
-    kernel on an index ramp (its float rounding of ``(i + 0.5) * in / out`` matches neither a plain
-    float32 nor a float64 formula, e.g. at 2 -> 49 and 2 -> 61)."""
-    ramp = torch.arange(n_in, dtype=torch.float32)[None, None]
-    return F.interpolate(ramp, size=n_out, mode="nearest-exact")[0, 0].long()
-
-
-def _fit(x: torch.Tensor, size: Sequence[int] | None, mode: str, pad: float) -> torch.Tensor:
-    """``(C, *S)`` -> ``(C, *size)`` without distortion: resized by one factor, centre-padded with ``pad``."""
-    if size is None or tuple(x.shape[1:]) == tuple(size):
-        return x
-    resized, before = fit_size(x.shape[1:], size)
-    y = _resize(x, resized, mode)
-    out = torch.full((x.shape[0], *size), pad, dtype=y.dtype)
-    out[(slice(None), *(slice(b, b + r) for b, r in zip(before, resized)))] = y
-    return out
-
-
 def _text(sentences: list[str], opts: SampleOptions, rng: np.random.Generator | None) -> str:
     s = list(sentences)
     if opts.sentences == "random" and rng is not None and len(s) > 1:
@@ -244,51 +209,6 @@ def _aug_seed(augment: AugmentConfig | None, rng: np.random.Generator | None) ->
     if augment is not None and augment.enabled and rng is not None:
         return int(rng.integers(2**31 - 1))
     return None
-
-
-def augment_batch(batch: dict, aug: AugmentConfig, seeds: Sequence[int]) -> None:
-    """Random affine + intensity transforms of each sample's image keys, in place, on their device
-    (MONAI dictionary transforms seeded by ``seeds[i]``; image and masks move together)."""
-    for i, seed in enumerate(seeds):
-        s = {k: batch[k][i] for k in ("volume", "label_map", "crops", "crop_masks") if k in batch}
-        _augment(s, aug, int(seed))
-        for k, v in s.items():
-            batch[k][i] = v
-
-
-def _augment(s: dict, aug: AugmentConfig, seed: int) -> None:
-    """MONAI dictionary transforms seeded by ``seed``; image + masks move together."""
-    from monai.transforms import (Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd,
-                                  RandShiftIntensityd)
-
-    rot = math.radians(aug.rotate_deg)
-    if "volume" in s:
-        d = {"volume": s["volume"], "label_map": s["label_map"][None]}
-        t = Compose([
-            RandAffined(keys=["volume", "label_map"], prob=aug.prob, rotate_range=(rot, rot, rot),
-                        scale_range=(aug.scale,) * 3, mode=("bilinear", "nearest"), padding_mode="border"),
-            RandScaleIntensityd(keys=["volume"], factors=aug.intensity_scale, prob=aug.prob),
-            RandShiftIntensityd(keys=["volume"], offsets=aug.intensity_shift, prob=aug.prob),
-            RandGaussianNoised(keys=["volume"], std=aug.noise_std, prob=aug.prob),
-        ])
-        t.set_random_state(seed=seed)
-        d = t(d)
-        s["volume"] = torch.as_tensor(d["volume"]).float()
-        s["label_map"] = torch.as_tensor(d["label_map"])[0].to(torch.uint8)
-    if "crops" in s:
-        A = s["crops"].shape[0]
-        for k in range(A):
-            d = {"c": s["crops"][k], "m": s["crop_masks"][k][None]}
-            t = Compose([
-                RandAffined(keys=["c", "m"], prob=aug.prob, rotate_range=(rot, rot, rot),
-                            scale_range=(aug.scale,) * 3, mode=("bilinear", "nearest"), padding_mode="border"),
-                RandScaleIntensityd(keys=["c"], factors=aug.intensity_scale, prob=aug.prob),
-                RandShiftIntensityd(keys=["c"], offsets=aug.intensity_shift, prob=aug.prob),
-            ])
-            t.set_random_state(seed=seed + k + 1)
-            d = t(d)
-            s["crops"][k] = torch.as_tensor(d["c"]).float()
-            s["crop_masks"][k] = torch.as_tensor(d["m"])[0].to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- batches

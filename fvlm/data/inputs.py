@@ -32,15 +32,19 @@ path: their arrays are the boxes and only the fit/resize is planned.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
+from ..errors import FvlmError
 from .crop import AIR_HU, crop_positions
 from .sampling import axis_taps
+from .shards import resized_positions, whole_positions, window
 
-__all__ = ["read_regions", "regions_of", "sample_case", "build_inputs", "fit_size", "fit_positions", "Plan", "RAW_KEY"]
+__all__ = ["read_regions", "regions_of", "sample_case", "build_inputs", "augment_batch", "fit_size", "fit_positions", "Plan", "RAW_KEY"]
 
 #: batch key holding the host stage's output (removed by :func:`build_inputs`)
 RAW_KEY = "raw"
@@ -112,8 +116,6 @@ def _box_of(plans: list[Plan]) -> list[slice]:
 
 def _volume_positions(layout, shape, volume_size) -> tuple[list[np.ndarray], list[float]]:
     """Stored-grid positions of the ``volume_size`` voxels: whole grid, then its fit (composed)."""
-    from .shards import whole_positions
-
     wsp = layout.whole_spacing_mm or layout.spacing_mm
     W = [int(w) for w in layout.whole_shape]
     wpos, off = whole_positions(shape, layout.spacing_mm, wsp, W)
@@ -131,8 +133,6 @@ def _volume_positions(layout, shape, volume_size) -> tuple[list[np.ndarray], lis
 
 
 def _crop_positions(layout, bbox, anatomy, crop_size) -> tuple[list[np.ndarray], list[float]]:
-    from .shards import resized_positions
-
     cs = [int(x) for x in layout.crop_shapes[anatomy]]
     pos, scale = crop_positions(bbox, layout.spacing_mm, cs, layout.margin(anatomy), layout.crop_oversize)
     return resized_positions(pos, crop_size), [scale * n / float(m) for n, m in zip(cs, crop_size)]
@@ -177,8 +177,6 @@ def regions_of(rec, opts, anatomies: Sequence[str], source_anatomies: Sequence[s
     also ``rec.stored`` of a one-case reader's record): plans on that grid and one box read for
     all outputs. Otherwise the record's arrays are the boxes (the volume fitted, each crop resized).
     """
-    import torch
-
     stored = stored if stored is not None else getattr(rec, "stored", None)
     if stored is not None and (opts.volume_size is None or stored[2].whole_shape):
         raw = _plan_stored(rec, *stored, opts, anatomies, source_anatomies)
@@ -217,11 +215,19 @@ def _plan_stored(rec, vol, lab, layout, bbox, opts, anatomies, source_anatomies)
     return raw
 
 
+def _shared_tensor(shape, dtype: np.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor, in shared memory when made in a DataLoader worker (the loader
+    then hands it to the main process by handle instead of copying it there)."""
+    tdt = torch.from_numpy(np.empty(0, dtype)).dtype
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=tdt)
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return torch.empty(0, dtype=tdt).set_(torch.UntypedStorage._new_shared(n), 0, tuple(shape))
+
+
 def _read_box(src, box: Sequence[slice], dtype):
     """``src[box]`` as a tensor: decompressed straight into shared memory in a loader worker (the
     DataLoader then passes it by handle), so the hyperslab is copied once."""
-    from .cache import _shared_tensor
-
     t = _shared_tensor([b.stop - b.start for b in box], np.dtype(dtype))
     out = t.numpy()
     if isinstance(src, np.ndarray) or np.dtype(src.dtype) != np.dtype(dtype):
@@ -233,9 +239,6 @@ def _read_box(src, box: Sequence[slice], dtype):
 
 def _plan_record(rec, opts, anatomies) -> dict:
     """Plans for a record whose arrays are already cut: the volume fitted, each crop resized."""
-    from ..errors import FvlmError
-    from .shards import resized_positions
-
     aa = bool(getattr(opts, "antialias", False))
     raw: dict[str, Any] = {"volume": None, "label_map": None, "crops": [None] * len(anatomies),
                            "masks": [None] * len(anatomies), "boxes": []}
@@ -273,8 +276,6 @@ def _plan_record(rec, opts, anatomies) -> dict:
 
 def _resample(x, plan: Plan, device):
     """One output: ``x`` (a box, any dtype, on ``device``) sampled by ``plan``: float32 (linear) or uint8."""
-    import torch
-
     if plan.sub is not None:
         x = x[tuple(slice(lo, hi) for lo, hi in plan.sub)]
     taps = _device_taps(plan, x.shape, device)
@@ -309,16 +310,12 @@ def _take(t, ax: int, idx, idx_np: np.ndarray, k: int):
     ``index_select`` on the inner axes of a 364 x 301 x 112 int16 box, one thread). A gather moves
     values without arithmetic, so both give the same bits."""
     if t.device.type == "cpu":
-        import torch
-
-        return torch.from_numpy(np.take(t.numpy(), idx_np[:, k], axis=ax))
+            return torch.from_numpy(np.take(t.numpy(), idx_np[:, k], axis=ax))
     return t.index_select(ax, idx[:, k])
 
 
 def _device_taps(plan: Plan, box_shape, device):
     """Per axis ``(idx, w, outside index or None, identity)`` as device tensors."""
-    import torch
-
     out = []
     for (idx, w, outside), n in zip(plan.taps, box_shape):
         ident = idx.shape[1] == 1 and len(idx) == n and not outside.any() and np.array_equal(idx[:, 0], np.arange(n))
@@ -334,12 +331,8 @@ def sample_case(raw: dict, opts, anatomies: Sequence[str], device=None) -> dict:
     ``(*volume_size)`` and ``label_map`` uint8 *source* label ids; ``crops`` float32 HU ``(A, *crop_size)``
     and ``crop_masks`` uint8 ``(A, *crop_size)`` (absent anatomies: air and 0). A cached case
     (:mod:`fvlm.data.cache`) is unpacked instead."""
-    import torch
-
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if raw.get("cached"):
-        from .cache import unpack_case
-
         return unpack_case(raw, opts, anatomies, dev)
     boxes = [(v.to(dev, non_blocking=True), m.to(dev, non_blocking=True)) for v, m in raw["boxes"]]
     out = {}
@@ -367,8 +360,6 @@ def sample_case(raw: dict, opts, anatomies: Sequence[str], device=None) -> dict:
 
 def _relabel(label_map, lut):
     """Source label ids -> model ids through ``lut`` (256,) (numpy, or a tensor after a DataLoader)."""
-    import torch
-
     if label_map.device.type == "cpu":
         return torch.from_numpy(np.asarray(lut)[label_map.numpy()])
     return torch.as_tensor(lut).to(label_map.device, non_blocking=True)[label_map.long()]
@@ -384,10 +375,6 @@ def build_inputs(raws: list[dict], opts, anatomies: Sequence[str], device=None, 
     ``(B, A, *crop_size)``. ``augment`` (an :class:`~fvlm.data.ct.AugmentConfig`) with per-sample
     ``aug_seeds``: random affine + intensity transforms after sampling (training only).
     """
-    import torch
-
-    from .shards import window
-
     dev = torch.device(device) if device is not None else torch.device("cpu")
     lo, hi = opts.window
     vols, labs, crops, masks = [], [], [], []
@@ -407,7 +394,67 @@ def build_inputs(raws: list[dict], opts, anatomies: Sequence[str], device=None, 
     if crops:
         out["crops"], out["crop_masks"] = torch.stack(crops), torch.stack(masks)
     if augment is not None and getattr(augment, "enabled", False) and aug_seeds is not None:
-        from .ct import augment_batch
-
         augment_batch(out, augment, aug_seeds)
     return out
+
+
+def unpack_case(raw: dict, opts, anatomies, dev) -> dict:
+    """The device stage of a cached case: unpack labels and masks (HU stays int16 -> float32)."""
+    out = {}
+    if "volume" in raw:
+        out["volume"] = raw["volume"].to(dev, non_blocking=True).float()
+        b = raw["labels"].to(dev, non_blocking=True)
+        out["label_map"] = torch.stack([b & 15, b >> 4], -1).reshape(*opts.volume_size)
+    if "crops" in raw:
+        out["crops"] = raw["crops"].to(dev, non_blocking=True).float()
+        b = raw["masks"].to(dev, non_blocking=True)
+        bits = (b[..., None] >> torch.arange(7, -1, -1, device=dev, dtype=torch.uint8)) & 1
+        n = int(np.prod(opts.crop_size))
+        out["crop_masks"] = bits.reshape(b.shape[0], -1)[:, :n].reshape(b.shape[0], *opts.crop_size)
+        out["crop_present"] = raw["present"].to(dev, non_blocking=True)
+    return out
+
+
+def augment_batch(batch: dict, aug: AugmentConfig, seeds: Sequence[int]) -> None:
+    """Random affine + intensity transforms of each sample's image keys, in place, on their device
+    (MONAI dictionary transforms seeded by ``seeds[i]``; image and masks move together)."""
+    for i, seed in enumerate(seeds):
+        s = {k: batch[k][i] for k in ("volume", "label_map", "crops", "crop_masks") if k in batch}
+        _augment(s, aug, int(seed))
+        for k, v in s.items():
+            batch[k][i] = v
+
+
+def _augment(s: dict, aug: AugmentConfig, seed: int) -> None:
+    """MONAI dictionary transforms seeded by ``seed``; image + masks move together."""
+    from monai.transforms import (Compose, RandAffined, RandGaussianNoised, RandScaleIntensityd,
+                                  RandShiftIntensityd)
+
+    rot = math.radians(aug.rotate_deg)
+    if "volume" in s:
+        d = {"volume": s["volume"], "label_map": s["label_map"][None]}
+        t = Compose([
+            RandAffined(keys=["volume", "label_map"], prob=aug.prob, rotate_range=(rot, rot, rot),
+                        scale_range=(aug.scale,) * 3, mode=("bilinear", "nearest"), padding_mode="border"),
+            RandScaleIntensityd(keys=["volume"], factors=aug.intensity_scale, prob=aug.prob),
+            RandShiftIntensityd(keys=["volume"], offsets=aug.intensity_shift, prob=aug.prob),
+            RandGaussianNoised(keys=["volume"], std=aug.noise_std, prob=aug.prob),
+        ])
+        t.set_random_state(seed=seed)
+        d = t(d)
+        s["volume"] = torch.as_tensor(d["volume"]).float()
+        s["label_map"] = torch.as_tensor(d["label_map"])[0].to(torch.uint8)
+    if "crops" in s:
+        A = s["crops"].shape[0]
+        for k in range(A):
+            d = {"c": s["crops"][k], "m": s["crop_masks"][k][None]}
+            t = Compose([
+                RandAffined(keys=["c", "m"], prob=aug.prob, rotate_range=(rot, rot, rot),
+                            scale_range=(aug.scale,) * 3, mode=("bilinear", "nearest"), padding_mode="border"),
+                RandScaleIntensityd(keys=["c"], factors=aug.intensity_scale, prob=aug.prob),
+                RandShiftIntensityd(keys=["c"], offsets=aug.intensity_shift, prob=aug.prob),
+            ])
+            t.set_random_state(seed=seed + k + 1)
+            d = t(d)
+            s["crops"][k] = torch.as_tensor(d["c"]).float()
+            s["crop_masks"][k] = torch.as_tensor(d["m"])[0].to(torch.uint8)
