@@ -151,8 +151,8 @@ def _check_image_arg(x, what: str) -> None:
     except (TypeError, ValueError):
         arr = None
     if arr is None or arr.dtype.kind not in "biuf":
-        raise FvlmError(f"{what}: expected a NIfTI path, a nibabel image or a numeric (X, Y, Z) array, "
-                        f"got {type(x).__name__}")
+        got = f"an array of dtype {arr.dtype}" if arr is not None and isinstance(x, np.ndarray) else type(x).__name__
+        raise FvlmError(f"{what}: expected a NIfTI path, a nibabel image or a numeric (X, Y, Z) array, got {got}")
 
 
 def _check_texts(texts) -> list[str]:

@@ -145,6 +145,7 @@ def _first_float(sd):
     ("model_int", ["'model' must be a string"]),
     ("version_str", ["version '1' is not supported"]),
     ("text_escape", ["outside the model directory"]),
+    ("weights_symlink_out", ["outside the model directory"]),
 ])
 def test_bad_model_folder_is_one_line_exit_2(built, tmp_path, capsys, kind, words):
     d = _copy_dir(built["out"], tmp_path / "m")
@@ -175,6 +176,9 @@ def test_bad_model_folder_is_one_line_exit_2(built, tmp_path, capsys, kind, word
         _edit_config(d, lambda c: c.__setitem__("model", 5))
     elif kind == "version_str":
         _edit_config(d, lambda c: c.__setitem__("version", "1"))
+    elif kind == "weights_symlink_out":
+        (d / "model.safetensors").unlink()
+        (d / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
     elif kind == "text_escape":
         (elsewhere / "config.json").write_text("{}")
         _edit_config(d, lambda c: c.__setitem__("text", {"dir": "../elsewhere"}))
@@ -222,6 +226,11 @@ def _bad_shards(kind: str, src: Path, tmp: Path) -> Path:
         other.mkdir()
         shutil.copy(root / "shards" / "000-00000.h5", other / "x.h5")
         _index_edit(root, lambda rows: [{**r, "shard": "../other/x.h5"} for r in rows])
+    elif kind == "index_symlink_out":
+        other = tmp / "other"
+        other.mkdir()
+        shutil.move(root / "shards" / "000-00000.h5", other / "x.h5")
+        (root / "shards" / "000-00000.h5").symlink_to(other / "x.h5")
     elif kind == "index_absolute":
         _index_edit(root, lambda rows: [{**r, "shard": str(root / "shards" / "000-00000.h5")} for r in rows])
     elif kind == "index_duplicate":
@@ -261,6 +270,10 @@ def _bad_shards(kind: str, src: Path, tmp: Path) -> Path:
             b[j] = [0, 0, 0, 9999, 10, 10]
             f["bbox"][0] = b
         _h5_edit(root, bb)
+    elif kind == "report_not_json":
+        def rep(f):
+            f["report"][0] = "{not json"
+        _h5_edit(root, rep)
     elif kind == "dataset_json_garbage":
         (root / "dataset.json").write_text("{not json")
     elif kind == "dataset_json_list":
@@ -273,12 +286,13 @@ def _bad_shards(kind: str, src: Path, tmp: Path) -> Path:
 
 
 SHARD_CASES = [
-    ("index_escape", ["outside"]), ("index_absolute", ["outside"]), ("index_duplicate", ["listed twice", "c0"]),
+    ("index_escape", ["outside"]), ("index_absolute", ["outside"]), ("index_symlink_out", ["outside"]), ("index_duplicate", ["listed twice", "c0"]),
     ("index_past_end", ["c0", "row 5"]), ("index_row_str", ["not a row number"]),
     ("no_volume", ["c0", "volume/0 is missing"]), ("no_label_map", ["c0", "label_map/0 is missing"]),
     ("no_bbox", ["'bbox' is missing"]), ("version_3", ["version 3"]), ("version_str", ["version -1"]),
     ("label_shape", ["c0", "label map shape"]), ("label_ids", ["c0", "label id 200"]),
     ("float_nan", ["c0", "float32"]), ("spacing_nan", ["c0", "spacing"]), ("bbox_outside", ["c0", "outside"]),
+    ("report_not_json", ["c0", "'report' is not a JSON object"]),
     ("dataset_json_garbage", ["not valid JSON"]), ("dataset_json_list", ["not an object"]),
     ("dataset_json_layout", ["malformed layout"]),
 ]
@@ -509,6 +523,10 @@ def _api_calls(m, ck, emb):
         "thresholds_plain_dict": (lambda: m.predict(emb, thresholds={"a": 1}), ["not a results.json"]),
         "records_none": (lambda: m.embed_records(None), ["records"]),
         "records_str": (lambda: m.embed_records([1]), ["records[0]"]),
+        "int64_out_of_range": (lambda: m.embed(np.full((20, 20, 20), 2 ** 40, np.int64), mask=z, affine=np.eye(4)),
+                               ["not CT intensities"]),
+        "mask_fractional": (lambda: m.embed(z, mask=np.full((20, 20, 20), 0.5), affine=np.eye(4)), ["label ids"]),
+        "complex_image": (lambda: m.embed(z.astype(complex), mask=z, affine=np.eye(4)), ["dtype complex128"]),
         "similarity_nan": (lambda: m.similarity(np.full(m.embed_dim, np.nan, np.float32), "a"), ["finite"]),
     }
 
@@ -516,7 +534,7 @@ def _api_calls(m, ck, emb):
 API_KINDS = ["device_tpu9", "device_int", "path_none", "batch_size_0", "embed_none", "embed_bytes", "embed_object",
              "all_nan", "singular_affine", "nan_affine", "zero_axis", "text_surrogate", "text_none", "text_bytes",
              "text_list_none", "text_anatomy", "thresholds_list", "thresholds_plain_dict", "records_none",
-             "records_str", "similarity_nan"]
+             "records_str", "similarity_nan", "int64_out_of_range", "mask_fractional", "complex_image"]
 
 
 @pytest.mark.parametrize("kind", API_KINDS)
@@ -753,3 +771,20 @@ def test_a_bad_case_read_in_a_dataloader_worker_stays_one_line(built, tmp_path):
         for _ in DataLoader(ds, num_workers=1, collate_fn=lambda b: b):
             pass
     assert str(e.value).endswith("case 'c0': volume/0 is missing"), str(e.value)
+
+
+def test_int64_arrays_embed_like_int16(loaded):
+    """numpy's default integer type (int64) is a valid image; NIfTI writers refuse it unless cast."""
+    import nibabel as nib
+    import numpy as np
+
+    from fvlm.resources import samples_dir
+
+    _, m, _ = loaded
+    ct = nib.load(samples_dir() / "ct" / "example_ct_sm.nii.gz")
+    seg = nib.load(samples_dir() / "ct" / "example_seg.nii.gz")
+    hu, lab = np.asarray(ct.dataobj), np.asarray(seg.dataobj)
+    a = m.embed(hu.astype(np.int16), mask=lab.astype(np.uint8), affine=ct.affine)
+    b = m.embed(hu.astype(np.int64), mask=lab.astype(np.int64), affine=ct.affine)
+    for k, v in a.as_dict().items():
+        assert np.array_equal(v, b.as_dict()[k]), k

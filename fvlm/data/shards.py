@@ -811,7 +811,13 @@ class ShardDataset:
 
         def js(name):
             v = f[name][i]
-            return json.loads(v.decode() if isinstance(v, bytes) else v)
+            try:
+                d = json.loads(v.decode() if isinstance(v, bytes) else v)
+            except (UnicodeDecodeError, ValueError):
+                d = None
+            if not isinstance(d, dict):
+                raise FormatError(f"{self.root / r['shard']}: case {case_id!r}: '{name}' is not a JSON object")
+            return d
 
         vol, lab, bb = self._case_arrays(r, f, i, case_id)
         present_row = f["present"][i]

@@ -325,8 +325,16 @@ def _as_nifti_file(x, affine, tmpdir: str, name: str, what: str, is_mask: bool =
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise FvlmError(f"{what}: array holds {int((~np.isfinite(arr)).sum())} NaN/inf values of "
                             f"{arr.size}")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
         if is_mask:
-            arr = arr.astype(np.uint8 if arr.max(initial=0) < 256 else np.int16)
+            if lo < 0 or hi > 32767 or (arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr))):
+                raise FvlmError(f"{what}: a label map holds whole label ids 0..32767, got values in "
+                                f"[{lo:g}, {hi:g}]")
+            arr = arr.astype(np.uint8 if hi < 256 else np.int16)
+        elif arr.dtype.kind == "b" or np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize > 4:
+            if lo < -(2 ** 31) or hi >= 2 ** 31:
+                raise FvlmError(f"{what}: values in [{lo:g}, {hi:g}] are not CT intensities")
+            arr = arr.astype(np.int32)  # NIfTI writers refuse int64 without an explicit header dtype
         elif not np.issubdtype(arr.dtype, np.integer):
             arr = arr.astype(np.float32)
         img = nib.Nifti1Image(arr, aff)
