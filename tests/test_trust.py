@@ -549,14 +549,21 @@ def test_api_bad_arguments_raise_one_sentence_fvlm_errors(loaded, kind):
         assert w in msg, (w, msg)
 
 
-@pytest.mark.parametrize("where", ["volume_size", "img_size"])
-def test_model_folder_with_a_zero_size_is_refused(built, tmp_path, where):
+@pytest.mark.parametrize("where, words", [
+    ("volume_size", "must be positive integers"), ("img_size", "must be positive integers"),
+    ("data_str", "meta.data must be a mapping"), ("window_str", "meta.data: config key 'window'"),
+    ("window_reversed", "lo < hi"), ("data_unknown_key", "unknown config key"),
+])
+def test_model_folder_with_bad_input_options_is_refused(built, tmp_path, where, words):
     d = _copy_dir(built["out"], tmp_path / "m")
-    if where == "volume_size":
-        _edit_config(d, lambda c: c["meta"]["data"].__setitem__("volume_size", [32, 0, 16]))
-    else:
-        _edit_config(d, lambda c: c["config"]["image"].__setitem__("img_size", [32, 0, 16]))
-    with pytest.raises(FvlmError, match="must be positive integers"):
+    edit = {"volume_size": lambda c: c["meta"]["data"].__setitem__("volume_size", [32, 0, 16]),
+            "img_size": lambda c: c["config"]["image"].__setitem__("img_size", [32, 0, 16]),
+            "data_str": lambda c: c["meta"].__setitem__("data", "x"),
+            "window_str": lambda c: c["meta"]["data"].__setitem__("window", "x"),
+            "window_reversed": lambda c: c["meta"]["data"].__setitem__("window", [350, -1150]),
+            "data_unknown_key": lambda c: c["meta"]["data"].__setitem__("evil", 1)}[where]
+    _edit_config(d, edit)
+    with pytest.raises(FvlmError, match=words):
         fvlm.load(d, device="cpu")
 
 

@@ -163,6 +163,24 @@ def _check_sizes(cfg: dict, meta: dict, where) -> None:
         vals = v if isinstance(v, (list, tuple)) else [v]
         if not vals or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in vals):
             raise FormatError(f"{where}: {name} {v!r} must be positive integers")
+    if "data" in meta and meta["data"] is not None:
+        _check_sample_options(meta["data"], where)
+
+
+def _check_sample_options(data, where) -> None:
+    """``meta["data"]`` (the input transform's options) must build ``SampleOptions`` with sane values."""
+    from ..config import build
+    from ..data.ct import SampleOptions
+
+    if not isinstance(data, dict):
+        raise FormatError(f"{where}: meta.data must be a mapping of sample options, got {type(data).__name__}")
+    try:
+        so = build(SampleOptions, data)
+    except FvlmError as e:
+        raise FormatError(f"{where}: meta.data: {e}") from None
+    for name, (lo, hi) in [("window", so.window), *((f"anatomy_windows.{a}", w) for a, w in so.anatomy_windows.items())]:
+        if not lo < hi:
+            raise FormatError(f"{where}: meta.data.{name} must be [lo, hi] with lo < hi (HU), got [{lo}, {hi}]")
 
 
 def build_from_obj(obj: dict, where: str | os.PathLike, text_model_dir: str | None = None):
