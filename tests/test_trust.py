@@ -237,6 +237,10 @@ def _bad_shards(kind: str, src: Path, tmp: Path) -> Path:
         _index_edit(root, lambda rows: rows + rows[:1])
     elif kind == "index_past_end":
         _index_edit(root, lambda rows: [{**r, "row": r["row"] + 5} for r in rows])
+    elif kind == "index_not_utf8":
+        (root / "index.jsonl").write_bytes((root / "index.jsonl").read_bytes() + b"\xff\xfe\n")
+    elif kind == "index_not_object":
+        _index_edit(root, lambda rows: rows + [[1, 2]])
     elif kind == "index_row_str":
         _index_edit(root, lambda rows: [{**r, "row": "0"} for r in rows])
     elif kind == "no_volume":
@@ -287,7 +291,7 @@ def _bad_shards(kind: str, src: Path, tmp: Path) -> Path:
 
 SHARD_CASES = [
     ("index_escape", ["outside"]), ("index_absolute", ["outside"]), ("index_symlink_out", ["outside"]), ("index_duplicate", ["listed twice", "c0"]),
-    ("index_past_end", ["c0", "row 5"]), ("index_row_str", ["not a row number"]),
+    ("index_past_end", ["c0", "row 5"]), ("index_not_utf8", ["not UTF-8"]), ("index_not_object", ["row 3"]), ("index_row_str", ["not a row number"]),
     ("no_volume", ["c0", "volume/0 is missing"]), ("no_label_map", ["c0", "label_map/0 is missing"]),
     ("no_bbox", ["'bbox' is missing"]), ("version_3", ["version 3"]), ("version_str", ["version -1"]),
     ("label_shape", ["c0", "label map shape"]), ("label_ids", ["c0", "label id 200"]),

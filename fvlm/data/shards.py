@@ -370,15 +370,18 @@ def write_index(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
 
 def read_index(path: str | os.PathLike) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise FormatError(f"{path}:{ln}: not valid JSON") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for ln, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise FormatError(f"{path}:{ln}: not valid JSON") from None
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text (byte {e.start} of a line)") from None
     return rows
 
 
