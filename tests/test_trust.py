@@ -67,6 +67,9 @@ def test_export_refuses_a_folder_it_did_not_write(built, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp folder left beside
     assert main(["export", "--checkpoint", str(built["ck"]), "--out", str(d), "--overwrite", "-q"]) == 0
     assert json.loads((d / "config.json").read_text())["format"] == "fvlm-model-dir"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("hf.replaced-")]  # moved aside, never deleted
+    assert len(kept) == 1 and {p.name: p.read_bytes() for p in kept[0].iterdir()} == before
+    assert "earlier contents are kept in" in capsys.readouterr().out
 
 
 def test_export_replaces_its_own_folder_but_not_what_was_added(built, tmp_path, capsys):

@@ -20,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="copy the text model's files (config, tokenizer, safetensors weights) into DIR/text "
                         "(default: a reference by name and config hash; the tiny test model needs none)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace DIR whole even if it holds files `fvlm export` did not write (default: refuse "
-                        "such a folder; an empty one, or one an earlier export wrote, is fine)")
+                   help="write DIR even if it holds files `fvlm export` did not write: the old folder is moved "
+                        "aside to DIR.replaced-<time>, never deleted (default: refuse such a folder; an empty "
+                        "one, or one an earlier export wrote, is fine)")
 
 
 def _fmt(v) -> str:
@@ -78,7 +79,7 @@ def run(args) -> int:
     from ..eval.predict import read_thresholds_sidecar
     from ..eval.report import read_results
     from ..models.checkpoint import read_consolidated
-    from ..models.model_dir import check_export_target, write_model_dir
+    from ..models.model_dir import _written_by_export, aside_name, check_export_target, write_model_dir
 
     src = loading.check_checkpoint_path(args.checkpoint)
     out = Path(args.out)
@@ -101,11 +102,13 @@ def run(args) -> int:
             raise FvlmError(f"--results {args.results} was computed for another checkpoint (sha256 {ck[:12]}...)")
     card = model_card({**obj, "meta": {**obj["meta"], **extra}}, str(src), results)
     files = {"results.json": json.dumps(results, ensure_ascii=False, indent=1) + "\n"} if results is not None else {}
+    aside = aside_name(out) if out.is_dir() and any(out.iterdir()) and not _written_by_export(out)[0] else None
     write_model_dir(obj, out, source={"checkpoint": str(src), "sha256": sha}, card=card,
                     include_text_model=args.include_text_model, extra_meta=extra, extra_files=files,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, aside=aside)
     n = len(obj["state_dict"])
     print(f"wrote {out}/ (config.json, model.safetensors with {n} tensors, README.md"
           f"{', text/' if args.include_text_model else ''}"
-          f"{'; thresholds from ' + sc.source if sc is not None else ''})")
+          f"{'; thresholds from ' + sc.source if sc is not None else ''})"
+          f"{f'; its earlier contents are kept in {aside}/' if aside is not None else ''}")
     return 0

@@ -20,11 +20,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from ..errors import FormatError, FvlmError
 
-__all__ = ["DIR_FORMAT", "DIR_VERSION", "CONFIG_NAME", "WEIGHTS_NAME", "TEXT_DIR", "write_model_dir",
+__all__ = ["DIR_FORMAT", "DIR_VERSION", "CONFIG_NAME", "WEIGHTS_NAME", "TEXT_DIR", "write_model_dir", "aside_name",
+           "check_export_target",
            "read_model_dir", "is_model_dir", "model_dir_sha256"]
 
 DIR_FORMAT = "fvlm-model-dir"
@@ -125,13 +127,24 @@ def check_export_target(out: str | os.PathLike, overwrite: bool = False) -> Path
     if not ours:
         what = f"it holds {foreign}, which" if foreign else "it has no .fvlm-export marker, so it"
         raise FvlmError(f"--out {out}: a non-empty folder that `fvlm export` did not write ({what} would be "
-                        "replaced); choose an empty or new folder, or pass --overwrite to replace it whole")
+                        "replaced); choose an empty or new folder, or pass --overwrite to move it aside")
     return out
+
+
+def aside_name(out: str | os.PathLike) -> Path:
+    """Where ``--overwrite`` keeps a folder ``fvlm export`` did not write: ``<out>.replaced-<time>``."""
+    out = Path(out)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    p, k = out.with_name(f"{out.name}.replaced-{stamp}"), 1
+    while p.exists():
+        p, k = out.with_name(f"{out.name}.replaced-{stamp}-{k}"), k + 1
+    return p
 
 
 def write_model_dir(obj: dict, out: str | os.PathLike, *, source: dict | None = None, card: str | None = None,
                     include_text_model: bool = False, extra_meta: dict | None = None,
-                    extra_files: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+                    extra_files: dict[str, str] | None = None, overwrite: bool = False,
+                    aside: str | os.PathLike | None = None) -> Path:
     """Write the raw checkpoint dict ``obj`` (:func:`read_consolidated`) as a model directory.
 
     ``extra_meta`` is merged over ``obj["meta"]`` (e.g. thresholds from a sidecar);
@@ -140,26 +153,33 @@ def write_model_dir(obj: dict, out: str | os.PathLike, *, source: dict | None = 
     ``{name: text}`` are written beside (e.g. ``results.json``).
 
     The folder is built next to ``out`` and renamed into place, so ``out`` is never half
-    written; an existing ``out`` is replaced only when :func:`check_export_target` allows it.
-    Files get the user's umask.
+    written. An existing ``out`` that an earlier export wrote is replaced; any other non-empty
+    one is refused unless ``overwrite``, and then moved aside whole (to ``aside``, default
+    :func:`aside_name`), never deleted. Files get the user's umask.
     """
     out = check_export_target(out, overwrite)
+    foreign = out.is_dir() and any(out.iterdir()) and not _written_by_export(out)[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = None
     try:
         _fill_model_dir(obj, tmp, source=source, card=card, include_text_model=include_text_model,
                         extra_meta=extra_meta, extra_files=extra_files)
         _apply_umask(tmp)
-        old = None
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.rmdir(old)
+            if foreign:
+                old = Path(aside) if aside is not None else aside_name(out)
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+                os.rmdir(old)
             os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():  # put the old folder back
+            os.replace(old, out)
         raise
-    if old is not None:
+    if old is not None and not foreign:
         shutil.rmtree(old, ignore_errors=True)
     return out
 
