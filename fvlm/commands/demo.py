@@ -182,7 +182,7 @@ def summarize(out: Path, agreement: dict, results: dict[str, dict],
         lines += _macro_table(results)
     if results_eval:
         if results_eval.get("fvlm"):
-            lines += _diagnosis_table("Zero-shot on the evaluation split (corpus_eval/, other patients)",
+            lines += _diagnosis_table("Zero-shot on the evaluation split of corpus_eval/, other patients",
                                       results_eval["fvlm"])
         lines += _macro_table(results_eval)
     lines += ["", f"Outputs under {out}: corpus/ (generated data, ground truth), shards/ (qc/*.png montages, "
