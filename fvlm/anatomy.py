@@ -20,7 +20,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from .errors import FormatError, FvlmError, check_format
 from .resources import config_path, samples_dir
@@ -164,11 +163,10 @@ def _shape(v, where: str) -> tuple[int, int, int]:
 
 @lru_cache(maxsize=32)
 def _load(path: str) -> AnatomySet:
+    from .config import safe_yaml  # size and alias-expansion caps of untrusted YAML
+
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise FormatError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = safe_yaml(p.read_text(encoding="utf-8"), p)
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise FormatError(f"{p}: not an anatomy set (expected 'format: {FORMAT_NAME}')")
     check_format(data, FORMAT_NAME, FORMAT_VERSION, p)

@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from .errors import FormatError, FvlmError
 from .resources import config_path
@@ -142,11 +141,14 @@ def _resolve(name_or_path: str | os.PathLike, folder: str) -> Path:
 
 
 def _read(path: Path) -> dict:
+    from .config import safe_yaml  # size and alias-expansion caps of untrusted YAML
+
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    data = safe_yaml(text, path)
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a YAML mapping")
     return data

@@ -802,3 +802,24 @@ def test_int64_arrays_embed_like_int16(loaded):
     b = m.embed(hu.astype(np.int64), mask=lab.astype(np.int64), affine=ct.affine)
     for k, v in a.as_dict().items():
         assert np.array_equal(v, b.as_dict()[k]), k
+
+
+@pytest.mark.parametrize("loader", ["taxonomy", "anatomy"])
+def test_taxonomy_and_anatomy_yaml_have_the_config_caps(tmp_path, loader):
+    import time
+
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    t0 = time.perf_counter()
+    with pytest.raises(FvlmError, match="billion laughs"):
+        if loader == "taxonomy":
+            from fvlm.taxonomy import load_taxonomy
+
+            load_taxonomy(str(p))
+        else:
+            from fvlm.anatomy import load_anatomy_set
+
+            load_anatomy_set(str(p))
+    assert time.perf_counter() - t0 < 5
