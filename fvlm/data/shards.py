@@ -445,6 +445,7 @@ def layout_of(info: dict, where) -> ShardLayout:
 def check_index_rows(rows: list, root: Path, idx: Path) -> None:
     """Index rows name a case once, a shard inside ``root`` and a row number (FORMATS.md §2)."""
     seen: dict = {}
+    inside: dict = {}  # shard name -> resolves inside root (a few hundred shards for many thousand rows)
     top = root.resolve()
     for ln, r in enumerate(rows, 1):
         if not isinstance(r, dict):
@@ -458,7 +459,9 @@ def check_index_rows(rows: list, root: Path, idx: Path) -> None:
         seen[cid] = ln
         if not isinstance(shard, str) or not shard:
             raise FormatError(f"{idx}: case {cid!r} names no shard file")
-        if os.path.isabs(shard) or not (root / shard).resolve().is_relative_to(top):
+        if shard not in inside:
+            inside[shard] = not os.path.isabs(shard) and (root / shard).resolve().is_relative_to(top)
+        if not inside[shard]:
             raise FormatError(f"{idx}: case {cid!r}: shard {shard!r} lies outside {root}; refused")
         if isinstance(row, bool) or not isinstance(row, int) or row < 0:
             raise FormatError(f"{idx}: case {cid!r} has row {row!r}, not a row number")
