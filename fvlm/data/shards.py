@@ -620,6 +620,7 @@ class ShardDataset:
         self._by_id = {r["case_id"]: r for r in rows}
         self._files: dict = {}
         self._n: dict = {}
+        self._checked: set = set()
         self._pid = None
 
     # -- metadata
@@ -788,7 +789,10 @@ class ShardDataset:
         vol = _case_image(f, "volume", i, p, case_id, "i2")
         lab = _case_image(f, "label_map", i, p, case_id, "u1")
         bb = f["bbox"][i]
-        _check_case_values(p, case_id, vol, lab, f["spacing_mm"][i], bb, f["present"][i])
+        key = (r["shard"], i)
+        if key not in self._checked:  # the small per-case reads once per process, not at every epoch
+            _check_case_values(p, case_id, vol, lab, f["spacing_mm"][i], bb, f["present"][i])
+            self._checked.add(key)
         return vol, lab, bb
 
     def stored(self, case_id: str):
