@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fvlm.errors import FvlmError
+from fvlm.jsonl import read_jsonl
 
 __all__ = ["CaseSpec", "sanitize_case_id", "read_manifest", "scan_folder", "is_ctrate", "read_ctrate",
            "collect_cases", "index_masks", "attach_masks", "check_masks", "VOLUME_CHOICES"]
@@ -117,15 +117,7 @@ def read_manifest(path: str | Path) -> list[CaseSpec]:
         raise FvlmError(f"manifest not found: {p}")
     rows: list[tuple[str, dict]] = []
     if p.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        for ln, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FvlmError(f"{p}:{ln}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise FvlmError(f"{p}:{ln}: each line must be a JSON object")
-                rows.append((f"{p.name}:{ln}", obj))
+        rows = [(f"{p.name}:{ln}", obj) for ln, obj in read_jsonl(p, objects=True)]
     else:
         with open(p, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)

@@ -24,6 +24,7 @@ from typing import Iterator, Literal
 from ..cli import resolve_config, shorthand
 from ..config import opt
 from ..errors import CasesFailedError, FvlmError
+from ..jsonl import jsonl_lines
 from ..taxonomy import NOT_MENTIONED
 
 HELP = "label radiology reports per anatomy and diagnosis (label), or explain one report (explain)"
@@ -90,18 +91,9 @@ def read_reports(path: str | Path) -> Iterator[tuple[int, dict | None, str | Non
 
 
 def _read_jsonl(raw: bytes):
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            s = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield n, None, f"not valid UTF-8 (byte {e.start})"
-            continue
-        try:
-            obj = json.loads(s)
-        except json.JSONDecodeError as e:
-            yield n, None, f"not valid JSON ({e.msg} at column {e.colno})"
+    for n, obj, why in jsonl_lines(raw):
+        if why is not None:
+            yield n, None, why
             continue
         if not isinstance(obj, dict):
             yield n, None, f"expected a JSON object, got {type(obj).__name__}"

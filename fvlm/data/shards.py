@@ -32,6 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from ..errors import FormatError, FvlmError
+from ..jsonl import read_jsonl
 from .crop import AIR_HU, crop_positions, cut_crop
 from .sampling import cut
 
@@ -369,20 +370,7 @@ def write_index(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
 
 
 def read_index(path: str | os.PathLike) -> list[dict]:
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise FormatError(f"{path}:{ln}: not valid JSON") from None
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: not UTF-8 text (byte {e.start} of a line)") from None
-    return rows
+    return [row for _, row in read_jsonl(path, FormatError)]
 
 
 def write_dataset_info(root: str | os.PathLike, layout: ShardLayout, extra: dict | None = None) -> Path:

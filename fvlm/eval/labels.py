@@ -14,7 +14,6 @@ Labels matrix convention: ``(N, D)`` int8 with 1 positive, 0 negative, -1 unlabe
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import FvlmError
+from ..jsonl import read_jsonl
 
 CASE_COLUMNS = ("case_id", "volumename", "volume_name", "case", "id")
 _SUFFIXES = (".nii.gz", ".nii", ".npz", ".h5", ".mha", ".nrrd")
@@ -96,21 +96,10 @@ def _rows(path: Path) -> list[dict]:
         raise FvlmError(f"label file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise FvlmError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict):
-                        raise FvlmError(f"{path}:{n}: each line must be a JSON object")
-                    # {"case_id": .., "labels": {...}} is accepted as well as flat rows
-                    if isinstance(obj.get("labels"), dict):
-                        obj = {**{k: v for k, v in obj.items() if k != "labels"}, **obj["labels"]}
-                    rows.append(obj)
-        return rows
+        # {"case_id": .., "labels": {...}} is accepted as well as flat rows
+        return [{**{k: v for k, v in obj.items() if k != "labels"}, **obj["labels"]}
+                if isinstance(obj.get("labels"), dict) else obj
+                for _, obj in read_jsonl(path, objects=True)]
     if suffix in (".csv", ".tsv"):
         with open(path, encoding="utf-8-sig", newline="") as f:
             return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))

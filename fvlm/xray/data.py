@@ -18,7 +18,6 @@ Bad files are logged once and skipped.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import FormatError, FvlmError
+from ..jsonl import read_jsonl
 
 log = logging.getLogger("fvlm.xray.data")
 
@@ -294,14 +294,7 @@ def list_images(source: str | os.PathLike) -> list[XrayEntry]:
         with open(src, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     elif suffix in (".jsonl", ".json"):
-        rows = []
-        with open(src, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise FvlmError(f"{src}:{i}: not valid JSON ({e.msg})") from None
+        rows = [row for _, row in read_jsonl(src)]
     elif suffix == ".txt":
         with open(src, encoding="utf-8") as f:
             rows = [{"image": ln.strip()} for ln in f if ln.strip() and not ln.startswith("#")]

@@ -15,13 +15,13 @@ scores (never at individual errors) on ``heldout``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fvlm.errors import FormatError
+from fvlm.jsonl import read_jsonl
 
 __all__ = ["DevReport", "F1Score", "find_dev_reports", "load_dev_reports", "split_part", "patient_of", "score_reports", "macro_f1",
            "f1_table", "HOLDOUT_PERCENT"]
@@ -83,16 +83,12 @@ def split_part(report_id: str, holdout_percent: int = HOLDOUT_PERCENT) -> str:
 
 def load_dev_reports(path: str | os.PathLike) -> list[DevReport]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                out.append(DevReport(str(r["id"]), r.get("findings") or "", r.get("impressions") or "",
-                                     {k: int(v) for k, v in r["labels"].items()}))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise FormatError(f"{path}:{n}: not a report record ({type(e).__name__}: {e})") from None
+    for n, r in read_jsonl(path, FormatError):
+        try:
+            out.append(DevReport(str(r["id"]), r.get("findings") or "", r.get("impressions") or "",
+                                 {k: int(v) for k, v in r["labels"].items()}))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{path}:{n}: not a report record ({type(e).__name__}: {e})") from None
     return out
 
 
