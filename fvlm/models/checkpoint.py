@@ -71,8 +71,12 @@ def save_consolidated(path: str | os.PathLike, model, meta: dict | None = None, 
            "model": model_name or ("clip" if model.cfg.mode == "global" else "fvlm"),
            "config": _plain(to_dict(model.cfg)), "state_dict": sd, "meta": _plain(m)}
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:   # Ctrl-C or a full disk mid-write: the previous file stays, no .tmp beside it
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
