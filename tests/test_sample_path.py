@@ -228,3 +228,67 @@ def test_two_loader_workers_give_the_in_process_batches(real_shards, tmp_path):
                 for k in (k for k in IMAGE_KEYS if k in want):
                     assert torch.equal(got[k], want[k]), (mode, type(src).__name__, k)
             del it
+
+
+def test_dense_training_input_is_the_evaluation_input_bitwise(real_shards, ct_samples):
+    """The dense programs read through the one sample path: a shard case's dense volume (what `fvlm dense
+    train` cuts its crops from and `fvlm dense eval` slides over) is the pretraining path's volume-mode input
+    at ``volume_size = whole_shape``, bitwise; every training crop is the evaluation volume's voxels at its
+    origin; with ``data.spacing_mm`` training and evaluation still read one and the same resampled volume;
+    `fvlm dense ground` reads a NIfTI as the samples source does."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from fvlm.config import build
+    from fvlm.dense.config import DataConfig
+    from fvlm.dense.data import load_cases, sample_crop
+    from fvlm.dense.evaluate import _inputs
+    from fvlm.dense.ground import load_image
+
+    ds = real_shards
+    classes = [ds.anatomies[k] for k in (4, 7, 1)]          # not the shards' order
+    cfg = build(DataConfig, {"source": "shards", "root": str(ds.root), "classes": classes, "window": [-150, 250],
+                             "train_split": "train", "eval_split": "train"})
+    opts = SampleOptions(anatomies=classes, window=(-150.0, 250.0), volume_size=list(ds.whole_shape))
+    size = (32, 32, 16)
+    for spacing in ([], [4.0, 4.0, 5.0]):
+        c = dataclasses.replace(cfg, spacing_mm=spacing)
+        train, ev = load_cases(c, classes, "train"), load_cases(c, classes, "eval")
+        assert [t.case_id for t in train] == [e.case_id for e in ev] == ds.case_ids("train")
+        for t, e in zip(train, ev):
+            assert t.image.dtype == np.float32 and t.label.dtype == np.uint8
+            assert np.array_equal(t.image, e.image) and np.array_equal(t.label, e.label)
+            assert torch.equal(_inputs(SimpleNamespace(spatial_dims=3), e)[0, 0], torch.from_numpy(t.image))
+            if not spacing:
+                assert t.image.shape == tuple(ds.whole_shape) and t.spacing_mm == (3.0, 3.0, 3.0)
+                b = make_batch_fn(opts).load(ds, [t.case_id])
+                assert torch.equal(b["volume"][0, 0], torch.from_numpy(t.image))
+                assert torch.equal(b["label_map"][0], torch.from_numpy(t.label))
+            else:   # one resampling of the stored grid: 96 voxels at 3 mm -> round(95 * 3 / 4 + 1) = 72 at 4 mm
+                assert t.image.shape == (72, 72, 29) and t.spacing_mm == (4.0, 4.0, 5.0)
+                assert set(np.unique(t.label).tolist()) <= {0, 1, 2, 3} and t.label.any()
+            assert 0.0 <= float(t.image.min()) and float(t.image.max()) <= 1.0
+            rng = np.random.default_rng(0)
+            for _ in range(4):
+                img, lab, _, origin = sample_crop(t, size, rng)
+                sl = tuple(slice(o, o + s) for o, s in zip(origin, size))
+                assert np.array_equal(img, e.image[sl]) and np.array_equal(lab, e.label[sl])
+    # fvlm dense ground: a NIfTI CT through the same path as the samples source (its held-out slab)
+    samples = build(DataConfig, {"classes": classes, "holdout_z": [88, 100]})
+    (held,) = load_cases(samples, classes, "eval")
+    img, _, info = load_image(ct_samples / "example_ct.nii.gz", None, {"window": list(samples.window)})
+    assert info["shape"] == list(img.shape) and np.array_equal(img[:, :, 88:100], held.image)
+
+
+def test_volume_mode_keeps_every_voxel_of_a_scan_larger_than_the_whole_grid(real_shards):
+    """A stored volume larger than ``whole_shape`` (example_ct: 122 x 101 x 112 voxels at 3 mm into
+    96 x 96 x 48) is centre-cropped, not cut short: at ``volume_size = whole_shape`` the sample path gives
+    the shard reader's whole volume, windowed, everywhere (the plan once took the whole grid's extent for
+    the stored one and put air in the far 13 x, 3 y and 32 z whole-grid voxels)."""
+    ds = real_shards
+    opts = SampleOptions(anatomies=list(ds.anatomies), volume_size=list(ds.whole_shape))
+    for cid in ds.case_ids():
+        b = make_batch_fn(opts).load(ds, [cid])
+        rec = ds.get(cid, crops=False)
+        np.testing.assert_allclose(b["volume"][0, 0].numpy(), window(rec.volume, *opts.window), atol=2e-6)
+        np.testing.assert_array_equal(b["label_map"][0].numpy(), rec.label_map)

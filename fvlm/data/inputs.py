@@ -29,6 +29,13 @@ Images are linear (or area-averaged with ``antialias`` where an axis shrinks mor
 label maps and masks nearest; positions outside the scan get air (``AIR_HU``) / background.
 Sources without stored arrays (records already cut, the synthetic generator) take the record
 path: their arrays are the boxes and only the fit/resize is planned.
+
+The dense programs (``fvlm dense train|eval|ground``) read whole volumes on their own grid, not a
+fitted model input: :func:`read_whole` (a shard case: its volume-mode grid, optionally at another
+spacing) and :func:`grid_regions` (a volume in memory: a NIfTI image, a DICOM series) make the host
+stage's output for that grid, and :func:`build_inputs` windows and relabels it as for every other
+input (``volume_size`` = ``raw["shape"]``). Their crops and sliding windows are cuts of that one
+volume, so the training crop of a case is the evaluation input's voxels, bitwise.
 """
 from __future__ import annotations
 
@@ -44,7 +51,8 @@ from .crop import AIR_HU, crop_positions
 from .sampling import axis_taps
 from .shards import resized_positions, whole_positions, window
 
-__all__ = ["read_regions", "regions_of", "sample_case", "build_inputs", "augment_batch", "fit_size", "fit_positions", "Plan", "RAW_KEY"]
+__all__ = ["read_regions", "regions_of", "sample_case", "build_inputs", "augment_batch", "fit_size", "fit_positions",
+           "spacing_positions", "read_whole", "grid_regions", "sample_labels", "Plan", "RAW_KEY"]
 
 #: batch key holding the host stage's output (removed by :func:`build_inputs`)
 RAW_KEY = "raw"
@@ -70,6 +78,18 @@ def fit_positions(shape: Sequence[int], size: Sequence[int]) -> tuple[list[np.nd
         pos.append(np.where((j < 0) | (j >= r), -1.0, p))
         steps.append(float(n) / float(r))
     return pos, steps
+
+
+def spacing_positions(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]
+                      ) -> tuple[list[np.ndarray], list[float]]:
+    """Per axis, the positions on a ``shape`` grid at ``spacing`` of the voxels of its resampling to
+    ``target`` spacing (MONAI's ``Spacing`` grid, voxel 0 kept: :func:`whole_positions` without padding), and the step."""
+    n_out = []
+    for n, si, so in zip(shape, spacing, target):
+        r = float(so) / float(si)
+        n_out.append(int(n) if abs(r - 1.0) < 1e-9 else max(1, int(np.round((int(n) - 1) / r + 1.0))))
+    pos, _ = whole_positions(shape, spacing, target, n_out)
+    return pos, [float(so) / float(si) for si, so in zip(spacing, target)]
 
 
 @dataclass
@@ -114,17 +134,21 @@ def _box_of(plans: list[Plan]) -> list[slice]:
     return [slice(a or 0, b if b is not None else 1) for a, b in zip(lo, hi)]
 
 
-def _volume_positions(layout, shape, volume_size) -> tuple[list[np.ndarray], list[float]]:
-    """Stored-grid positions of the ``volume_size`` voxels: whole grid, then its fit (composed)."""
+def _volume_positions(layout, shape, volume_size, spacing=None) -> tuple[list[np.ndarray], list[float]]:
+    """Stored-grid positions of the ``volume_size`` voxels: whole grid, then its fit (composed).
+    ``spacing`` instead of ``volume_size``: the whole grid resampled to that spacing (dense programs)."""
     wsp = layout.whole_spacing_mm or layout.spacing_mm
     W = [int(w) for w in layout.whole_shape]
-    wpos, off = whole_positions(shape, layout.spacing_mm, wsp, W)
-    fpos, fsteps = fit_positions(W, volume_size)
+    _, off = whole_positions(shape, layout.spacing_mm, wsp, W)
+    fpos, fsteps = fit_positions(W, volume_size) if spacing is None else spacing_positions(W, wsp, spacing)
     pos, steps = [], []
     for ax in range(3):
         r = float(wsp[ax]) / float(layout.spacing_mm[ax])
         g = fpos[ax]
-        n_out = int(np.sum(wpos[ax] >= 0)) if np.any(wpos[ax] >= 0) else 0
+        # the stored volume resampled to the whole spacing spans whole-grid voxels off .. off + n_out - 1
+        # (whole_positions' extent; larger than the whole grid where it is cropped, not padded)
+        n = int(shape[ax])
+        n_out = n if abs(r - 1.0) < 1e-9 else max(1, int(np.round((n - 1) / r + 1.0)))
         inside = (g >= 0) & (g >= off[ax] - 0.5) & (g <= off[ax] + n_out - 0.5)
         p = np.clip((g - off[ax]) * r, 0.0, shape[ax] - 1.0)
         pos.append(np.where(inside, p, -1.0))
@@ -158,6 +182,64 @@ def read_regions(source, case_id: str, opts, anatomies: Sequence[str], source_an
     rec = source.get(case_id, **({"anatomies": list(anatomies)} if want_crops else {}),
                      volume=opts.volume_size is not None, crops=want_crops)
     return rec, regions_of(rec, opts, anatomies, source_anatomies)
+
+
+def _whole_raw(vol, lab, pos, steps, antialias: bool) -> dict:
+    """The host stage's output for one whole-volume output at ``pos`` on ``vol``'s grid: one box read."""
+    shape = tuple(int(s) for s in vol.shape)
+    pv = _plan(pos, steps, shape, True, antialias, AIR_HU)
+    pl = _plan(pos, steps, shape, False, False, 0)
+    box = _box_of([pv, pl])
+    _shift([pv, pl], box)
+    if lab is None:
+        lab = np.zeros([b.stop - b.start for b in box], np.uint8)
+        lab_box = torch.from_numpy(lab)
+    else:
+        lab_box = _read_box(lab, box, np.uint8)
+    return {"volume": pv, "label_map": pl, "crops": [], "masks": [], "box": box, "shape": [len(p) for p in pos],
+            "boxes": [(_read_box(vol, box, np.int16), lab_box)]}
+
+
+def read_whole(source, case_id: str, anatomies: Sequence[str], source_anatomies: Sequence[str],
+               spacing: Sequence[float] | None = None, antialias: bool = False):
+    """Host stage of a dense program's shard case: ``(record, raw)`` of its volume-mode grid
+    (``whole_shape`` at ``whole_spacing_mm``; with ``spacing``, that grid resampled to it), one
+    hyperslab of the stored volume. ``raw["shape"]`` is the output shape; without ``spacing`` the
+    plan is :func:`read_regions`'s for ``volume_size = whole_shape`` (the fit is the identity)."""
+    layout = source.layout
+    if not layout.whole_shape:
+        raise FvlmError(f"case {case_id}: the shards hold no whole volumes (preprocessed with whole.enabled=false)")
+    rec = source.get(case_id, volume=False, crops=False)
+    vol, lab = source.stored(case_id)
+    shape = tuple(int(s) for s in vol.shape)
+    W = [int(w) for w in layout.whole_shape]
+    pos, steps = _volume_positions(layout, shape, W if spacing is None else None, spacing)
+    raw = _whole_raw(vol, lab, pos, steps, antialias)
+    raw["lut"] = _lut(anatomies, source_anatomies)
+    return rec, raw
+
+
+def grid_regions(volume, label_map, spacing: Sequence[float], target: Sequence[float] | None = None,
+                 lut: np.ndarray | None = None, antialias: bool = False) -> dict:
+    """Host stage of a volume in memory (int16 HU, ``label_map`` uint8 source ids or None) at
+    ``spacing``: the whole volume, resampled to ``target`` spacing when given (:func:`spacing_positions`).
+    ``lut`` (256,) maps its label ids to the model's (default: identity)."""
+    shape = tuple(int(s) for s in volume.shape)
+    if target is None or np.allclose(np.asarray(target, float), np.asarray(spacing, float), atol=1e-6):
+        pos, steps = [np.arange(n, dtype=np.float64) for n in shape], [1.0, 1.0, 1.0]
+    else:
+        pos, steps = spacing_positions(shape, spacing, target)
+    raw = _whole_raw(volume, label_map, pos, steps, antialias)
+    raw["lut"] = np.arange(256, dtype=np.uint8) if lut is None else np.asarray(lut, np.uint8)
+    return raw
+
+
+def sample_labels(raw: dict, labels) -> np.ndarray:
+    """Another label volume on the grid ``raw`` was planned on (e.g. lesion ids), sampled where its
+    label map is (nearest; uint8 numpy, CPU)."""
+    box = tuple(raw["box"])
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(labels[box]), dtype=np.uint8))
+    return _resample(x, raw["label_map"], torch.device("cpu")).numpy()
 
 
 def _lut(anatomies: Sequence[str], source_anatomies: Sequence[str]) -> np.ndarray:

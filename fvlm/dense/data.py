@@ -15,6 +15,14 @@ image-level labels and report sentences. Sources:
 - ``demo``: a corpus from :func:`fvlm.demo.generate.generate_corpus` (CT, masks, lesions).
 
 2D encoders (``vit2d_*``) train on axial slices of the same volumes.
+
+Every source makes its volumes through the one sample path (:mod:`fvlm.data.inputs`), like
+pretraining, validation and inference: the int16 HU and uint8 labels on the source's grid
+(:func:`~fvlm.data.inputs.read_whole` for shards, :func:`~fvlm.data.inputs.grid_regions` for
+volumes in memory), resampled to ``data.spacing_mm`` when set, windowed and relabelled by
+:func:`~fvlm.data.inputs.build_inputs` (:func:`dense_input`). Training crops
+(:func:`sample_crop`), organ crops (:func:`anatomy_crops`) and the sliding windows of evaluation
+are cuts of that one volume, with no resize or window of their own.
 """
 from __future__ import annotations
 
@@ -26,11 +34,11 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import FormatError, FvlmError
-from .cases import DenseCase, Finding, diagnosis_phrase
+from .cases import DenseCase, Finding, dense_input, diagnosis_phrase, hu_int16, volume_case
 from .config import DataConfig
 
 __all__ = ["Finding", "DenseCase", "class_names_for", "class_prompts", "load_cases", "sample_crop", "anatomy_crops",
-           "sample_slices_split", "ClassBalancedCentres", "class_voxel_counts"]
+           "sample_slices_split", "ClassBalancedCentres", "class_voxel_counts", "dense_input", "hu_int16"]
 
 
 def class_names_for(cfg: DataConfig) -> list[str]:
@@ -56,31 +64,15 @@ def class_prompts(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, str]
             for c in class_names}
 
 
-def _remap(label: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    return lut[label.astype(np.int64)].astype(np.uint8)
-
-
-def _resample(case: DenseCase, spacing: Sequence[float]) -> DenseCase:
-    from scipy import ndimage as ndi
-
-    zoom = [s / t for s, t in zip(case.spacing_mm, spacing)]
-    if np.allclose(zoom, 1):
-        return case
-    case.image = ndi.zoom(case.image, zoom, order=1).astype(np.float32)
-    if case.label is not None:
-        case.label = ndi.zoom(case.label, zoom, order=0)
-    for f in case.findings:
-        f.mask = ndi.zoom(f.mask.astype(np.uint8), zoom, order=0).astype(bool)
-    case.spacing_mm = tuple(float(t) for t in spacing)
-    return case
-
-
-def _dicom_patient(d: Path, lut: np.ndarray, spacing: Sequence[float]) -> DenseCase:
+def _dicom_patient(d: Path, lut: np.ndarray, spacing: Sequence[float], cfg: DataConfig, class_names) -> DenseCase:
     """The second shipped patient: ``example_ct_dicom`` (20 axial slices of a contrast CT, 0.98 x 0.98 x
-    2 mm) with its TotalSegmentator ``total`` labels, in RAS+ and resampled to ``spacing`` (HU, not windowed)."""
+    2 mm) with its TotalSegmentator ``total`` labels, in RAS+, through the sample path at ``data.spacing_mm``
+    (default: ``spacing``, the training patient's)."""
+    import dataclasses
+
     import nibabel as nib
 
-    from preprocess.geometry import resample, spacing_of, to_canonical
+    from preprocess.geometry import spacing_of, to_canonical
     from preprocess.load import load_dicom_series
 
     vol = load_dicom_series(d / "example_ct_dicom", want_hash=False)
@@ -89,52 +81,55 @@ def _dicom_patient(d: Path, lut: np.ndarray, spacing: Sequence[float]) -> DenseC
     ts, seg_aff, _ = to_canonical(np.asarray(seg.dataobj).astype(np.uint8), seg.affine)
     if ts.shape != arr.shape or not np.allclose(seg_aff, aff, atol=0.5):
         raise FvlmError("example_seg_dicom.nii.gz is not on the grid of example_ct_dicom")
-    sp = spacing_of(aff)
-    hu = resample(np.asarray(arr, np.float32), sp, spacing, linear=True, out_dtype=np.float32)
-    lab = resample(lut[ts], sp, spacing, linear=False)
-    return DenseCase("example_ct_dicom", hu, lab, tuple(float(s) for s in spacing))
+    sp = tuple(float(s) for s in spacing_of(aff))
+    if not cfg.spacing_mm:       # evaluated on the training patient's grid
+        cfg = dataclasses.replace(cfg, spacing_mm=list(spacing))
+    case, _ = volume_case("example_ct_dicom", arr, ts.astype(np.uint8), lut, sp, cfg, class_names)
+    return case
 
 
 def _samples(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, list[DenseCase]]:
     import nibabel as nib
 
     from ..anatomy import load_anatomy_set
-    from ..data import window
     from ..resources import samples_dir
 
     d = samples_dir() / "ct"
     img = nib.as_closest_canonical(nib.load(d / "example_ct.nii.gz"))
     seg = nib.as_closest_canonical(nib.load(d / "example_seg_fast_force_split.nii.gz"))
-    hu = np.asarray(img.dataobj, dtype=np.float32)
+    hu = hu_int16(np.asarray(img.dataobj, dtype=np.float32))
     ts = np.asarray(seg.dataobj).astype(np.uint8)
     aset = load_anatomy_set(cfg.anatomy_set)
     full = aset.lookup("v2")
-    # anatomy-set label -> our class index (classes may be a subset / reordered)
+    # TotalSegmentator id -> anatomy-set label -> our class index (classes may be a subset / reordered)
     to_ours = np.zeros(256, dtype=np.uint8)
     for i, c in enumerate(class_names):
         to_ours[aset.label(c)] = i + 1
-    lab = to_ours[full[ts]]
-    im = window(hu, *cfg.window)
+    lut = to_ours[full]
     sp = tuple(float(s) for s in img.header.get_zooms()[:3])
     if cfg.holdout == "patient":
-        other = _dicom_patient(d, to_ours[full], sp)
-        return {"train": [DenseCase("example_ct", im, lab, sp)],
-                "eval": [DenseCase(other.case_id, window(other.image, *cfg.window), other.label, sp)]}
+        return {"train": [volume_case("example_ct", hu, ts, lut, sp, cfg, class_names)[0]],
+                "eval": [_dicom_patient(d, lut, sp, cfg, class_names)]}
     z0, z1 = cfg.holdout_z
-    nz = im.shape[2]
+    nz = hu.shape[2]
     if not (0 <= z0 < z1 <= nz):
         raise FvlmError(f"data.holdout_z {cfg.holdout_z} must be a range inside 0..{nz}")
     g = cfg.holdout_gap
     out = {"train": [], "eval": []}
+
+    def slab(a, b):
+        return volume_case(f"example_ct:z{a}-{b}", hu[:, :, a:b], ts[:, :, a:b], lut, sp, cfg, class_names)[0]
+
     for name, a, b in (("lower", 0, max(0, z0 - g)), ("upper", min(nz, z1 + g), nz)):
         if b - a > 0:
-            out["train"].append(DenseCase(f"example_ct:z{a}-{b}", im[:, :, a:b].copy(), lab[:, :, a:b].copy(), sp))
-    out["eval"].append(DenseCase(f"example_ct:z{z0}-{z1}", im[:, :, z0:z1].copy(), lab[:, :, z0:z1].copy(), sp))
+            out["train"].append(slab(a, b))
+    out["eval"].append(slab(z0, z1))
     return out
 
 
 def _shards(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[DenseCase]:
-    from ..data import ShardDataset, window
+    from ..data import ShardDataset
+    from ..data.inputs import read_whole
 
     if not cfg.root:
         raise FvlmError("data.source=shards needs data.root (the directory written by `fvlm preprocess`)")
@@ -146,23 +141,23 @@ def _shards(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[Den
     if ds.whole_shape is None:
         raise FormatError(f"{cfg.root}: the shards hold no whole volumes (preprocessed with whole.enabled=false); "
                           "dense heads need them: re-run `fvlm preprocess` with whole.enabled=true")
-    lut = np.zeros(256, dtype=np.uint8)
-    for i, c in enumerate(class_names):
-        lut[ds.anatomies.index(c) + 1] = i + 1
     ids = ds.case_ids(split)
     if not ids:
         raise FvlmError(f"{cfg.root}: no cases in split {split!r}")
     if cfg.max_cases:
         ids = ids[:cfg.max_cases]
     cases = []
+    target = list(cfg.spacing_mm) or None
     for cid in ids:
-        rec = ds.get(cid, crops=False)
+        # the pretraining path's volume-mode input at volume_size = whole_shape (or at data.spacing_mm)
+        rec, raw = read_whole(ds, cid, class_names, ds.anatomies, target)
+        image, label = dense_input(raw, class_names, cfg.window)
         sentences = [(a, s) for a, t in (rec.anatomy_text or {}).items()
                      if t.get("status") == "abnormal" for s in t.get("sentences", [])]
         # silver labels are keyed by diagnosis id; cases carry prompt phrases (as the demo source does)
         labels = {diagnosis_phrase(d): v for d, v in (rec.labels or {}).items()}
-        cases.append(DenseCase(cid, window(rec.volume, *cfg.window), _remap(rec.label_map, lut),
-                               tuple(rec.spacing_mm), labels=labels, sentences=sentences))
+        sp = tuple(float(s) for s in (target or rec.spacing_mm))
+        cases.append(DenseCase(cid, image, label, sp, labels=labels, sentences=sentences))
     return cases
 
 
@@ -182,8 +177,6 @@ def load_cases(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[
         cases = _shards(cfg, class_names, cfg.train_split if split == "train" else cfg.eval_split)
     else:
         cases = _demo(cfg, class_names, cfg.train_split if split == "train" else cfg.eval_split)
-    if cfg.spacing_mm:
-        cases = [_resample(c, cfg.spacing_mm) for c in cases]
     return cases
 
 

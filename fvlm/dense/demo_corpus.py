@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import FormatError, FvlmError
 from .config import DataConfig
-from .cases import DenseCase, Finding, diagnosis_phrase
+from .cases import DenseCase, Finding, diagnosis_phrase, volume_case
 
 __all__ = ["read_demo_cases", "finding_text", "diagnosis_phrase"]
 
@@ -36,7 +36,6 @@ def read_demo_cases(root: Path, cfg: DataConfig, class_names: Sequence[str], spl
     import nibabel as nib
 
     from ..anatomy import load_anatomy_set
-    from ..data import window
 
     gt = root / "ground_truth" / "findings.jsonl"
     if not gt.is_file():
@@ -66,11 +65,13 @@ def read_demo_cases(root: Path, cfg: DataConfig, class_names: Sequence[str], spl
         ts = np.asarray(nib.as_closest_canonical(nib.load(str(paths["masks"]))).dataobj).astype(np.uint8)
         les = np.asarray(nib.as_closest_canonical(nib.load(str(paths["lesions"]))).dataobj).astype(np.uint8)
         stm = row.get("report_statements", [])
-        findings = [Finding(finding_text(r, stm), les == int(r["lesion_id"]), r.get("anatomy", ""), r["finding"])
-                    for r in row.get("findings", []) if not cfg.findings or r["finding"] in cfg.findings]
         present = {r["finding"] for r in row.get("findings", [])}
         labels = {diagnosis_phrase(d): int(d in present) for d in all_diag}
         said = [(s["anatomy"], s["text"]) for s in stm if s.get("positive") and s.get("anatomy")]
-        cases.append(DenseCase(cid, window(hu, *cfg.window), lut[ts], tuple(float(s) for s in img.header.get_zooms()[:3]),
-                               img.affine, findings=findings, labels=labels, sentences=said))
+        # the sample path (windowing, data.spacing_mm); the lesion map is sampled with the labels
+        case, les = volume_case(cid, hu, ts, lut, tuple(float(s) for s in img.header.get_zooms()[:3]), cfg,
+                                 class_names, affine=img.affine, lesions=les, labels=labels, sentences=said)
+        case.findings = [Finding(finding_text(r, stm), les == int(r["lesion_id"]), r.get("anatomy", ""), r["finding"])
+                         for r in row.get("findings", []) if not cfg.findings or r["finding"] in cfg.findings]
+        cases.append(case)
     return cases

@@ -36,9 +36,9 @@ def load_image(path: str | Path, model, meta: dict) -> tuple[np.ndarray, np.ndar
     name = p.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
-        from scipy import ndimage as ndi
 
-        from ..data import window
+        from ..data.inputs import grid_regions
+        from .cases import _resampled_affine, dense_input, hu_int16
 
         try:
             img = nib.as_closest_canonical(nib.load(str(p)))
@@ -46,16 +46,17 @@ def load_image(path: str | Path, model, meta: dict) -> tuple[np.ndarray, np.ndar
             raise FvlmError(f"cannot read NIfTI {p}: {e}") from None
         if len(img.shape) != 3:
             raise FvlmError(f"{p}: expected a 3D CT volume, got shape {img.shape}")
-        hu = np.asarray(img.dataobj, dtype=np.float32)
         sp = np.array(img.header.get_zooms()[:3], dtype=float)
         target = np.array(meta.get("spacing_mm") or sp, dtype=float)
-        affine = img.affine.copy()
-        if not np.allclose(sp, target, atol=1e-3):
-            hu = ndi.zoom(hu, sp / target, order=1)
-            affine[:3, :3] = affine[:3, :3] @ np.diag(target / sp)
+        resample = not np.allclose(sp, target, atol=1e-3)
         lo, hi = meta.get("window", [-1150.0, 350.0])
-        return window(hu, lo, hi), affine, {"kind": "ct", "spacing_mm": target.tolist(), "shape": list(hu.shape),
-                                            "window_hu": [float(lo), float(hi)]}
+        # the sample path, as training read its volumes: int16 HU resampled to the trained spacing, windowed
+        raw = grid_regions(hu_int16(np.asarray(img.dataobj, dtype=np.float32)), None, sp.tolist(),
+                           target.tolist() if resample else None)
+        image, _ = dense_input(raw, [], (lo, hi))
+        affine = _resampled_affine(img.affine, sp, target) if resample else img.affine.copy()
+        return image, affine, {"kind": "ct", "spacing_mm": target.tolist(), "shape": list(image.shape),
+                               "window_hu": [float(lo), float(hi)]}
     if name.endswith((".png", ".jpg", ".jpeg")):
         from PIL import Image
 
@@ -67,6 +68,9 @@ def load_image(path: str | Path, model, meta: dict) -> tuple[np.ndarray, np.ndar
             raise FvlmError(f"cannot read image {p}: {e}") from None
         h, w = model.encoder.img_size
         orig = im.size
+        # not the CT sample path: a radiograph is an 8-bit 2D image with no HU to window and no stored
+        # int16 grid; the 2D dense models train on axial CT slices (the path above), so this resize
+        # to the encoder input is the X-ray reader's own
         im = im.resize((w, h), Image.BILINEAR)
         return np.asarray(im, dtype=np.float32) / 255.0, None, {"kind": "xray", "original_size": list(orig[::-1])}
     raise FvlmError(f"{p}: unsupported image type (use .nii/.nii.gz CT or .png/.jpg radiographs)")
