@@ -161,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    from .interrupts import check_interrupted, interrupts
     from .progress import set_quiet
 
     set_quiet(getattr(args, "quiet", False))
     debug = bool(getattr(args, "debug", False)) or os.environ.get("FVLM_DEBUG", "") not in ("", "0")
     name = args._name
     try:
-        rc = args._module.run(args)
+        with interrupts():   # SIGINT and SIGTERM: KeyboardInterrupt wherever they land (fvlm.interrupts)
+            rc = args._module.run(args)
+            check_interrupted()   # one that a __del__ swallowed
     except FvlmError as e:
         if debug:
             raise

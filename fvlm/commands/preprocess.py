@@ -8,16 +8,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
-import signal
 from pathlib import Path
 
 from preprocess.config import PreprocessConfig
 
 from ..cli import shorthand
 from ..errors import CasesFailedError, FvlmError
+from ..interrupts import interrupts
 
 HELP = "turn raw CT volumes + reports into training shards (crops, masks, whole volumes, labels)"
 DESCRIPTION = (HELP + ". Re-running the same command resumes: finished shards are kept, half-written ones "
@@ -84,7 +83,7 @@ def run(args) -> int:
     specs = collect_cases(args.manifest, args.input, cfg.layout, cfg=cfg)
     tag = "" if args.num_shards == 1 else "-" + part_tag(max(0, args.shard_index), args.num_shards)
     check_output(cfg, out)  # a refused re-run writes nothing: no log, no config.yaml, no lock
-    with _sigterm_interrupts(), RunLock(out / f".preprocess{tag}.lock"):
+    with interrupts(), RunLock(out / f".preprocess{tag}.lock"):
         log = setup_logging(out, f"preprocess{tag}", quiet=args.quiet)
         dump_config(cfg, out / f"config{tag}.yaml")
         log.info("fvlm preprocess: %d cases from %s -> %s", len(specs), args.manifest or args.input, out)
@@ -104,23 +103,6 @@ def run(args) -> int:
                                f"{cfg.max_error_fraction:g} (see {out / f'errors{tag}.jsonl'}); the "
                                f"{s['cases_ok']} good cases are written")
     return 0
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM (a scheduler's cancel) stops the run like Ctrl-C: workers stopped, lock released, exit 130."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (an embedding program): leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def check_manifest(path) -> None:

@@ -1,19 +1,21 @@
-"""DataLoaders that keep a GPU fed: worker processes read, cut, resize and window.
+"""DataLoaders that keep a GPU fed: worker processes only read and decompress.
 
 ``make_loader(stream, ...)`` wraps a training :class:`~fvlm.data.ct.CTStream` (an endless
 iterable whose batch ``b`` is a pure function of ``b``); ``case_batches(dataset, ids, ...)``
-does the same for evaluation (a fixed list of cases in batches, in order). Both run
-``ShardDataset.get`` and ``record_to_sample`` (cut, resize, window) in the workers, so the
-main process only moves finished tensors to the device.
+does the same for evaluation (a fixed list of cases in batches, in order). Workers read the
+stored int16/uint8 boxes a batch needs into shared memory (:mod:`fvlm.data.inputs`, host
+stage); resampling, windowing and augmentation run batched on the model's device.
 
 HDF5 handles are per process: ``ShardDataset`` opens its files lazily and re-opens them when
 it finds itself in a new process id, so each worker opens its own handles after the fork
 (never a handle inherited from the parent). ``pin_memory`` is on when the target device is
 CUDA (page-locked batches copy asynchronously); ``persistent_workers`` keeps workers (and
-their open files) across re-iterations of an evaluation loader.
+their open files) across re-iterations of an evaluation loader. Workers ignore SIGINT and
+SIGTERM: the main process owns them (:mod:`fvlm.interrupts`).
 """
 from __future__ import annotations
 
+import signal
 from typing import Callable, Sequence
 
 import torch
@@ -26,8 +28,18 @@ def _kwargs(num_workers: int, prefetch_factor: int, device, persistent: bool) ->
     dev = torch.device(device) if device is not None else torch.device("cpu")
     kw = {"num_workers": nw, "pin_memory": dev.type == "cuda"}
     if nw:
-        kw.update(prefetch_factor=max(1, int(prefetch_factor)), persistent_workers=persistent)
+        kw.update(prefetch_factor=max(1, int(prefetch_factor)), persistent_workers=persistent,
+                  worker_init_fn=_ignore_signals)
     return kw
+
+
+def _ignore_signals(worker_id: int) -> None:  # noqa: ARG001
+    """Ctrl-C in a terminal and torchrun's SIGTERM reach the whole process group; the main process
+    decides (it finishes the step, saves a checkpoint and shuts its workers down), so a worker must
+    not die of them first (torch would raise "DataLoader worker killed" in the middle of the step).
+    A worker whose main process is gone still exits: torch's worker loop watches its parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(stream, num_workers: int = 2, prefetch_factor: int = 2, device=None,

@@ -29,12 +29,12 @@ previous checkpoint as the resume point, and an unreadable latest one is skipped
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +43,9 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 import torch.distributed as dist
 
+from .. import interrupts
 from ..config import opt
+from ..devices import to_device
 from ..errors import ConfigError, FormatError, FvlmError
 from ..logs import get_logger
 from ..progress import progress
@@ -206,12 +208,17 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, world: int) -> dict:
     return ds
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
+@contextlib.contextmanager
+def _stopped_by_signal():
+    """An error while a signal is pending is the signal's doing (a loader worker or another rank
+    killed with the same process group): stop as interrupted, with the previous checkpoint."""
+    try:
+        yield
+    except Exception:
+        if interrupts.pending():
+            log.warning("stopped by a signal during a step; the previous checkpoint is the resume point")
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _memory() -> dict[str, float]:
@@ -271,7 +278,7 @@ class Trainer:
         self.step = 0
         self.micro = 0
         self.best: float | None = None
-        self._stop = False
+        self._stop_group = None   # the gloo group that agrees on a signal (several ranks)
         self.resumed: bool | None = None   # set by resume(); fit() resumes unless the caller already did
 
     # ------------------------------------------------------------------ checkpoints
@@ -284,14 +291,31 @@ class Trainer:
         return p.read_text().strip() if p.is_file() else None
 
     def save(self) -> Path:
-        """Save a resumable checkpoint (all ranks) and the consolidated model (rank 0)."""
+        """Save a resumable checkpoint (all ranks) and the consolidated model (rank 0).
+
+        The checkpoint is written to ``checkpoints/.partial-<tag>`` and renamed to ``<tag>`` once
+        every rank's part is there, then ``latest_complete`` points at it: a save cut short (a
+        second Ctrl-C, SIGKILL) leaves no ``step_*`` directory behind, and the next save clears it."""
         tag = f"step_{self.step:08d}"
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, save_latest=False)
-        write_trainer_state(self.ckpt_dir / tag, self.rank,
-                            {"step": self.step, "micro": self.micro, "best": self.best, "world": self.world})
-        dist.barrier()
+        stage = self.ckpt_dir / f".partial-{tag}"
         if self.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for old in self.ckpt_dir.glob(".partial-step_*"):
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=stage.name, save_latest=False)
+            write_trainer_state(stage, self.rank,
+                                {"step": self.step, "micro": self.micro, "best": self.best, "world": self.world})
+            dist.barrier()
+        except BaseException:   # a second Ctrl-C, a full disk: no half-written checkpoint stays behind
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if self.rank == 0:
+            final = self.ckpt_dir / tag
+            if final.exists():   # the same step saved before (a resume from an older checkpoint)
+                shutil.rmtree(final)
+            os.replace(stage, final)
             tmp = self.ckpt_dir / (LATEST + ".tmp")
             tmp.write_text(tag)
             os.replace(tmp, self.ckpt_dir / LATEST)
@@ -530,17 +554,32 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ loop
-    def _on_signal(self, signum, frame):  # noqa: ARG002
-        log.warning("signal %d: saving a checkpoint after this step", signum)
-        self._stop = True
+    def _signalled(self) -> bool:
+        """Whether any rank got SIGINT/SIGTERM (all ranks stop after the same step). With several
+        ranks this is one small collective per step, over gloo on the CPU, so the host does not
+        wait for the device."""
+        if self.world == 1:
+            return interrupts.pending()
+        if self._stop_group is None:
+            self._stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        t = torch.tensor([1 if interrupts.pending() else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._stop_group)
+        return bool(t.item())
 
     def fit(self) -> dict:
+        """Train to ``cfg.steps``. SIGINT/SIGTERM (see :mod:`fvlm.interrupts`): the step that is
+        running finishes, a checkpoint is saved and ``KeyboardInterrupt`` is raised (exit 130;
+        the same command resumes); a second signal, or one during setup or validation, raises at
+        once and leaves the previous checkpoint as the resume point."""
+        with interrupts.interrupts():
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         if self.resumed is None:
             self.resume()
         self.out.mkdir(parents=True, exist_ok=True)
         self._open_logs()
-        old = signal.signal(signal.SIGTERM, self._on_signal) if os.name == "posix" else None
         gas = cfg.grad_accum
         loader = iter(self.make_loader(self.micro))
         self.engine.train()
@@ -551,68 +590,76 @@ class Trainer:
         last_row: dict = {}
         val_metrics: dict = {}
         while self.step < cfg.steps:
-            for _ in range(gas):
-                t0 = time.perf_counter()
-                batch = next(loader)
-                # the loader's host batch -> the model's batch on the device (resampling, windowing,
-                # augmentation run here, batched, where they are cheap)
-                batch = (self.prepare_batch(batch, self.device) if self.prepare_batch is not None
-                         else _to_device(batch, self.device))
-                t1 = time.perf_counter()
-                out = self.engine(batch)
-                loss, logs = self.loss_fn(out, batch)
-                t2 = time.perf_counter()
-                self.engine.backward(loss)
-                t3 = time.perf_counter()
-                self.engine.step()
-                t4 = time.perf_counter()
-                self.micro += 1
-                times["time/data"] += t1 - t0
-                times["time/forward"] += t2 - t1
-                times["time/backward"] += t3 - t2
-                times["time/optimizer"] += t4 - t3
-                _accumulate(sums, "loss", loss)   # no host sync here: values stay on the device
-                for k, v in logs.items():
-                    _accumulate(sums, k, v)
-                count += 1
-            self.step += 1
-            run_steps += 1
-            if bar is not None:
-                bar.update(1)
-            final = self.step >= cfg.steps
-            stop_now = self._stop or (cfg.stop_after and run_steps >= cfg.stop_after)
-            if self.step % max(1, cfg.log_every) == 0 or final or stop_now:
-                elapsed = time.perf_counter() - t_window
-                row = {"step": self.step, **self._reduce({**sums, **times}, count)}
-                row["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else cfg.lr
-                row["samples_per_s"] = count * self.micro_batch * self.world / max(elapsed, 1e-9)
-                row.update(_memory())
-                self._write_row(row)
-                last_row = row
-                if self.rank == 0:
-                    log.info("step %d loss %.4f lr %.2e %.1f samples/s", self.step, row["loss"], row["lr"],
-                             row["samples_per_s"])
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.3f}")
-                sums, times = {}, {k: 0.0 for k in times}
-                count, t_window = 0, time.perf_counter()
-            if self.validate is not None and ((cfg.val_every and self.step % cfg.val_every == 0) or final):
+            with interrupts.deferred(), _stopped_by_signal():   # a signal lets the step finish and be saved
+                for _ in range(gas):
+                    t0 = time.perf_counter()
+                    batch = next(loader)
+                    # the loader's host batch -> the model's batch on the device (resampling, windowing,
+                    # augmentation run here, batched, where they are cheap)
+                    batch = (self.prepare_batch(batch, self.device) if self.prepare_batch is not None
+                             else to_device(batch, self.device))
+                    t1 = time.perf_counter()
+                    out = self.engine(batch)
+                    loss, logs = self.loss_fn(out, batch)
+                    t2 = time.perf_counter()
+                    self.engine.backward(loss)
+                    t3 = time.perf_counter()
+                    self.engine.step()
+                    t4 = time.perf_counter()
+                    self.micro += 1
+                    times["time/data"] += t1 - t0
+                    times["time/forward"] += t2 - t1
+                    times["time/backward"] += t3 - t2
+                    times["time/optimizer"] += t4 - t3
+                    _accumulate(sums, "loss", loss)   # no host sync here: values stay on the device
+                    for k, v in logs.items():
+                        _accumulate(sums, k, v)
+                    count += 1
+                self.step += 1
+                run_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                final = self.step >= cfg.steps
+                signalled = self._signalled()
+                stop_now = signalled or bool(cfg.stop_after and run_steps >= cfg.stop_after)
+                if self.step % max(1, cfg.log_every) == 0 or final or stop_now:
+                    elapsed = time.perf_counter() - t_window
+                    row = {"step": self.step, **self._reduce({**sums, **times}, count)}
+                    row["lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else cfg.lr
+                    row["samples_per_s"] = count * self.micro_batch * self.world / max(elapsed, 1e-9)
+                    row.update(_memory())
+                    self._write_row(row)
+                    last_row = row
+                    if self.rank == 0:
+                        log.info("step %d loss %.4f lr %.2e %.1f samples/s", self.step, row["loss"], row["lr"],
+                                 row["samples_per_s"])
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{row['loss']:.3f}")
+                    sums, times = {}, {k: 0.0 for k in times}
+                    count, t_window = 0, time.perf_counter()
+            if self.validate is not None and not signalled and (
+                    (cfg.val_every and self.step % cfg.val_every == 0) or final):
                 val_metrics = self._run_validation()
                 if val_metrics:
                     self._write_row({"step": self.step, **val_metrics}, "validation.csv")
                     if self.rank == 0:
                         log.info("validation at step %d: %s", self.step, ", ".join(
                             f"{k}={v:.4f}" for k, v in sorted(val_metrics.items())))
-            if self.on_step is not None:
-                self.on_step(self.step, batch, out)
-            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final or stop_now:
-                self.save()
+            with interrupts.deferred():
+                if self.on_step is not None:
+                    self.on_step(self.step, batch, out)
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or final or stop_now:
+                    self.save()
+            if signalled:
+                if bar is not None:
+                    bar.close()
+                log.warning("stopped by a signal at step %d with a checkpoint; run the same command to resume",
+                            self.step)
+                raise KeyboardInterrupt
             if stop_now:
                 break
         if bar is not None:
             bar.close()
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
         if self.tb is not None:
             self.tb.close()
         return {"step": self.step, "last": last_row, "val": val_metrics, "best": self.best,

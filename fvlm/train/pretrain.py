@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from ..config import load_config
+    from ..interrupts import interrupts
 
     p = argparse.ArgumentParser(prog="python -m fvlm.train", description="fvlm pretraining (one rank)")
     p.add_argument("--config", action="append", default=[], help="config file(s), merged in order")
@@ -245,11 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        cfg = load_config(PretrainConfig, files=args.config, sets=args.set, base="train/default.yaml",
-                          extra={**({"out_dir": args.out} if args.out else {}),
-                                 **({"data": {"shards": args.data}} if args.data else {})} or None)
-        summary = run(cfg)
+        with interrupts():
+            cfg = load_config(PretrainConfig, files=args.config, sets=args.set, base="train/default.yaml",
+                              extra={**({"out_dir": args.out} if args.out else {}),
+                                     **({"data": {"shards": args.data}} if args.data else {})} or None)
+            summary = run(cfg)
     except FvlmError as e:
         print(f"fvlm.train: error: {e}", file=sys.stderr)
-        return 2
-    return 0 if not summary.get("interrupted") else 3
+        return e.exit_code
+    except KeyboardInterrupt:   # SIGINT/SIGTERM (torchrun forwards them): a checkpoint is saved where it could be
+        print("fvlm.train: interrupted", file=sys.stderr)
+        return 130
+    return 0 if not summary.get("interrupted") else 3   # train.stop_after: stopped on purpose, resumable
