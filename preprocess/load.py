@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fvlm.hashing import file_sha256
+
 from .errors import CaseError
 
 __all__ = ["Volume", "load_volume", "load_nifti", "load_dicom_series", "file_sha256"]
@@ -28,14 +30,6 @@ class Volume:
     header_rescale: tuple | None = None   # (slope, intercept) the reader already applied
     blank_header: bool = False        # NIfTI without a usable spatial header
     info: dict = field(default_factory=dict)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _gunzip(raw: bytes) -> bytes:

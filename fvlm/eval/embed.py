@@ -18,22 +18,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..hashing import file_sha256  # noqa: F401 - also imported from here
 from ..logs import get_logger
 from ..progress import progress
 
 log = get_logger("eval")
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def data_fingerprint(root: str | os.PathLike, small: int = 1 << 20) -> str:

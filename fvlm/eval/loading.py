@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import FvlmError
+from ..hashing import file_sha256
 
 def pick_device(name: str = "auto") -> str:
     import torch
@@ -78,8 +79,6 @@ def check_checkpoint_path(path: str) -> Path:
 def checkpoint_sha256(path: str) -> str:
     """Identity recorded in results and thresholds: the file's SHA-256, or a model directory's
     (``fvlm.models.model_dir.model_dir_sha256``)."""
-    from .embed import file_sha256
-
     p = check_checkpoint_path(path)
     if p.is_dir():
         from ..models.model_dir import model_dir_sha256

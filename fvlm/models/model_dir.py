@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import FormatError, FvlmError
+from ..hashing import file_sha256
 
 __all__ = ["DIR_FORMAT", "DIR_VERSION", "CONFIG_NAME", "WEIGHTS_NAME", "TEXT_DIR", "write_model_dir", "aside_name",
            "check_export_target",
@@ -47,14 +48,6 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 22), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
 def model_dir_sha256(path: str | os.PathLike) -> str:
     """Identity of a model directory: SHA-256 over the hashes of ``config.json`` and the weights.
 
@@ -62,7 +55,7 @@ def model_dir_sha256(path: str | os.PathLike) -> str:
     A ``thresholds.json`` written into the folder later does not change it.
     """
     p = Path(path)
-    parts = [_sha256(p / CONFIG_NAME), _sha256(p / WEIGHTS_NAME) if (p / WEIGHTS_NAME).is_file() else ""]
+    parts = [file_sha256(p / CONFIG_NAME), file_sha256(p / WEIGHTS_NAME) if (p / WEIGHTS_NAME).is_file() else ""]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -203,7 +196,7 @@ def _fill_model_dir(obj: dict, out: Path, *, source, card, include_text_model, e
     doc = {"format": DIR_FORMAT, "version": DIR_VERSION, "model": obj["model"], "config": obj["config"],
            "meta": meta, "anatomies": list(meta.get("anatomies") or []), "embed_dim": meta.get("embed_dim"),
            "preprocess": meta.get("preprocess"), "text": text,
-           "weights": {"file": WEIGHTS_NAME, "n_tensors": len(sd), "sha256": _sha256(out / WEIGHTS_NAME)},
+           "weights": {"file": WEIGHTS_NAME, "n_tensors": len(sd), "sha256": file_sha256(out / WEIGHTS_NAME)},
            "source": source or {}, "checkpoint_format": {"format": obj.get("format"), "version": obj.get("version")}}
     (out / CONFIG_NAME).write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     if card is not None:
