@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FormatError, FvlmError
+from ..torchfile import torch_load_error
 
 __all__ = ["FORMAT", "VERSION", "IMAGE_ENCODER_PREFIX", "save_consolidated", "load_consolidated",
            "read_consolidated", "image_encoder_state_dict", "check_state_dict", "build_from_obj"]
@@ -88,8 +89,6 @@ def _version() -> str:
 
 def _first_line(e: BaseException) -> str:
     """One line for an exception (torch's refused-pickle message included), never an IndexError."""
-    from ..encoders.weights import torch_load_error
-
     return torch_load_error(e)
 
 

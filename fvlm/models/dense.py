@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import FormatError, FvlmError
+from ..torchfile import read_torch_file
 from .dense_config import DenseModelConfig as ModelConfig
 from .dense_heads import SegHead
 from .text_seg import TextSegHead
@@ -121,8 +122,6 @@ def build_dense_model(cfg: ModelConfig, class_names: Sequence[str], text_dim: in
 
 
 def _read_checkpoint(path) -> dict:
-    from ..encoders import read_torch_file
-
     p = Path(path)
     raw = read_torch_file(p, "pretrained checkpoint")
     if not isinstance(raw, dict):
@@ -223,8 +222,6 @@ def save_dense(path: str | os.PathLike, model: DenseModel, cfg: ModelConfig, tex
 def load_dense(path: str | os.PathLike) -> tuple[DenseModel, dict]:
     """Rebuild a dense model from its checkpoint -> ``(model, blob without state_dict)``."""
     from ..config import build
-    from ..encoders import read_torch_file
-
     p = Path(path)
     blob = read_torch_file(p, "dense checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT_NAME:

@@ -23,6 +23,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..encoders import create_encoder, encoder_defaults, list_encoders, load_encoder_weights, sincos_pos_embed
+from ..encoders.vit import Block
+from ..errors import FormatError, FvlmError, check_format
+from ..torchfile import read_torch_file
+
 __all__ = ["XrayMAE", "build_xray_mae", "save_encoder", "load_encoder", "ENCODER_FORMAT", "ENCODER_VERSION"]
 
 ENCODER_FORMAT = "fvlm-xray-encoder"
@@ -42,10 +47,6 @@ class XrayMAE(nn.Module):
                  decoder_depth: int = 4, decoder_heads: int = 8, grad_checkpointing: bool = False,
                  pixel_mean: float = 0.5, pixel_std: float = 0.25, encoder_kwargs: dict | None = None):
         super().__init__()
-        from ..encoders import create_encoder, encoder_defaults, list_encoders, sincos_pos_embed
-        from ..encoders.vit import Block
-        from ..errors import FvlmError
-
         if encoder in list_encoders() and encoder_defaults(encoder).get("spatial_dims", 2) != 2:
             raise FvlmError(f"encoder '{encoder}' is not 2D; the X-ray MAE needs a 2D encoder (a vit2d_* name)")
 
@@ -181,7 +182,6 @@ def load_encoder(path: str | os.PathLike, img_size: int | tuple[int, int] | None
     ``img_size`` lets the encoder run at another resolution (position embeddings are
     recomputed or interpolated by the encoder).
     """
-    from ..encoders import create_encoder, load_encoder_weights, read_torch_file
     from ..errors import FormatError, check_format
 
     path = Path(path)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..encoders.weights import read_torch_file, refused_pickle
+from ..torchfile import read_torch_file, refused_pickle
 from ..errors import FormatError
 
 __all__ = ["DEEPSPEED_SAFE_GLOBALS", "safe_torch_load", "make_engine_safe", "check_files",
@@ -55,7 +55,7 @@ def _safe_classes() -> list:
 
 
 def safe_torch_load(path: str | os.PathLike, map_location=None, what: str = "checkpoint file") -> Any:
-    """:func:`~fvlm.encoders.weights.read_torch_file` with DeepSpeed's three plain classes allowed."""
+    """:func:`~fvlm.torchfile.read_torch_file` with DeepSpeed's three plain classes allowed."""
     return read_torch_file(path, what, map_location=map_location, safe_globals=_safe_classes())
 
 
