@@ -5,7 +5,7 @@ The Python API for trained models (``import fvlm; model = fvlm.load("model.pt")`
 ``embed_text``); see the README section "Use a trained model from Python". ``import fvlm``
 stays light: torch and the model code load on first use of these names.
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["__version__", "load", "Model", "Embedding", "Prediction"]
 

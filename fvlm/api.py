@@ -315,8 +315,7 @@ class Model:
         return scoring_for(self.source, self.meta, self.sha256(), thresholds)
 
     def _taxonomy(self, taxonomy):
-        from .commands.predict import taxonomy_name
-        from .eval.loading import load_taxonomy
+        from .eval.loading import load_taxonomy, taxonomy_name
 
         name = taxonomy_name(taxonomy, self.meta)
         key = ("tax", name)

@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ..version import __version__
+
 HELP = "embed every case of a shard directory: case/patient/split ids + global and per-anatomy vectors"
 DESCRIPTION = (HELP + " (embeddings.parquet: streamed, resumable; or .npz). For probes, retrieval, clustering. "
                "Format: docs/FORMATS.md 'Embeddings'.")
@@ -147,7 +149,6 @@ def _embed_chunks(args, ds, case_ids, model, make_batch, parts: Path, names, ana
 
 
 def run(args) -> int:
-    from .. import __version__
     from ..errors import FvlmError
     from ..eval import loading
     from ..eval.embed import data_fingerprint

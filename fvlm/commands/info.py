@@ -6,6 +6,8 @@ import importlib
 import json
 import platform
 
+from ..version import __version__
+
 HELP = "show versions, devices and locally available weights/models/sample data"
 
 
@@ -31,7 +33,6 @@ def _version(dist: str, module: str | None = None) -> str:
 
 
 def collect() -> dict:
-    from .. import __version__
     from ..resources import (configs_dir, default_text_model_dir, samples_dir,
                              totalsegmentator_weights_dir)
 

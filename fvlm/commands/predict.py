@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import FvlmError
+from ..version import __version__
+
 HELP = "score one CT scan zero-shot (preprocessing in memory, no shards); calls with tuned thresholds"
 DESCRIPTION = (HELP + ". Thresholds: --thresholds RESULTS.json from `fvlm zeroshot` of the same checkpoint, "
                "or the thresholds the checkpoint carries; without either only scores are printed.")
@@ -30,21 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def taxonomy_name(given, meta: dict) -> str:
-    """``given``, else the checkpoint's taxonomy, else fvlm54."""
-    name = given or meta.get("taxonomy") or "fvlm54"
-    if isinstance(name, dict):
-        name = name.get("name") or "fvlm54"
-    return str(name)
-
-
 def run(args) -> int:
     import time
 
     import torch
 
-    from .. import __version__
-    from ..errors import FvlmError
     from ..eval import loading
     from ..eval.predict import (PREDICTIONS_FORMAT, PREDICTIONS_VERSION, predict_record, preprocess_in_memory,
                                 resolve_preprocess_config, scoring_for)
@@ -63,7 +56,7 @@ def run(args) -> int:
     sha = loading.checkpoint_sha256(args.checkpoint)
     model, meta, make_batch = loading.load_model(args.checkpoint, args.device)
     scoring = scoring_for(args.checkpoint, meta, sha, args.thresholds)
-    tax_name = taxonomy_name(args.taxonomy, meta)
+    tax_name = loading.taxonomy_name(args.taxonomy, meta)
     tax = loading.load_taxonomy(tax_name)
     pcfg, pcfg_src = resolve_preprocess_config(meta, args.preprocess_config, getattr(model, "names", None),
                                                bool(args.mask or args.mask_dir))

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..cli import shorthand
 from ..errors import FvlmError
 from ..eval.config import ZeroShotConfig
+from ..version import __version__
 
 HELP = "evaluate a checkpoint zero-shot: per-diagnosis metrics with patient-bootstrap CIs, probe, retrieval"
 DESCRIPTION = (HELP + ". Each case is encoded once (cached), each prompt once; thresholds are tuned on "
@@ -80,7 +81,6 @@ def resolve(args) -> ZeroShotConfig:
 def run(args) -> int:
     import time
 
-    from .. import __version__
     from ..config import dump_config
     from ..logs import setup_logging
     from ..eval import loading

@@ -26,6 +26,14 @@ def pick_device(name: str = "auto") -> str:
     return name
 
 
+def taxonomy_name(given, meta: dict) -> str:
+    """``given``, else the checkpoint's taxonomy, else fvlm54."""
+    name = given or meta.get("taxonomy") or "fvlm54"
+    if isinstance(name, dict):
+        name = name.get("name") or "fvlm54"
+    return str(name)
+
+
 def load_taxonomy(name_or_path: str):
     try:
         mod = importlib.import_module("fvlm.taxonomy")

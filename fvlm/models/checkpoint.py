@@ -22,6 +22,7 @@ import torch
 
 from ..errors import FormatError, FvlmError
 from ..torchfile import torch_load_error
+from ..version import __version__
 
 __all__ = ["FORMAT", "VERSION", "IMAGE_ENCODER_PREFIX", "save_consolidated", "load_consolidated",
            "read_consolidated", "image_encoder_state_dict", "check_state_dict", "build_from_obj"]
@@ -82,8 +83,6 @@ def save_consolidated(path: str | os.PathLike, model, meta: dict | None = None, 
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
 
 
