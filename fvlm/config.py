@@ -87,6 +87,28 @@ def _expanded_size(node, memo: dict, stack: set, where) -> int:
     return n
 
 
+def _no_duplicate_keys(node, where) -> None:
+    """A mapping that names a key twice is refused (YAML loaders keep the last silently, so an
+    edited config could train with a value its reader never sees)."""
+    todo, seen_nodes = [node], set()
+    while todo:
+        n = todo.pop()
+        if id(n) in seen_nodes:
+            continue
+        seen_nodes.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            keys: dict = {}
+            for k, v in n.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if k.value in keys:
+                        raise ConfigError(f"{where}: key {k.value!r} appears twice in one mapping (lines "
+                                          f"{keys[k.value]} and {k.start_mark.line + 1}); keep one")
+                    keys[k.value] = k.start_mark.line + 1
+                todo.append(v)
+        elif isinstance(n, yaml.SequenceNode):
+            todo.extend(n.value)
+
+
 def safe_yaml(text: str, where) -> Any:
     """``yaml.safe_load`` of untrusted text with a size cap and an alias-expansion cap.
 
@@ -100,6 +122,7 @@ def safe_yaml(text: str, where) -> Any:
         if node is None:
             return None
         _expanded_size(node, {}, set(), where)
+        _no_duplicate_keys(node, where)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -385,6 +408,8 @@ def build(cls, data: dict, _prefix: str = "", _root=None):
 _POSITIVE = frozenset({"lr", "batch_size", "sw_batch_size", "img_size", "patch_size", "volume_size",
                        "crop_size", "embed_dim", "chunk_shape", "whole_shape"})
 _NON_NEGATIVE = frozenset({"steps", "num_workers", "min_lr", "encoder_lr", "weight_decay", "compression_level"})
+#: keys that hold one number per CT axis [x, y, z]
+_THREE = frozenset({"volume_size", "whole_shape", "chunk_shape", "spacing_mm", "target_spacing_mm"})
 
 
 def _numbers(v):
@@ -408,6 +433,8 @@ def _check_value(key: str, v) -> None:
         raise ConfigError(f"config key '{key}' must be above 0, got {v!r}")
     if last in _NON_NEGATIVE and any(x < 0 for x in nums):
         raise ConfigError(f"config key '{key}' must be 0 or more, got {v!r}")
+    if last in _THREE and isinstance(v, (list, tuple)) and len(v) != 3:
+        raise ConfigError(f"config key '{key}' needs 3 numbers [x, y, z], got {len(v)}: {v!r}")
 
 
 def load_config(cls, files: list | tuple = (), sets: list | tuple = (), base: str | None = None,

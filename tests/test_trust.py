@@ -149,6 +149,8 @@ def _first_float(sd):
     ("version_str", ["version '1' is not supported"]),
     ("text_escape", ["outside the model directory"]),
     ("weights_symlink_out", ["outside the model directory"]),
+    ("embed_dim_copy_disagrees", ["embed_dim -4 disagrees with config.embed_dim"]),
+    ("anatomies_copy_disagrees", ["meta.anatomies [] disagrees with config.anatomies"]),
 ])
 def test_bad_model_folder_is_one_line_exit_2(built, tmp_path, capsys, kind, words):
     d = _copy_dir(built["out"], tmp_path / "m")
@@ -182,6 +184,10 @@ def test_bad_model_folder_is_one_line_exit_2(built, tmp_path, capsys, kind, word
     elif kind == "weights_symlink_out":
         (d / "model.safetensors").unlink()
         (d / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
+    elif kind == "embed_dim_copy_disagrees":
+        _edit_config(d, lambda c: c.__setitem__("embed_dim", -4))
+    elif kind == "anatomies_copy_disagrees":
+        _edit_config(d, lambda c: c["meta"].__setitem__("anatomies", []))
     elif kind == "text_escape":
         (elsewhere / "config.json").write_text("{}")
         _edit_config(d, lambda c: c.__setitem__("text", {"dir": "../elsewhere"}))
@@ -369,6 +375,11 @@ def _cfg(tmp_path, name, text):
     ("deep_nesting", ["refused"]),
     ("lr_nan", ["train.lr", "finite"]),
     ("batch_negative", ["data.batch_size", "above 0"]),
+    ("duplicate_key", ["key 'train' appears twice", "lines 1 and 3"]),
+    ("steps_zero", ["train.steps must be 1 or more"]),
+    ("grad_accum_zero", ["train.grad_accum must be 1 or more"]),
+    ("warmup_negative", ["train.warmup_steps must be 0 or more"]),
+    ("volume_size_two_axes", ["data.volume_size", "needs 3 numbers"]),
 ])
 def test_bad_config_is_one_line_exit_2_and_never_quotes_a_refused_file(tmp_path, capsys, kind, words):
     secret = _cfg(tmp_path, "private/secret.yaml", "password: hunter2\n")
@@ -399,6 +410,12 @@ def test_bad_config_is_one_line_exit_2_and_never_quotes_a_refused_file(tmp_path,
         a, sets = None, ["--set", "train.lr=nan"]
     elif kind == "batch_negative":
         a, sets = None, ["--set", "data.batch_size=-3"]
+    elif kind == "duplicate_key":   # YAML keeps the last silently
+        a = _cfg(tmp_path, "cfg/a.yaml", "train:\n  steps: 3\ntrain:\n  lr: 0.1\n")
+    elif kind in ("steps_zero", "grad_accum_zero", "warmup_negative", "volume_size_two_axes"):
+        a, sets = None, ["--set", {"steps_zero": "train.steps=0", "grad_accum_zero": "train.grad_accum=0",
+                                   "warmup_negative": "train.warmup_steps=-1",
+                                   "volume_size_two_axes": "data.volume_size=[32,32]"}[kind]]
     argv = ["config", "show", "pretrain", *(["--config", a] if a else []), *sets]
     import time
 

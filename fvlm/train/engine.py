@@ -89,6 +89,16 @@ class TrainConfig:
     stop_after: int = opt(0, "stop (with a checkpoint) after this many steps of this run (0 = off; "
                           "testing and time-sliced jobs)")
 
+    def __post_init__(self):   # load_config turns a ValueError into one "invalid config section" line
+        for key, least in (("steps", 1), ("grad_accum", 1), ("warmup_steps", 0), ("keep_checkpoints", 1),
+                           ("log_every", 1), ("ckpt_every", 0), ("val_every", 0), ("stop_after", 0),
+                           ("threads", 0)):
+            v = getattr(self, key)
+            if isinstance(v, int) and not isinstance(v, bool) and v < least:
+                raise ValueError(f"train.{key} must be {least} or more, got {v}")
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
 
 # --------------------------------------------------------------------------- setup helpers
 
