@@ -231,6 +231,13 @@ def _config_doc(cfg_path: Path) -> dict:
                           "(re-export the model with `fvlm export`)")
     if not isinstance(doc.get("text") or {}, dict):
         raise FormatError(f"{cfg_path}: 'text' must be a mapping")
+    # the copies a reader sees (top level, meta) must say what the model is (config)
+    for key in ("anatomies", "embed_dim"):
+        truth = doc["config"].get(key)
+        for where, holder in (("", doc), ("meta.", doc["meta"])):
+            if key in holder and truth is not None and holder[key] != truth:
+                raise FormatError(f"{cfg_path}: {where}{key} {holder[key]!r} disagrees with config.{key} "
+                                  f"{truth!r} (edited by hand?); refused")
     return doc
 
 
