@@ -167,9 +167,7 @@ def _load(path: str) -> AnatomySet:
 
     p = Path(path)
     data = safe_yaml(p.read_text(encoding="utf-8"), p)
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise FormatError(f"{p}: not an anatomy set (expected 'format: {FORMAT_NAME}')")
-    check_format(data, FORMAT_NAME, FORMAT_VERSION, p)
+    check_format(data, FORMAT_NAME, FORMAT_VERSION, p, what="an anatomy set")
     seg = data.get("segmenter") or {}
     default_map = str(seg.get("class_map", "v2"))
     maps = tuple(str(m) for m in data.get("class_maps", [default_map]))

@@ -52,12 +52,18 @@ class FormatError(FvlmError):
     """A file exchanged between stages has the wrong format or schema version."""
 
 
-def check_format(doc, name: str, version: int, where) -> dict:
-    """Check a loaded document's ``format`` and ``version`` fields; return it or raise :class:`FormatError`."""
+def check_format(doc, name: str, version: int, where, *, what: str | None = None, format_hint: str = "",
+                 version_hint: str = "") -> dict:
+    """Check a loaded document's ``format`` and ``version`` fields; return it or raise :class:`FormatError`.
+
+    The one check of every versioned file fvlm reads. ``what`` names the expected file in the
+    wrong-format message (default ``"a <name> file"``); ``format_hint`` and ``version_hint`` end
+    the wrong-format and wrong-version messages (what to do about it).
+    """
     found = doc.get("format") if isinstance(doc, dict) else None
     if found != name:
-        raise FormatError(f"{where}: not a {name} file (format: {found!r})")
+        raise FormatError(f"{where}: not {what or f'a {name} file'} (format: {found!r}){format_hint}")
     if doc.get("version") != version:
         raise FormatError(f"{where}: {name} version {doc.get('version')!r} is not supported "
-                          f"(this fvlm reads version {version})")
+                          f"(this fvlm reads version {version}){version_hint}")
     return doc

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .errors import FormatError, FvlmError
+from .errors import FormatError, FvlmError, check_format
 from .resources import config_path
 
 __all__ = ["Anatomy", "Diagnosis", "Taxonomy", "load_taxonomy", "GLOBAL", "FORMAT", "VERSION",
@@ -154,13 +154,6 @@ def _read(path: Path) -> dict:
     return data
 
 
-def _check_format(data: dict, path: Path, fmt: str, version: int) -> None:
-    if data.get("format") != fmt:
-        raise FormatError(f"{path}: format is {data.get('format')!r}, expected {fmt!r}")
-    if data.get("version") != version:
-        raise FormatError(f"{path}: {fmt} version {data.get('version')!r} is not supported (this fvlm reads {version})")
-
-
 def _sub_file(ref, base: Path, fmt: str, version: int) -> dict:
     """A mapping given inline or as a reference to another YAML file (relative to ``base`` or configs/)."""
     if ref is None:
@@ -170,7 +163,7 @@ def _sub_file(ref, base: Path, fmt: str, version: int) -> dict:
     cand = base.parent / str(ref)
     p = cand if cand.is_file() else config_path(str(ref))
     data = _read(p)
-    _check_format(data, p, fmt, version)
+    check_format(data, fmt, version, p)
     return data
 
 
@@ -240,7 +233,7 @@ def _merged_raws(data: dict, path: Path, depth: int = 0) -> list[dict]:
     if data.get("inherit"):
         ppath = _resolve(data["inherit"], "diagnoses")
         pdata = _read(ppath)
-        _check_format(pdata, ppath, FORMAT, VERSION)
+        check_format(pdata, FORMAT, VERSION, ppath)
         parent = {d["id"]: d for d in _merged_raws(pdata, ppath, depth + 1) if isinstance(d, dict) and "id" in d}
     out = []
     for raw in data.get("diagnoses") or []:
@@ -270,7 +263,7 @@ def load_taxonomy(name_or_path: str | os.PathLike) -> Taxonomy:
         return name_or_path
     path = _resolve(name_or_path, "diagnoses")
     data = _read(path)
-    _check_format(data, path, FORMAT, VERSION)
+    check_format(data, FORMAT, VERSION, path)
     where = str(path)
     aset = data.get("anatomy_set") or "fvlm15"
     anatomies = _load_anatomy_set(aset)

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import FormatError, FvlmError
+from ..errors import FormatError, FvlmError, check_format
 from ..progress import progress
 from .inputs import _shared_tensor, regions_of, sample_case
 from .shards import CaseRecord
@@ -170,12 +170,8 @@ def _read_info(d: Path) -> dict:
         info = json.loads((d / INFO).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{d / INFO}: unreadable ({str(e).splitlines()[0]})") from None
-    if not isinstance(info, dict) or info.get("format") != CACHE_FORMAT:
-        raise FormatError(f"{d / INFO}: not an {CACHE_FORMAT} file")
-    if info.get("version") != CACHE_VERSION:
-        raise FormatError(f"{d / INFO}: cache version {info.get('version')!r}; this fvlm reads {CACHE_VERSION} "
-                          "(rebuild it with `fvlm cache`)")
-    return info
+    return check_format(info, CACHE_FORMAT, CACHE_VERSION, d / INFO, what=f"an {CACHE_FORMAT} file",
+                        version_hint="; rebuild it with `fvlm cache`")
 
 
 class CachedShards:

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import FormatError, FvlmError
+from ..errors import FormatError, FvlmError, check_format
 from ..jsonl import read_jsonl
 from .crop import AIR_HU, crop_positions, cut_crop
 from .sampling import cut
@@ -394,14 +394,10 @@ def read_dataset_info(root: str | os.PathLike) -> dict:
         raise FormatError(f"{p}: not valid JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(info, dict):
         raise FormatError(f"{p}: not a {DATASET_FORMAT} file (a JSON {type(info).__name__}, not an object)")
-    if info.get("format") != DATASET_FORMAT:
-        raise FormatError(f"{p}: format {info.get('format')!r}, expected {DATASET_FORMAT!r}")
-    if info.get("version") == 1:
+    if info.get("format") == DATASET_FORMAT and info.get("version") == 1:
         raise FormatError(f"{root}: {V1_HINT}")
-    if info.get("version") != SCHEMA_VERSION:
-        raise FormatError(f"{p}: shard schema version {info.get('version')!r}; this fvlm reads "
-                          f"version {SCHEMA_VERSION} (re-run `fvlm preprocess` or use a matching fvlm)")
-    return info
+    return check_format(info, DATASET_FORMAT, SCHEMA_VERSION, p,
+                        version_hint="; re-run `fvlm preprocess` or use a matching fvlm")
 
 
 # --------------------------------------------------------------------------- checks of what is read

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FormatError, FvlmError
+from ..errors import FormatError, FvlmError, check_format
 from ..logs import get_logger
 from .prompts import GLOBAL, build_prompt_sets, encode_prompt_sets, model_logit_scale, score
 
@@ -416,11 +416,8 @@ def read_thresholds_sidecar(checkpoint: str | os.PathLike, checkpoint_sha256: st
         doc = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FvlmError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != THRESHOLDS_FORMAT:
-        raise FormatError(f"{p}: not an {THRESHOLDS_FORMAT} file")
-    if doc.get("version") != THRESHOLDS_VERSION:
-        raise FormatError(f"{p}: {THRESHOLDS_FORMAT} version {doc.get('version')!r} is not supported (this fvlm "
-                          f"reads version {THRESHOLDS_VERSION}); not applied")
+    check_format(doc, THRESHOLDS_FORMAT, THRESHOLDS_VERSION, p, what=f"an {THRESHOLDS_FORMAT} file",
+                 version_hint="; not applied")
     ck = doc.get("checkpoint")
     ck = ck.get("sha256") if isinstance(ck, dict) else None
     if not isinstance(ck, str) or not ck:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError, FvlmError
+from ..errors import FormatError, FvlmError, check_format
 from ..torchfile import torch_load_error
 from ..version import __version__
 
@@ -111,12 +111,8 @@ def read_consolidated(path: str | os.PathLike) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a format problem here
         raise FormatError(f"{path}: not a loadable fvlm model file ({_first_line(e)})") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise FormatError(f"{path}: not an {FORMAT} file (a DeepSpeed checkpoint directory? use the "
-                          "consolidated model.pt written next to it)")
-    if int(obj.get("version", -1)) != VERSION:
-        raise FormatError(f"{path}: {FORMAT} version {obj.get('version')} is not supported "
-                          f"(this fvlm reads version {VERSION})")
+    check_format(obj, FORMAT, VERSION, path, what=f"an {FORMAT} file",
+                 format_hint="; a DeepSpeed checkpoint directory? use the consolidated model.pt written next to it")
     for key in ("config", "state_dict", "meta"):
         if not isinstance(obj.get(key), dict):
             raise FormatError(f"{path}: the {FORMAT} file has no '{key}' mapping (truncated or hand-made?)")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import FormatError, FvlmError
+from ..errors import FormatError, FvlmError, check_format
 from ..torchfile import read_torch_file
 from .dense_config import DenseModelConfig as ModelConfig
 from .dense_heads import SegHead
@@ -224,12 +224,8 @@ def load_dense(path: str | os.PathLike) -> tuple[DenseModel, dict]:
     from ..config import build
     p = Path(path)
     blob = read_torch_file(p, "dense checkpoint")
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT_NAME:
-        got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise FormatError(f"{p}: not a dense checkpoint (format {got!r}, expected {FORMAT_NAME!r}); "
-                          "to start from a pretraining checkpoint use `fvlm dense train --pretrained`")
-    if blob.get("version") != FORMAT_VERSION:
-        raise FormatError(f"{p}: dense checkpoint version {blob.get('version')} (this fvlm reads {FORMAT_VERSION})")
+    check_format(blob, FORMAT_NAME, FORMAT_VERSION, p, what="a dense checkpoint",
+                 format_hint="; to start from a pretraining checkpoint use `fvlm dense train --pretrained`")
     # checkpoints from before model.upsample existed were all transposed (the default then)
     cfg = build(ModelConfig, {"upsample": "transposed", **blob["config"], "pretrained": None})
     model = build_dense_model(cfg, blob["class_names"], blob.get("text_dim"))

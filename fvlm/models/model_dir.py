@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import FormatError, FvlmError
+from ..errors import FormatError, FvlmError, check_format
 from ..hashing import file_sha256
 
 __all__ = ["DIR_FORMAT", "DIR_VERSION", "CONFIG_NAME", "WEIGHTS_NAME", "TEXT_DIR", "write_model_dir", "aside_name",
@@ -213,11 +213,7 @@ def _config_doc(cfg_path: Path) -> dict:
         doc = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != DIR_FORMAT:
-        raise FormatError(f"{cfg_path}: not an {DIR_FORMAT} config (format {doc.get('format') if isinstance(doc, dict) else None!r})")
-    if doc.get("version") != DIR_VERSION:
-        raise FormatError(f"{cfg_path}: {DIR_FORMAT} version {doc.get('version')!r} is not supported "
-                          f"(this fvlm reads version {DIR_VERSION})")
+    check_format(doc, DIR_FORMAT, DIR_VERSION, cfg_path, what=f"an {DIR_FORMAT} config")
     for key, typ in (("model", str), ("config", dict), ("meta", dict), ("weights", dict)):
         if not isinstance(doc.get(key), typ):
             raise FormatError(f"{cfg_path}: '{key}' must be a {'string' if typ is str else 'mapping'}"

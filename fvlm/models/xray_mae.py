@@ -182,7 +182,6 @@ def load_encoder(path: str | os.PathLike, img_size: int | tuple[int, int] | None
     ``img_size`` lets the encoder run at another resolution (position embeddings are
     recomputed or interpolated by the encoder).
     """
-    from ..errors import FormatError, check_format
 
     path = Path(path)
     blob = read_torch_file(path, "encoder checkpoint")

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import FormatError, FvlmError
+from ..errors import FormatError, FvlmError, check_format
 from ..jsonl import read_jsonl
 
 log = logging.getLogger("fvlm.xray.data")
@@ -507,11 +507,8 @@ def check_cache(path: str | os.PathLike, size: int | None = None) -> dict:
     if not path.is_file():
         raise FvlmError(f"x-ray cache not found: {path} (build it with `fvlm pretrain-xray --build-cache`)")
     with h5py.File(path, "r") as f:
-        fmt, ver = f.attrs.get("format"), f.attrs.get("version")
-        if fmt != CACHE_FORMAT:
-            raise FormatError(f"{path}: not an {CACHE_FORMAT} file (format={fmt!r})")
-        if int(ver) != CACHE_VERSION:
-            raise FormatError(f"{path}: {CACHE_FORMAT} version {ver}, this fvlm reads version {CACHE_VERSION}")
+        check_format({"format": f.attrs.get("format"), "version": f.attrs.get("version")}, CACHE_FORMAT,
+                     CACHE_VERSION, path, what=f"an {CACHE_FORMAT} file")
         if size is not None and int(f.attrs["size"]) != int(size):
             raise FormatError(f"{path}: cache holds {f.attrs['size']} px images, the config asks for {size}; "
                               "rebuild the cache or change data.size")

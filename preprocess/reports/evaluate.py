@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from fvlm.errors import FormatError
+from fvlm.errors import check_format
 from fvlm.taxonomy import NOT_MENTIONED
 
 __all__ = ["LabelScore", "FixtureScore", "load_fixtures", "score_fixtures", "format_table"]
@@ -57,9 +57,7 @@ class FixtureScore:
 def load_fixtures(path: str | Path) -> dict:
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
-    if not isinstance(data, dict) or data.get("format") != "fvlm-report-fixtures" or data.get("version") != 1:
-        raise FormatError(f"{path}: expected format fvlm-report-fixtures version 1")
-    return data
+    return check_format(data, "fvlm-report-fixtures", 1, path)
 
 
 def _score_labels(score: FixtureScore, item_id: str, expected: dict, got: dict, keys: list[str]) -> None:
