@@ -19,6 +19,19 @@ Cases (default preprocess config: 1 x 1 x 3 mm, fvlm15 default crop shapes, whol
 The baseline is today's layout (v1) with its default gzip-1 + shuffle: whole volume, label map,
 every crop and crop mask stored, one chunk per crop, measured in the same run.
 Blosc2 runs single-threaded (``BLOSC_NTHREADS=1``): the numbers are per core.
+
+    python benchmarks/codec_bench.py --access [--reads 5] [--cases 1]
+
+``--access``: decode cost at the loader's real access pattern instead. The CT-RATE-sized case is
+written once per shard codec (the layout's ``compression`` options, default chunk_shape), and a
+fresh process per codec and Blosc2 thread count (``BLOSC_NTHREADS`` = 1, 2: the Blosc2 HDF5
+filter's decompression context reads it; the other codecs have no threads) reads exactly what a
+training sample reads, :func:`fvlm.data.inputs.read_regions` for the volume-mode input of
+``configs/train/vitb3d_gpu.yaml`` and the crop-mode input of ``vitb3d_crop_gpu.yaml``
+(the chunk cache is off, so every read decompresses). Per sample: worker CPU-s (process time,
+user + sys of all its threads, not wall time), the ratio to the default codec in the same run,
+and the loader cores per H100 that follow (GPU samples/s from ``loader_bench.vit_flops`` x
+worker CPU-s per sample); plus the shard bytes per case.
 """
 from __future__ import annotations
 
@@ -165,13 +178,152 @@ def measure_v1(tmp: Path, base_layout, rec, reads: int) -> dict:
             "crops_s": len(present) / t_crops, "n_crops": len(present)}
 
 
+# ----------------------------------------------------------------- the loader's access pattern
+
+#: shard codecs of the access-pattern section: (name, compression, level, shuffle); None = the
+#: default preprocess config's own (the first row is the default, the ratios' baseline)
+ACCESS_CODECS = [("blosc2-zstd (default)", None, None, None), ("blosc2-lz4-5 bit", "blosc2-lz4", 5, "bit"),
+                 ("zstd-3", "zstd", 3, "none"), ("lz4", "lz4", 0, "none"), ("gzip-1 +shuffle", "gzip", 1, "byte"),
+                 ("none", "none", 0, "none")]
+ACCESS_THREADS = (1, 2)
+ACCESS_CONFIGS = (("volume", "train/vitb3d_gpu.yaml"), ("crop", "train/vitb3d_crop_gpu.yaml"))
+
+
+def _access_corpora(tmp: Path, n_cases: int) -> list[dict]:
+    """The CT-RATE-sized case stored ``n_cases`` times under each codec of :data:`ACCESS_CODECS`."""
+    from dataclasses import replace
+
+    from fvlm.anatomy import load_anatomy_set
+    from fvlm.data.shards import write_dataset_info, write_index, write_shard
+    from preprocess.config import PreprocessConfig
+    from preprocess.inputs import CaseSpec
+    from preprocess.writer import build_layout, case_record
+
+    cfg = PreprocessConfig()
+    cfg.reports.labeler = False
+    aset = load_anatomy_set(cfg.anatomy_set)
+    base = build_layout(cfg, aset)
+    image, mask = ctrate_case()
+    rec = case_record(CaseSpec(case_id="x", image=image, mask=mask), cfg, aset, base)
+    recs = [type(rec)(**{**vars(rec), "case_id": f"c{i}", "patient_id": f"p{i}", "split": "train"})
+            for i in range(n_cases)]
+    out = []
+    for name, comp, level, shuf in ACCESS_CODECS:
+        layout = base if comp is None else replace(base, compression=comp, compression_level=level, shuffle=shuf)
+        root = tmp / f"access_{len(out)}"
+        write_shard(root / "shards/000-00000.h5", layout, recs, n=n_cases)
+        write_index(root / "index.jsonl", [{"case_id": r.case_id, "patient_id": r.patient_id, "split": "train",
+                                            "shard": "shards/000-00000.h5", "row": i,
+                                            "anatomies": [a for a in layout.anatomies if r.present[a]]}
+                                           for i, r in enumerate(recs)])
+        write_dataset_info(root, layout, {"anatomy_set": aset.name})
+        label = (f"{layout.compression}-{layout.compression_level} {layout.shuffle}" if comp is None else name)
+        out.append({"codec": name if comp is not None else f"{label} (default)", "compression": layout.compression,
+                    "root": str(root), "chunk_shape": list(layout.chunk_shape), "stored_shape": list(rec.volume.shape),
+                    "bytes_per_case": (root / "shards/000-00000.h5").stat().st_size / n_cases})
+    return out
+
+
+def _access_child(root: str, reads: int) -> None:
+    """In a fresh process (``BLOSC_NTHREADS`` set by the parent): per mode, CPU-s and wall-s per
+    ``read_regions`` of one sample, as JSON on stdout."""
+    import torch
+
+    torch.set_num_threads(1)
+    from fvlm.data.inputs import read_regions
+    from fvlm.data.shards import ShardDataset
+    from loader_bench import _opts
+
+    ds = ShardDataset(root)
+    ids = ds.case_ids()
+    res = {}
+    for mode, config in ACCESS_CONFIGS:
+        opts = _opts(config, ds)[0]
+        read_regions(ds, ids[0], opts, opts.anatomies, ds.anatomies)  # open, page cache, label checks
+        c0, t0, s0 = time.process_time(), time.perf_counter(), os.times().system
+        nbytes = 0
+        for k in range(reads):
+            _, raw = read_regions(ds, ids[k % len(ids)], opts, opts.anatomies, ds.anatomies)
+            nbytes += sum(v.numel() * v.element_size() + m.numel() * m.element_size() for v, m in raw["boxes"])
+        res[mode] = {"cpu_s": (time.process_time() - c0) / reads, "wall_s": (time.perf_counter() - t0) / reads,
+                     "sys_s": (os.times().system - s0) / reads, "box_bytes": nbytes / reads}
+    print(json.dumps(res))
+
+
+def _gpu_rates(root: str) -> dict:
+    """GPU samples/s per mode (loader_bench's ViT-B/3D arithmetic on the configs' inputs) and its lines."""
+    from fvlm.data.shards import ShardDataset
+    from loader_bench import _opts, vit_flops
+
+    ds = ShardDataset(root)
+    out = {}
+    for mode, config in ACCESS_CONFIGS:
+        opts, img, patch = _opts(config, ds)
+        out[mode] = vit_flops(img, patch, 1 if mode == "volume" else len(opts.anatomies))
+    ds.close()
+    return out
+
+
+def access_main(reads: int, n_cases: int, out_path: str | None) -> None:
+    import subprocess
+
+    import hdf5plugin
+
+    print(f"machine: {os.cpu_count()} CPUs; hdf5plugin {hdf5plugin.version}; one torch thread; "
+          f"read_regions of the CT-RATE-sized case x {n_cases} per codec, {reads} timed reads per mode")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fvlm_codec_access_") as d:
+        corpora = _access_corpora(Path(d), n_cases)
+        rates = _gpu_rates(corpora[0]["root"])
+        for mode, (rate, lines) in rates.items():
+            print(f"\n{mode} mode GPU rate:")
+            for ln in lines:
+                print("  " + ln)
+        print(f"\nstored grid {tuple(corpora[0]['stored_shape'])}, chunk_shape {tuple(corpora[0]['chunk_shape'])}")
+        for c in corpora:
+            threads = ACCESS_THREADS if c["compression"].startswith("blosc2-") else (1,)
+            for n in threads:
+                env = {**os.environ, "BLOSC_NTHREADS": str(n), "OMP_NUM_THREADS": "1"}
+                p = subprocess.run([sys.executable, __file__, "--_access-child", c["root"], "--reads", str(reads)],
+                                   env=env, capture_output=True, text=True, check=True)
+                m = json.loads(p.stdout.strip().splitlines()[-1])
+                rows.append({**{k: v for k, v in c.items() if k != "root"}, "threads": n, **m})
+                print(f"  {c['codec']} x{n} thread(s): " + ", ".join(
+                    f"{mode} {m[mode]['cpu_s'] * 1e3:.0f} ms CPU / {m[mode]['wall_s'] * 1e3:.0f} ms wall"
+                    for mode, _ in ACCESS_CONFIGS), flush=True)
+    base = rows[0]
+    print("\n| codec | Blosc2 threads | MB/case on disk | mode | box MB read | worker CPU ms/sample | "
+          "of which sys | vs default | wall ms/sample | GPU samples/s | loader cores per H100 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for mode, _ in ACCESS_CONFIGS:
+            cpu, gpu = r[mode]["cpu_s"], rates[mode][0]
+            print(f"| {r['codec']} | {r['threads'] if r['compression'].startswith('blosc2-') else '-'} | "
+                  f"{r['bytes_per_case'] / 1e6:.1f} | {mode} | {r[mode]['box_bytes'] / 1e6:.1f} | {cpu * 1e3:.0f} | "
+                  f"{r[mode]['sys_s'] * 1e3:.0f} | {cpu / base[mode]['cpu_s']:.2f}x | {r[mode]['wall_s'] * 1e3:.0f} | {gpu:.0f} | {gpu * cpu:.0f} |")
+    print("\n(worker CPU = process time of the reading process, all its threads; vs default = CPU-s per "
+          "sample / the default codec's at 1 thread, same run; loader cores per H100 = GPU samples/s x "
+          "worker CPU-s per sample, the fvlm cache not used. wall ms is on a shared machine: CPU ms is "
+          "the number to compare.)")
+    if out_path:
+        Path(out_path).write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--access", action="store_true", help="decode CPU per sample at the loader's access pattern "
+                                                          "(read_regions), per codec and Blosc2 thread count")
+    ap.add_argument("--cases", type=int, default=1, help="--access: copies of the CT-RATE-sized case per shard")
+    ap.add_argument("--_access-child", dest="access_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="shipped CTs only (no CT-RATE-sized case)")
     ap.add_argument("--reads", type=int, default=3, help="timed repetitions per read kind")
     ap.add_argument("--codecs", default="", help="comma-separated subset of codec names (default all)")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     args = ap.parse_args()
+    if args.access_child:
+        return _access_child(args.access_child, args.reads)
+    if args.access:
+        return access_main(args.reads, args.cases, args.out)
     from fvlm.data.shards import ShardLayout  # noqa: F401 - import cost outside the timings
 
     codecs = [c for c in CODECS if not args.codecs or c[0] in args.codecs.split(",")]
