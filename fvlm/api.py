@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
+from .devices import to_device
 from .errors import FvlmError
+from .eval import loading
+from .eval.loading import checkpoint_sha256, load_taxonomy, taxonomy_name
+from .eval.predict import (Scoring, preprocess_scan, prompt_table, resolve_preprocess_config, score_embeddings,
+                           scoring_for, scoring_from_meta, thresholds_sidecar)
+from .eval.prompts import encode_texts, model_logit_scale
+from .models.checkpoint import load_consolidated
 
 __all__ = ["load", "Model", "Embedding", "Prediction"]
 
@@ -103,8 +111,6 @@ def _positive_int(v, name: str) -> int:
 
 
 def _torch_dtype(dtype):
-    import torch
-
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -120,8 +126,6 @@ def _is_batch(x) -> bool:
 
 def _check_device(device) -> str:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (a GPU that exists), else a one-line :class:`FvlmError`."""
-    import torch
-
     if not isinstance(device, str):
         raise FvlmError(f"device must be a name such as 'cpu', 'cuda' or 'cuda:0', got {type(device).__name__}")
     if device == "auto":
@@ -225,16 +229,12 @@ class Model:
     def sha256(self) -> str:
         """Identity of the checkpoint (what ``results.json`` and thresholds record)."""
         if self._sha is None:
-            from .eval.loading import checkpoint_sha256
-
             self._sha = checkpoint_sha256(str(self.source))
         return self._sha
 
     def preprocess_config(self, have_mask: bool = True):
         """The ``PreprocessConfig`` scans are preprocessed with (the training shards' settings
         from ``meta["preprocess"]``; the defaults, with a warning, for older checkpoints)."""
-        from .eval.predict import resolve_preprocess_config
-
         if have_mask not in self._pcfg:
             self._pcfg[have_mask] = resolve_preprocess_config(self.meta, self._pcfg_files, self.names, have_mask)
         return self._pcfg[have_mask][0]
@@ -250,8 +250,6 @@ class Model:
             affine: 4x4 voxel-to-world matrix (mm, nibabel's RAS+ world) of an array ``image``.
             mask_dir: folder of per-class masks ``<class>.nii.gz`` instead of ``mask``.
         """
-        from .eval.predict import preprocess_scan
-
         _check_image_arg(image, "image")
         if mask is not None:
             _check_image_arg(mask, "mask")
@@ -261,8 +259,6 @@ class Model:
     def embed_records(self, records: Sequence, batch_size: int | None = None) -> list[Embedding]:
         """Embeddings of preprocessed ``CaseRecord`` s (from :meth:`preprocess` or a ``ShardDataset``),
         ``batch_size`` records per image forward."""
-        import torch
-
         bs = _positive_int(batch_size or self.batch_size, "batch_size")
         out: list[Embedding] = []
         if records is None or isinstance(records, (str, bytes)):
@@ -302,8 +298,6 @@ class Model:
 
     # ------------------------------------------------------------------ zero-shot
     def _scoring(self, thresholds):
-        from .eval.predict import scoring_for, scoring_from_meta, thresholds_sidecar, Scoring
-
         if thresholds is not None and not isinstance(thresholds, (str, os.PathLike, dict)):
             raise FvlmError(f"thresholds must be a results.json of `fvlm zeroshot` (a path or its mapping), "
                             f"got {type(thresholds).__name__}")
@@ -315,8 +309,6 @@ class Model:
         return scoring_for(self.source, self.meta, self.sha256(), thresholds)
 
     def _taxonomy(self, taxonomy):
-        from .eval.loading import load_taxonomy, taxonomy_name
-
         name = taxonomy_name(taxonomy, self.meta)
         key = ("tax", name)
         if key not in self._prompts:
@@ -335,10 +327,6 @@ class Model:
                 None: the checkpoint's thresholds sidecar, else the thresholds it carries, else none.
         Returns a :class:`Prediction`.
         """
-        import torch
-
-        from .eval.predict import prompt_table, score_embeddings
-
         if _is_batch(image):
             masks = list(mask) if _is_batch(mask) else [mask] * len(image)
             if len(masks) != len(image):
@@ -363,10 +351,6 @@ class Model:
     # ------------------------------------------------------------------ text side
     def embed_text(self, texts: str | Sequence[str], anatomy: str | None = None) -> np.ndarray:
         """L2-normalised text embeddings ``(N, E)`` in ``anatomy``'s space (None = the global one)."""
-        import torch
-
-        from .eval.prompts import encode_texts
-
         texts = _check_texts(texts)
         if anatomy is not None and anatomy not in self.anatomies:
             raise FvlmError(f"unknown anatomy {anatomy!r}; the model knows {', '.join(self.anatomies)}")
@@ -399,8 +383,6 @@ class Model:
     @property
     def logit_scale(self) -> float:
         """The learned similarity scale (1 / temperature)."""
-        from .eval.prompts import model_logit_scale
-
         return float(model_logit_scale(self.net))
 
 
@@ -421,8 +403,6 @@ def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, batch_siz
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from .eval import loading
-    from .models.checkpoint import load_consolidated
 
     if not isinstance(path, (str, os.PathLike)):
         raise FvlmError(f"path must be a checkpoint file or model directory, got {type(path).__name__}")
@@ -436,6 +416,6 @@ def load(path: str | os.PathLike, *, device: str = "auto", dtype=None, batch_siz
     fn, _ = loading.batch_function(net, meta)
 
     def make_batch(records):
-        return loading._to_device(fn(records), dev)
+        return to_device(fn(records), dev)
 
     return Model(net, meta, make_batch, path, dev, preprocess_config, batch_size)

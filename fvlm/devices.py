@@ -10,6 +10,7 @@ __all__ = ["to_device", "module_device", "train_device"]
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
     """Tensors of a (nested) dict / list / tuple batch moved to ``device``; other values unchanged.
+    The one device move of training, validation, evaluation and the Python API.
 
     ``non_blocking`` only overlaps the copy with compute when the host tensor is pinned (the
     loader's ``pin_memory`` on CUDA); otherwise it is an ordinary synchronous copy.
@@ -18,7 +19,7 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in batch):
+    if isinstance(batch, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in batch):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
 

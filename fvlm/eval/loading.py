@@ -13,6 +13,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
+from ..devices import to_device
 from ..errors import FvlmError
 from ..hashing import file_sha256
 
@@ -118,7 +119,7 @@ def load_model(path: str, device: str = "auto", dtype=None) -> tuple[Any, dict, 
     fn, get_kwargs = batch_function(model, meta or {})
 
     def make_batch(records):
-        return _to_device(fn(records), dev)
+        return to_device(fn(records), dev)
 
     make_batch.get_kwargs = get_kwargs
     if hasattr(fn, "load"):   # read cases from a source exactly as training does (host + device stages)
@@ -127,13 +128,3 @@ def load_model(path: str, device: str = "auto", dtype=None) -> tuple[Any, dict, 
         make_batch.load = make_batch_fn(fn.opts, device=dev).load
         make_batch.opts = fn.opts
     return model, dict(meta or {}), make_batch
-
-
-def _to_device(batch, device: str):
-    if hasattr(batch, "to"):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
