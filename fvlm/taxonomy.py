@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,17 @@ class Diagnosis:
     def is_global(self) -> bool:
         return self.anatomy == GLOBAL
 
+    @classmethod
+    def of(cls, d: Diagnosis | Mapping) -> Diagnosis:
+        """``d`` itself, or the diagnosis a plain mapping with the same keys describes (synthetic
+        sources and tests hand those to the evaluation code): ``name`` defaults to the id,
+        ``anatomy`` to ``"global"``, lists become tuples, other keys are ignored."""
+        if isinstance(d, cls):
+            return d
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names and v is not None}
+        return cls(**{**kw, "name": kw.get("name") or kw["id"], "anatomy": kw.get("anatomy") or GLOBAL})
+
 
 @dataclass
 class Taxonomy:
@@ -121,6 +133,15 @@ class Taxonomy:
 
     def names(self) -> list[str]:
         return [d.name for d in self.diagnoses]
+
+    @classmethod
+    def of(cls, t: Taxonomy | Mapping) -> Taxonomy:
+        """``t`` itself, or a taxonomy from a plain ``{"name": ..., "diagnoses": [mapping, ...]}`` or
+        another object with those two attributes (no anatomies: only what the evaluation code reads)."""
+        if isinstance(t, cls):
+            return t
+        name, diagnoses = (t.get("name"), t.get("diagnoses")) if isinstance(t, Mapping) else (t.name, t.diagnoses)
+        return cls(name=name or "", anatomy_set="", anatomies=[], diagnoses=[Diagnosis.of(d) for d in diagnoses or ()])
 
 
 # --------------------------------------------------------------------------- loading

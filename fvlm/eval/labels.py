@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import FvlmError
 from ..jsonl import read_jsonl
+from ..taxonomy import Taxonomy
 
 CASE_COLUMNS = ("case_id", "volumename", "volume_name", "case", "id")
 _SUFFIXES = (".nii.gz", ".nii", ".npz", ".h5", ".mha", ".nrrd")
@@ -43,12 +44,6 @@ def normalize_case_name(name: str) -> str:
 
 def _key(s: str) -> str:
     return re.sub(r"[\s_\-]+", " ", str(s).strip().lower())
-
-
-def _attr(obj: Any, name: str, default=None):
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
 
 
 def _value(v: Any, where: str) -> int:
@@ -109,11 +104,10 @@ def _rows(path: Path) -> list[dict]:
 def read_label_files(paths: Sequence[str], taxonomy) -> LabelTable:
     """Read label files and map their columns onto the taxonomy's diagnoses."""
     lookup: dict[str, str] = {}
-    for d in _attr(taxonomy, "diagnoses"):
-        did = _attr(d, "id")
-        for alias in (did, _attr(d, "name"), _attr(d, "ctrate")):
+    for d in Taxonomy.of(taxonomy).diagnoses:
+        for alias in (d.id, d.name, d.ctrate):
             if alias:
-                lookup.setdefault(_key(alias), did)
+                lookup.setdefault(_key(alias), d.id)
     table = LabelTable({}, {}, [], [str(p) for p in paths])
     ignored: set[str] = set()
     for p in paths:
@@ -159,7 +153,7 @@ def silver_matrix(records: Sequence[Any], diagnoses: Sequence[str]) -> np.ndarra
     """``(N, D)`` silver labels from ``CaseRecord.labels`` (missing -> -1)."""
     out = np.full((len(records), len(diagnoses)), -1, dtype=np.int8)
     for i, r in enumerate(records):
-        lab = _attr(r, "labels") or {}
+        lab = r.labels or {}
         for j, d in enumerate(diagnoses):
             v = lab.get(d, -1)
             out[i, j] = v if v in (0, 1) else -1

@@ -18,13 +18,12 @@ Scoring rules (``scoring.rule``), with ``s`` cosine similarities and ``t`` the l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import FvlmError
-
-GLOBAL = "global"
+from ..taxonomy import GLOBAL, Taxonomy
 
 
 @dataclass
@@ -39,12 +38,6 @@ class PromptSet:
     text_anatomy: str | None = None  # anatomy passed to encode_text (None = global text projection)
 
 
-def _attr(obj: Any, name: str, default=None):
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
 def ctclip_prompts(label: str) -> tuple[list[str], list[str]]:
     """CT-CLIP's zero-shot wording for a CT-RATE label name (its CSV column, verbatim)."""
     return [f"{label} is present."], [f"{label} is not present."]
@@ -57,22 +50,19 @@ def build_prompt_sets(taxonomy, style: str = "taxonomy", clip_baseline: bool = F
     by CT-CLIP's wording; others keep the taxonomy's and are flagged by the caller.
     """
     sets = []
-    for d in _attr(taxonomy, "diagnoses"):
-        did = _attr(d, "id")
-        anatomy = _attr(d, "anatomy") or GLOBAL
-        pos = list(_attr(d, "prompts_positive") or [])
-        neg = list(_attr(d, "prompts_negative") or [])
+    for d in Taxonomy.of(taxonomy).diagnoses:
+        did, anatomy = d.id, d.anatomy
+        pos, neg = list(d.prompts_positive), list(d.prompts_negative)
         if style == "ctclip":
-            ct = _attr(d, "ctrate")
-            if ct:
-                pos, neg = ctclip_prompts(ct)
+            if d.ctrate:
+                pos, neg = ctclip_prompts(d.ctrate)
         elif style != "taxonomy":
             raise FvlmError(f"unknown prompt style {style!r} (taxonomy, ctclip)")
         if not pos or not neg:
             raise FvlmError(f"diagnosis '{did}' of the taxonomy has no positive or no negative prompts; "
                             "zero-shot scoring needs both (add prompts_positive/prompts_negative)")
         emb = GLOBAL if clip_baseline else anatomy
-        sets.append(PromptSet(did, _attr(d, "name") or did, anatomy, emb, pos, neg,
+        sets.append(PromptSet(did, d.name, anatomy, emb, pos, neg,
                               None if emb == GLOBAL else emb))
     return sets
 

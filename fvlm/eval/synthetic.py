@@ -19,25 +19,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..taxonomy import ABNORMAL, NORMAL
+from ..taxonomy import ABNORMAL, NORMAL, Diagnosis
 from .prompts import ctclip_prompts
-
-
-@dataclass
-class SyntheticDiagnosis:
-    id: str
-    name: str
-    anatomy: str
-    prompts_positive: list[str]
-    prompts_negative: list[str]
-    ctrate: str | None = None
 
 
 @dataclass
 class SyntheticTaxonomy:
     name: str
     anatomies: list[str]
-    diagnoses: list[SyntheticDiagnosis]
+    diagnoses: list[Diagnosis]
 
 
 def make_taxonomy(anatomies=("lung", "heart"), per_anatomy: int = 2, global_diagnoses: int = 1,
@@ -46,15 +36,16 @@ def make_taxonomy(anatomies=("lung", "heart"), per_anatomy: int = 2, global_diag
     for a in anatomies:
         for k in range(per_anatomy):
             did = f"{a}_finding{k}"
-            diags.append(SyntheticDiagnosis(
+            diags.append(Diagnosis(
                 did, f"{a.title()} finding {k}", a,
-                [f"{a} finding {k} variant {p}" for p in range(n_prompts)],
-                [f"no {a} finding {k} variant {p}" for p in range(n_prompts)], ctrate=f"{a.title()} finding {k}"))
+                prompts_positive=tuple(f"{a} finding {k} variant {p}" for p in range(n_prompts)),
+                prompts_negative=tuple(f"no {a} finding {k} variant {p}" for p in range(n_prompts)),
+                ctrate=f"{a.title()} finding {k}"))
     for k in range(global_diagnoses):
         did = f"scan_finding{k}"
-        diags.append(SyntheticDiagnosis(did, f"Scan finding {k}", "global",
-                                        [f"scan finding {k} variant {p}" for p in range(n_prompts)],
-                                        [f"no scan finding {k} variant {p}" for p in range(n_prompts)]))
+        diags.append(Diagnosis(did, f"Scan finding {k}", "global",
+                               prompts_positive=tuple(f"scan finding {k} variant {p}" for p in range(n_prompts)),
+                               prompts_negative=tuple(f"no scan finding {k} variant {p}" for p in range(n_prompts))))
     return SyntheticTaxonomy("synthetic", list(anatomies), diags)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import FvlmError
 from ..logs import get_logger
+from ..taxonomy import Taxonomy
 from . import probe as probe_mod
 from .config import ZeroShotConfig
 from .embed import CaseEmbeddings, EmbeddingCache, encode_cases
@@ -40,12 +41,6 @@ log = get_logger("eval.zeroshot")
 
 RESULTS_FORMAT = "fvlm-zeroshot-results"
 RESULTS_VERSION = 1
-
-
-def _attr(obj: Any, name: str, default=None):
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
 
 
 @dataclass
@@ -81,11 +76,12 @@ def run_suite(model, dataset, taxonomy, cfg: ZeroShotConfig, make_batch: Callabl
               provenance: dict | None = None) -> SuiteOutput:
     """Run the whole benchmark and return the results document (see module docstring)."""
     t0 = time.time()
+    taxonomy = Taxonomy.of(taxonomy)
     all_ids = list(dataset.case_ids())
     if not all_ids:
         raise FvlmError("the dataset has no cases")
     meta = _meta_records(dataset, all_ids)
-    infos = [CaseInfo(c, str(_attr(meta[c], "patient_id") or c), str(_attr(meta[c], "split") or ""))
+    infos = [CaseInfo(c, str(meta[c].patient_id or c), str(meta[c].split or ""))
              for c in all_ids]
     th = cfg.thresholds
     proto = resolve(infos, cfg.splits.test, cfg.splits.threshold, cfg.splits.train, th.source,
@@ -151,7 +147,7 @@ def run_suite(model, dataset, taxonomy, cfg: ZeroShotConfig, make_batch: Callabl
     r_test, r_tune = emb.rows(proto.test), emb.rows(proto.tune)
     inc_test = _include_matrix(sets, emb, r_test, cfg.absent_anatomy)
     inc_tune = _include_matrix(sets, emb, r_tune, cfg.absent_anatomy)
-    patients = [str(_attr(meta[c], "patient_id") or c) for c in proto.test]
+    patients = [str(meta[c].patient_id or c) for c in proto.test]
     has_tune = bool(proto.tune)
     common = dict(min_positives=cfg.min_positives, min_negatives=cfg.min_negatives,
                   threshold_method=th.method, target_sensitivity=th.target_sensitivity,
@@ -189,14 +185,14 @@ def run_suite(model, dataset, taxonomy, cfg: ZeroShotConfig, make_batch: Callabl
     gt["per_role"] = {"test": src_test, "threshold_tuning": src_tune, "probe_train": src_train}
     prompt_note = None
     if cfg.scoring.prompts == "ctclip":
-        no_ct = [ps.diagnosis for ps in sets if not _attr(_diag(taxonomy, ps.diagnosis), "ctrate")]
+        no_ct = [ps.diagnosis for ps in sets if not taxonomy.diagnosis(ps.diagnosis).ctrate]
         if no_ct:
             prompt_note = f"{len(no_ct)} diagnoses have no CT-RATE name and keep the taxonomy's prompts"
     results = {
         "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(provenance or {}),
-        "taxonomy": {"name": _attr(taxonomy, "name"), "n_diagnoses": len(sets),
+        "taxonomy": {"name": taxonomy.name, "n_diagnoses": len(sets),
                      "anatomies": sorted({ps.anatomy for ps in sets})},
         "ground_truth": gt,
         "protocol": {"name": cfg.protocol, **proto.to_json(), "test_split": cfg.splits.test,
@@ -219,13 +215,6 @@ def run_suite(model, dataset, taxonomy, cfg: ZeroShotConfig, make_batch: Callabl
         "config": to_dict(cfg),
     }
     return SuiteOutput(results, roc, emb)
-
-
-def _diag(taxonomy, did):
-    for d in _attr(taxonomy, "diagnoses"):
-        if _attr(d, "id") == did:
-            return d
-    return None
 
 
 def _linear_probe(cfg, sets, emb, proto, y_train, y_test, y_tune, inc_test, inc_tune, patients, infos_d,

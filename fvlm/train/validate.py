@@ -29,24 +29,17 @@ from ..errors import ConfigError
 from ..eval.metrics import recall_at_k, roc_auc
 from ..eval.prompts import GLOBAL, build_prompt_sets, encode_prompt_sets, model_logit_scale, score_prompt_sets
 from ..splits import resolve_split_ids
+from ..taxonomy import Diagnosis, load_taxonomy
 
 __all__ = ["quick_validate", "diagnosis_prompts", "check_val_config"]
 
 _log = logging.getLogger("fvlm.train")
 
 
-def _attr(d: Any, k: str, default=None):
-    return d.get(k, default) if isinstance(d, dict) else getattr(d, k, default)
-
-
-def diagnosis_prompts(diagnoses: Sequence[Any]) -> list[dict]:
+def diagnosis_prompts(diagnoses: Sequence[Diagnosis | dict]) -> list[dict]:
     """Normalise taxonomy diagnoses / dicts to ``{id, anatomy, pos: [...], neg: [...]}`` with prompts."""
-    out = []
-    for d in diagnoses:
-        pos, neg = list(_attr(d, "prompts_positive", []) or []), list(_attr(d, "prompts_negative", []) or [])
-        if pos and neg:
-            out.append({"id": _attr(d, "id"), "anatomy": _attr(d, "anatomy", "global"), "pos": pos, "neg": neg})
-    return out
+    return [{"id": d.id, "anatomy": d.anatomy, "pos": list(d.prompts_positive), "neg": list(d.prompts_negative)}
+            for d in map(Diagnosis.of, diagnoses) if d.prompts_positive and d.prompts_negative]
 
 
 @torch.no_grad()
@@ -113,8 +106,8 @@ def _retrieval(img, txt, vmask) -> dict[str, float]:
 def _zero_shot_aucs(model, img, present, y_all, opts, diagnoses, rule, logit_scale) -> dict[str, float]:
     """The suite's scores (:func:`fvlm.eval.prompts.score_prompt_sets`) on the diagnoses' own embedding;
     rows with an absent anatomy or an uncertain label (-1) left out, as ``fvlm zeroshot`` does."""
-    diags = [d for d in diagnoses if _attr(d, "id") in opts.diagnoses
-             and _attr(d, "prompts_positive") and _attr(d, "prompts_negative")]
+    diags = [d for d in map(Diagnosis.of, diagnoses) if d.id in opts.diagnoses
+             and d.prompts_positive and d.prompts_negative]
     if not diags:
         return {}
     sets = build_prompt_sets({"diagnoses": diags}, "taxonomy", clip_baseline=set(img) == {GLOBAL})
@@ -142,8 +135,6 @@ def _zero_shot_aucs(model, img, present, y_all, opts, diagnoses, rule, logit_sca
 def _config_diagnoses(cfg, source) -> list[dict]:
     """Diagnoses with prompts that validation can score: the taxonomy's, else the source's own."""
     if cfg.data.taxonomy:
-        from ..taxonomy import load_taxonomy
-
         diags = list(load_taxonomy(cfg.data.taxonomy).diagnoses)
     else:
         diags = list(getattr(source, "diagnoses", []) or [])
