@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import FormatError, FvlmError
+from ..taxonomy import ABNORMAL
 from .cases import DenseCase, Finding, dense_input, diagnosis_phrase, hu_int16, volume_case
 from .config import DataConfig
 
@@ -153,7 +154,7 @@ def _shards(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[Den
         rec, raw = read_whole(ds, cid, class_names, ds.anatomies, target)
         image, label = dense_input(raw, class_names, cfg.window)
         sentences = [(a, s) for a, t in (rec.anatomy_text or {}).items()
-                     if t.get("status") == "abnormal" for s in t.get("sentences", [])]
+                     if t.get("status") == ABNORMAL for s in t.get("sentences", [])]
         # silver labels are keyed by diagnosis id; cases carry prompt phrases (as the demo source does)
         labels = {diagnosis_phrase(d): v for d, v in (rec.labels or {}).items()}
         sp = tuple(float(s) for s in (target or rec.spacing_mm))

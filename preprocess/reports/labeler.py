@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 
 from fvlm.errors import FvlmError
-from fvlm.taxonomy import ABNORMAL, GLOBAL, NORMAL, NOT_MENTIONED, Taxonomy, load_taxonomy
+from fvlm.taxonomy import ABNORMAL, GLOBAL, NORMAL, NOT_MENTIONED, STATUSES, Taxonomy, load_taxonomy
 
 from .lexicon import TOKEN_RE, PhraseMatcher, canonical, _plurals
 from .negation import Cue, scope
@@ -43,7 +43,6 @@ from .sentences import SentenceSplitter
 __all__ = ["ReportLabeler", "LabelResult", "AnatomyText", "Mention", "ClauseResult", "STATUSES",
            "DISAGREEMENT_RULES"]
 
-STATUSES = (ABNORMAL, NORMAL, NOT_MENTIONED)
 #: default per-section size cap in characters (CT-RATE reports: about 1,000-5,000)
 MAX_CHARS = 100_000
 log = logging.getLogger("fvlm.reports")
