@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import FvlmError
 from ..taxonomy import GLOBAL, Taxonomy
+from ..train.zero import gathered
 
 
 @dataclass
@@ -186,13 +187,9 @@ def model_logit_scale(model, default: float = 100.0) -> float:
     convention (it stores the log; clamped at 100) and a plain number as the scale itself.
     """
     ls = getattr(model, "logit_scale", None)
-    if ls is not None and hasattr(ls, "ds_id"):
-        # ZeRO-3 partitions every parameter (a rank holds a 0-element slice): gather it
-        # for the read. Collective: every rank must call this, as validation does.
-        import deepspeed
-        with deepspeed.zero.GatheredParameters([ls]):
-            return _read_logit_scale(model, default)
-    return _read_logit_scale(model, default)
+    # under ZeRO-3 the scale is partitioned: gathered for the read (every rank calls this, as validation does)
+    with gathered([ls] if ls is not None else []):
+        return _read_logit_scale(model, default)
 
 
 def _read_logit_scale(model, default: float) -> float:
