@@ -59,12 +59,13 @@ def _clip(cfg=None, **kw):
 def _xray_mae(cfg=None, **kw):
     """2D masked image modelling network for radiographs (``fvlm pretrain-xray``).
 
-    ``cfg``: an ``XrayModelConfig``, a mapping of its keys (``XrayMAE.config`` included), or None;
+    ``cfg``: an :class:`~fvlm.models.xray_config.XrayModelConfig`, a mapping of its keys
+    (``XrayMAE.config`` included), or None;
     ``img_size=`` (the input side, ``data.size``) unless the mapping carries it.
     """
     from .xray_mae import build_xray_mae
 
-    return build_xray_mae(cfg if cfg is not None else {}, **kw)
+    return build_xray_mae(cfg, **kw)
 
 
 @register_model("dense")

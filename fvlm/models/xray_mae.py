@@ -15,7 +15,9 @@ The encoder is saved on its own for downstream use with :func:`save_encoder` (fo
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from ..encoders import create_encoder, encoder_defaults, list_encoders, load_enc
 from ..encoders.vit import Block
 from ..errors import FormatError, FvlmError, check_format
 from ..torchfile import read_torch_file
+from .xray_config import XrayModelConfig
 
 __all__ = ["XrayMAE", "build_xray_mae", "save_encoder", "load_encoder", "ENCODER_FORMAT", "ENCODER_VERSION"]
 
@@ -132,22 +135,23 @@ class XrayMAE(nn.Module):
         return t[:, p:].mean(dim=1)
 
 
-def build_xray_mae(cfg, img_size: int | None = None) -> XrayMAE:
-    """Build from an ``XrayModelConfig`` (``fvlm.xray.config``) or a plain mapping of its keys.
+def build_xray_mae(cfg: XrayModelConfig | Mapping | None = None, img_size: int | None = None) -> XrayMAE:
+    """Build from an :class:`~fvlm.models.xray_config.XrayModelConfig`, or a plain mapping of its keys
+    (``XrayMAE.config`` included: it also carries ``img_size``; other keys are ignored).
 
-    ``img_size`` defaults to ``cfg.img_size`` (a mapping may carry it).
+    ``img_size`` defaults to the mapping's ``img_size``, else 224.
     """
-    from ..config import to_dict
-
-    d = to_dict(cfg) if not isinstance(cfg, dict) else dict(cfg)
-    size = img_size if img_size is not None else d.pop("img_size", 224)
-    d.pop("img_size", None)
-    ps = d.pop("patch_size", 16)
-    return XrayMAE(encoder=d.pop("encoder", "vit2d_tiny"), img_size=size, patch_size=ps,
-                   in_chans=d.pop("in_chans", 1), decoder_dim=d.pop("decoder_dim", 256),
-                   decoder_depth=d.pop("decoder_depth", 4), decoder_heads=d.pop("decoder_heads", 8),
-                   grad_checkpointing=d.pop("grad_checkpointing", False), pixel_mean=d.pop("pixel_mean", 0.5),
-                   pixel_std=d.pop("pixel_std", 0.25), encoder_kwargs=d.pop("encoder_kwargs", None))
+    size = 224
+    if not isinstance(cfg, XrayModelConfig):
+        d = dict(cfg or {})
+        size = d.pop("img_size", size)
+        keys = {f.name for f in dataclasses.fields(XrayModelConfig)}
+        cfg = XrayModelConfig(**{k: v for k, v in d.items() if k in keys})
+    return XrayMAE(encoder=cfg.encoder, img_size=img_size if img_size is not None else size,
+                   patch_size=cfg.patch_size, in_chans=cfg.in_chans, decoder_dim=cfg.decoder_dim,
+                   decoder_depth=cfg.decoder_depth, decoder_heads=cfg.decoder_heads,
+                   grad_checkpointing=cfg.grad_checkpointing, pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
+                   encoder_kwargs=cfg.encoder_kwargs)
 
 
 def save_encoder(path: str | os.PathLike, model: XrayMAE, meta: dict | None = None,

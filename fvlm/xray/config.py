@@ -10,6 +10,7 @@ from typing import Literal
 
 from ..config import opt
 from ..errors import ConfigError
+from ..models.xray_config import XrayModelConfig
 from ..train.engine import TrainConfig
 
 __all__ = ["XrayDataConfig", "XrayModelConfig", "XrayMaskConfig", "XrayTrainConfig", "XrayProbeConfig",
@@ -31,20 +32,6 @@ class XrayDataConfig:
     cache_dtype: Literal["uint8", "uint16"] = opt("uint16", "pixel type in the h5 cache")
     flip: bool = opt(False, "random horizontal flips")
     num_workers: int = opt(0, "DataLoader worker processes")
-
-
-@dataclass
-class XrayModelConfig:
-    encoder: str = opt("vit2d_tiny", "2D encoder name from the registry (fvlm.encoders.list_encoders())")
-    patch_size: int = opt(16, "square patch size in pixels")
-    in_chans: int = opt(1, "input channels")
-    decoder_dim: int = opt(256, "MAE decoder width")
-    decoder_depth: int = opt(4, "MAE decoder blocks")
-    decoder_heads: int = opt(8, "MAE decoder attention heads")
-    grad_checkpointing: bool = opt(False, "recompute encoder/decoder blocks in backward to save memory")
-    pixel_mean: float = opt(0.5, "input standardisation: mean of the [0, 1] pixels")
-    pixel_std: float = opt(0.25, "input standardisation: std of the [0, 1] pixels")
-    encoder_kwargs: dict = opt({}, "extra keyword arguments for create_encoder (e.g. pos_embed: learned)")
 
 
 @dataclass
