@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fvlm {name}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        if argv is None:   # the process's own command line: it exits now, and a second Ctrl-C must
+            import signal  # not cut its clean-up short (a caller of main([...]) keeps its handlers)
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         print(f"fvlm {name}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a path a command did not check itself: missing, unreadable, read-only, disk full

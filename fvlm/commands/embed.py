@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
+from ..atomic import replacing
 from ..version import __version__
 
 HELP = "embed every case of a shard directory: case/patient/split ids + global and per-anatomy vectors"
@@ -82,18 +82,21 @@ def _join_parquet(parts: Path, out: Path, state: dict) -> int:
     import pyarrow.parquet as pq
 
     files = sorted(parts.glob("part-*.parquet"))
-    tmp = out.with_name(out.name + ".tmp")
     n = 0
-    writer = None
-    for f in files:
-        t = pq.read_table(f)
-        if writer is None:
-            writer = pq.ParquetWriter(str(tmp), t.schema.with_metadata(_file_meta(state)), **PARQUET_OPTIONS)
-        writer.write_table(t.replace_schema_metadata(_file_meta(state)))
-        n += t.num_rows
-    if writer is not None:
-        writer.close()
-        os.replace(tmp, out)
+    if not files:
+        return n
+    with replacing(out) as tmp:
+        writer = None
+        try:
+            for f in files:
+                t = pq.read_table(f)
+                if writer is None:
+                    writer = pq.ParquetWriter(str(tmp), t.schema.with_metadata(_file_meta(state)), **PARQUET_OPTIONS)
+                writer.write_table(t.replace_schema_metadata(_file_meta(state)))
+                n += t.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
     return n
 
 
@@ -113,9 +116,8 @@ def _join_npz(parts: Path, out: Path, state: dict) -> int:
             payload[name] = col.flatten().to_numpy().reshape(len(col), -1).astype(np.float32)
         elif name.startswith("present_"):
             payload[name] = np.asarray(t.column(name).to_pylist(), bool)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **payload)
-    os.replace(tmp, out)
+    with replacing(out, ".tmp.npz") as tmp:
+        np.savez(tmp, **payload)
     return t.num_rows
 
 
@@ -140,8 +142,8 @@ def _embed_chunks(args, ds, case_ids, model, make_batch, parts: Path, names, ana
                                getattr(make_batch, "get_kwargs", None))
             t = _table(emb, _ids(ds, ids), names, anatomies)
             p = parts / f"part-{next_part:05d}.parquet"
-            pq.write_table(t, str(p) + ".tmp", **PARQUET_OPTIONS)
-            os.replace(str(p) + ".tmp", p)
+            with replacing(p) as tmp:
+                pq.write_table(t, str(tmp), **PARQUET_OPTIONS)
             next_part += 1
             bar.update(len(ids))
     bar.close()
@@ -192,9 +194,8 @@ def run(args) -> int:
     state.update(names=names, anatomies=anatomies, embed_dim=int(meta.get("embed_dim") or 0))
     created = not parts.exists()
     parts.mkdir(parents=True, exist_ok=True)
-    tmp_state = state_file.with_name(state_file.name + ".tmp")
-    tmp_state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp_state, state_file)
+    with replacing(state_file) as tmp_state:
+        tmp_state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
     try:
         with interrupts():
             before = _embed_chunks(args, ds, case_ids, model, make_batch, parts, names, anatomies)

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM stop `fvlm pretrain` wherever they land, exit 130 and leave nothing half-written.
+"""Ctrl-C and SIGTERM stop `fvlm pretrain` (and `fvlm embed`) wherever they land, exit 130 and leave nothing half-written.
 
 One tiny run is cut by signals at several points while another process keeps the cores busy: during
 set-up (before the first step), during training (the running step finishes and is saved), as a
@@ -148,3 +148,92 @@ def test_sigterm_to_torchrun_stops_both_ranks_after_the_same_step_with_a_checkpo
     tag = out / "checkpoints" / f"step_{last:08d}"
     assert (tag / "trainer_state_rank0.json").is_file() and (tag / "trainer_state_rank1.json").is_file()
     assert not list((out / "checkpoints").glob(".partial*"))
+
+
+def _many_cases(src: Path, dst: Path, copies: int) -> None:
+    """``copies`` x the 2 cases of ``src``'s one shard, as more shards with new case ids (an embed run
+    long enough to be interrupted at several points)."""
+    import json
+    import shutil
+
+    import h5py
+    import hdf5plugin  # noqa: F401
+
+    shutil.copytree(src, dst)
+    rows = [json.loads(x) for x in (dst / "index.jsonl").read_text().splitlines() if x.strip()]
+    first = dst / rows[0]["shard"]
+    out = []
+    for k in range(copies):
+        name = f"shards/copy-{k:03d}.h5"
+        shutil.copy(first, dst / name)
+        with h5py.File(dst / name, "r+") as f:
+            for r in rows:
+                cid = f"k{k:03d}-{r['case_id']}"
+                f["case_id"][r["row"]] = cid
+                out.append(dict(r, case_id=cid, shard=name))
+    first.unlink()
+    (dst / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out))
+
+
+def test_embed_signals_at_any_point_exit_130_and_the_rerun_finishes_every_case(tmp_path):
+    """`fvlm embed` with one case per part: signals during set-up, after the first part, and as two
+    Ctrl-Cs to the process group, under a busy core; each exit 130 with no .tmp, then the rerun
+    writes every case once, equal to an uninterrupted run."""
+    import numpy as np
+
+    from api_helpers import make_checkpoint, make_shards
+
+    shards = tmp_path / "many"
+    _many_cases(make_shards(tmp_path), shards, 12)
+    ck = make_checkpoint(tmp_path / "model.pt", shards)
+    out, parts = tmp_path / "e.npz", tmp_path / "e.npz.parts"
+
+    def start(o):
+        cmd = [sys.executable, "-m", "fvlm.cli", "embed", "--checkpoint", str(ck), "--data", str(shards),
+               "--out", str(o), "--chunk", "1", "--batch-size", "1", "-q"]
+        return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+
+    def n_parts():
+        return len(list(parts.glob("part-*.parquet"))) if parts.is_dir() else 0
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        plan = [(signal.SIGTERM, False, lambda b: parts.is_dir(), False),   # state written, nothing embedded
+                (signal.SIGINT, True, lambda b: n_parts() > b, False),
+                (signal.SIGTERM, False, lambda b: n_parts() > b, False),
+                (signal.SIGINT, True, lambda b: n_parts() > b, True)]
+        for sig, group, when, twice in plan:
+            before = n_parts()
+            p = start(out)
+            t0 = time.time()
+            while not when(before):
+                assert p.poll() is None, f"the run ended (exit {p.returncode}) before the signal: {p.stderr.read()[-2000:]}"
+                assert time.time() - t0 < 180
+                time.sleep(0.005)
+            send = (lambda s: os.killpg(p.pid, s)) if group else p.send_signal
+            send(sig)
+            if twice:
+                time.sleep(0.02)
+                if p.poll() is None:
+                    send(sig)
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 130, (sig, p.returncode, err[-3000:])
+            assert "Traceback" not in err and err.strip().splitlines()[-1] == "fvlm embed: interrupted", err[-2000:]
+            left = [q.name for q in tmp_path.rglob("*.tmp*")]
+            assert not left, left
+            assert not out.exists()
+        assert 0 < n_parts() < 24
+    finally:
+        busy.kill()
+        busy.wait()
+    for o in (out, tmp_path / "ref.npz"):
+        p = start(o)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    a, b = np.load(out), np.load(tmp_path / "ref.npz")
+    assert sorted(a["case_id"]) == sorted(b["case_id"]) and len(set(a["case_id"])) == 24
+    order_a, order_b = np.argsort(a["case_id"]), np.argsort(b["case_id"])
+    for k in b.files:
+        if k.startswith("emb_"):
+            assert np.array_equal(a[k][order_a], b[k][order_b]), k
