@@ -40,7 +40,7 @@ from .shards import CaseRecord
 __all__ = ["cache_key", "cache_dir", "build_cache", "CachedShards", "open_cache", "CACHE_FORMAT", "CACHE_VERSION"]
 
 CACHE_FORMAT = "fvlm-input-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: volume-mode voxels of scans larger than the whole grid (air at the far end in 1)
 INFO = "cache.json"
 _FLUSH_EVERY = 32
 
