@@ -1,5 +1,6 @@
 """One sample path (fvlm.data.inputs): the training batch equals the evaluation batch bitwise, the
 host stage ships only stored int16/uint8 voxels, and the device stage's resize is the documented one."""
+import json
 import numpy as np
 import pytest
 import torch
@@ -9,6 +10,7 @@ from fvlm.cli import main
 from fvlm.data.ct import CTStream, SampleOptions, make_batch_fn, prepare_batch, read_batch
 from fvlm.data.sampling import axis_taps
 from fvlm.data.shards import ShardDataset, resized_positions, window
+from fvlm.errors import FvlmError
 
 IMAGE_KEYS = ("volume", "label_map", "crops", "crop_masks")
 
@@ -175,6 +177,11 @@ def test_cache_stores_the_model_input_and_training_reads_it(real_shards, tmp_pat
             other.crop_size = [16, 16, 8]
         with pytest.raises(Exception, match="another model input"):
             CachedShards(ds, d, other)
+    # a cache written before the volume-mode fix (version 1) is refused, never read
+    info = json.loads((d / "cache.json").read_text())
+    (d / "cache.json").write_text(json.dumps(dict(info, version=1)))
+    with pytest.raises(FvlmError, match="rebuild it with `fvlm cache`"):
+        CachedShards(ds, d, opts)
     # the CLI wrote <shards>/cache/<key> for the tiny config, and pretrain picks it up
     assert len(list((ds.root / "cache").iterdir())) == 2
     assert main(["pretrain"] + common + ["--out", str(tmp_path / "run"), "--steps", "2"]) == 0
