@@ -1,6 +1,7 @@
 """One sample path (fvlm.data.inputs): the training batch equals the evaluation batch bitwise, the
 host stage ships only stored int16/uint8 voxels, and the device stage's resize is the documented one."""
 import json
+
 import numpy as np
 import pytest
 import torch
