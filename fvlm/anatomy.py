@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import safe_yaml
 from .errors import FormatError, FvlmError, check_format
 from .resources import config_path, samples_dir
 
@@ -163,8 +164,6 @@ def _shape(v, where: str) -> tuple[int, int, int]:
 
 @lru_cache(maxsize=32)
 def _load(path: str) -> AnatomySet:
-    from .config import safe_yaml  # size and alias-expansion caps of untrusted YAML
-
     p = Path(path)
     data = safe_yaml(p.read_text(encoding="utf-8"), p)
     check_format(data, FORMAT_NAME, FORMAT_VERSION, p, what="an anatomy set")

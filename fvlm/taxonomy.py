@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from .config import safe_yaml
 from .errors import FormatError, FvlmError, check_format
 from .resources import config_path
 
@@ -162,8 +163,6 @@ def _resolve(name_or_path: str | os.PathLike, folder: str) -> Path:
 
 
 def _read(path: Path) -> dict:
-    from .config import safe_yaml  # size and alias-expansion caps of untrusted YAML
-
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from fvlm.anatomy import CLASS_MAP_VERSIONS, load_class_map
 from fvlm.errors import FvlmError
 from fvlm.jsonl import read_jsonl
+
+from .masks import NO_WEIGHTS_HINT, detect_class_map, ts_available
 
 __all__ = ["CaseSpec", "sanitize_case_id", "read_manifest", "scan_folder", "is_ctrate", "read_ctrate",
            "collect_cases", "index_masks", "attach_masks", "check_masks", "VOLUME_CHOICES"]
@@ -264,7 +267,6 @@ def index_masks(folder: Path, under: Path | None = None) -> dict[str, dict[str, 
 
 @lru_cache(maxsize=1)
 def _class_names() -> frozenset:
-    from fvlm.anatomy import CLASS_MAP_VERSIONS, load_class_map
     return frozenset(n for v in CLASS_MAP_VERSIONS for n in load_class_map(v).values())
 
 
@@ -421,8 +423,6 @@ def check_masks(specs: list[CaseSpec], cfg) -> None:
     """Before any volume is read: every case must get an anatomy label map (precomputed, or
     TotalSegmentator with local weights), else one line says what to pass; the class map of
     the first precomputed map is detected and must match ``masks.class_map``."""
-    from .masks import NO_WEIGHTS_HINT, detect_class_map, ts_available
-
     src = cfg.masks.source
     if src == "none":
         return

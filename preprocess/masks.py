@@ -15,6 +15,7 @@ from fvlm.resources import totalsegmentator_weights_dir
 
 from .errors import CaseError
 from .geometry import to_canonical
+from .load import load_nifti
 
 __all__ = ["ts_available", "run_totalsegmentator", "load_precomputed", "check_labels", "detect_class_map",
            "NO_WEIGHTS_HINT", "NO_MASK_REASON"]
@@ -92,8 +93,6 @@ def check_labels(lab: np.ndarray, class_map: str, name: str) -> None:
 def _load_label_file(path: Path, preloaded=None, blank_affine=None):
     """A label file as uint8 and its affine; a blank header takes ``blank_affine`` (the geometry
     assumed for its image, e.g. CT-RATE v1: LPS + metadata spacing) when one is given."""
-    from .load import load_nifti
-
     v = preloaded if preloaded is not None else load_nifti(path, want_hash=False)
     a = v.array
     if a.dtype.kind == "f":
@@ -119,8 +118,6 @@ def detect_class_map(mask: str | None, mask_dir: str | None) -> tuple[str | None
     10-14, v1 at 13-17; the other map's classes at those ids are small organs), so the id
     range holding 5x more voxels wins. A folder of class files: the class names.
     """
-    from fvlm.anatomy import load_class_map
-
     if mask_dir:
         names = {f.name.split(".nii")[0] for f in Path(mask_dir).glob("*.nii*")}
         v1, v2 = set(load_class_map("v1").values()), set(load_class_map("v2").values())
@@ -154,8 +151,6 @@ def _side_votes(a: np.ndarray, step: int = 2) -> dict | None:
     """Per class map, voxels of ``*_left``/``*_right`` classes on the side their name says (minus
     those on the other side); the liver (id 5) marks the patient's right, the spleen (1) the left,
     in both maps. None when either is missing."""
-    from fvlm.anatomy import load_class_map
-
     s = a[::step, ::step, ::step]
     flat = s.ravel()
     n = np.bincount(flat, minlength=256).astype(np.float64)

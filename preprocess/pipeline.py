@@ -27,12 +27,14 @@ from fvlm.anatomy import AnatomySet, load_anatomy_set
 from fvlm.data.shards import (DATASET_INFO_NAME, INDEX_NAME, ShardLayout, concat_shards, open_h5, read_index,
                               write_dataset_info, write_index, write_shard)
 from fvlm.errors import FvlmError
+from fvlm.progress import progress
+from fvlm.taxonomy import load_taxonomy
 
+from . import resume, runner, writer
 from .case import HU_HIST_EDGES
 from .config import PreprocessConfig
 from .errors import CaseError
 from .inputs import CaseSpec
-from . import resume, runner, writer
 from .qc import montage, qc_sample, write_summary
 
 __all__ = ["run_preprocess", "check_output", "merge_parts", "build_layout", "plan_shards", "make_labeler",
@@ -342,7 +344,6 @@ def _run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Pat
     if workers > 1 and cfg.reports.labeler:
         # the workers build their own labeler; here only fail early on a bad taxonomy name (building
         # one imports nltk, 1.3 s the first case would wait for)
-        from fvlm.taxonomy import load_taxonomy
 
         load_taxonomy(cfg.reports.taxonomy)
         labeler = None
@@ -387,8 +388,6 @@ def _run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Pat
                         raise _disk_full_error(out / sl.rel) from None
                     raise
                 pending.remove(sl)
-
-    from fvlm.progress import progress
 
     flush()
     t0 = time.perf_counter()

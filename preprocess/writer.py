@@ -26,7 +26,7 @@ from .errors import CaseError
 from .geometry import check_affine, resample, spacing_of, to_canonical
 from .hu import apply_hu_policy, to_int16_hu
 from .inputs import CaseSpec, hash_id
-from .load import load_volume
+from .load import load_nifti, load_volume
 from .masks import NO_MASK_REASON, load_precomputed
 
 __all__ = ["case_record", "build_layout"]
@@ -54,8 +54,6 @@ def _mask_future(spec: CaseSpec, cfg: PreprocessConfig):
     if not (spec.mask and cfg.masks.source in ("auto", "precomputed") and Path(spec.mask).is_file()):
         return None
     from concurrent.futures import ThreadPoolExecutor
-
-    from .load import load_nifti
 
     pool = ThreadPoolExecutor(1)
     fut = pool.submit(load_nifti, spec.mask, False)

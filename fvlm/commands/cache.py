@@ -10,8 +10,9 @@ copies memory. It is keyed by the model's sample options: another input size, an
 """
 from __future__ import annotations
 
-from ..cli import shorthand
+from ..cli import resolve_config, shorthand
 from ..errors import FvlmError
+from ..logs import setup_logging
 from ..train.pretrain import PretrainConfig
 
 HELP = "sample every case of a shards directory to a model's input grid once (fast training input)"
@@ -29,9 +30,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..cli import resolve_config
     from ..data.cache import build_cache
-    from ..logs import setup_logging
     from ..train.pretrain import prepare
 
     cfg = resolve_config(args)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import FvlmError
+
 HELP = "print a side-by-side table of two or more zero-shot results.json files"
 
 
@@ -22,7 +24,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _read(path, section: str) -> dict:
     """A results file checked for what the table needs, so a malformed one is a one-line error."""
-    from ..errors import FvlmError
     from ..eval.report import read_results
 
     try:
@@ -43,7 +44,6 @@ def _read(path, section: str) -> dict:
 
 
 def run(args) -> int:
-    from ..errors import FvlmError
     from ..eval.report import compare_table
 
     if len(args.results) < 2:

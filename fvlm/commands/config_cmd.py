@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import available_commands
+from ..config import describe, load_config, to_dict
 from ..errors import FvlmError
 
 HELP = "show a command's resolved config: every key, its type, default and meaning"
@@ -18,8 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def schemas() -> dict:
-    from ..cli import available_commands
-
     return {n: m for n, m in available_commands().items() if hasattr(m, "SCHEMA")}
 
 
@@ -27,8 +27,6 @@ def run(args) -> int:
     import difflib
 
     import yaml
-
-    from ..config import describe, load_config, to_dict
 
     table = schemas()
     if args.name not in table:

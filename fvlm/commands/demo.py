@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import resolve_config, shorthand
-from ..config import opt
+from ..cli import main, resolve_config, shorthand
+from ..config import dump_config, opt
 from ..errors import FvlmError
+from ..logs import setup_logging
 
 HELP = "run the whole pipeline on a generated corpus built from the shipped CTs (the quick start)"
 DESCRIPTION = HELP + ". " + __doc__.split("\n\n")[1].replace("\n", " ")
@@ -70,8 +71,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _stage(name: str, argv: list[str]) -> None:
-    from ..cli import main
-
     print(f"\n== {name}: fvlm {' '.join(argv)}", flush=True)
     rc = main(argv)
     if rc != 0:
@@ -245,8 +244,6 @@ def run(args) -> int:
     if args.quick:
         args.config = ["demo/run_quick.yaml"] + (args.config or [])
     cfg = resolve_config(args)
-    from ..config import dump_config
-    from ..logs import setup_logging
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

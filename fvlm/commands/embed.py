@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 
 from ..atomic import replacing
+from ..errors import FvlmError
+from ..interrupts import check_interrupted, interrupts
 from ..version import __version__
 
 HELP = "embed every case of a shard directory: case/patient/split ids + global and per-anatomy vectors"
@@ -127,7 +129,6 @@ def _embed_chunks(args, ds, case_ids, model, make_batch, parts: Path, names, ana
     import torch
 
     from ..eval.embed import encode_cases
-    from ..interrupts import check_interrupted
     from ..progress import progress
 
     done = _done_ids(parts)
@@ -151,10 +152,8 @@ def _embed_chunks(args, ds, case_ids, model, make_batch, parts: Path, names, ana
 
 
 def run(args) -> int:
-    from ..errors import FvlmError
     from ..eval import loading
     from ..eval.embed import data_fingerprint
-    from ..interrupts import check_interrupted, interrupts
 
     out = Path(args.out)
     if out.suffix not in (".parquet", ".npz"):

@@ -6,6 +6,9 @@ import json
 import time
 from pathlib import Path
 
+from ..errors import FvlmError
+from ..models.model_dir import _written_by_export, aside_name, check_export_target, write_model_dir
+
 HELP = "write a shareable model directory: config.json, model.safetensors, text-model files or reference, README card"
 DESCRIPTION = (HELP + ". fvlm.load(DIR) and every --checkpoint flag take the directory; loading it never unpickles. "
                "Format: docs/FORMATS.md 'Model directory'.")
@@ -74,12 +77,10 @@ def model_card(obj: dict, checkpoint: str, results: dict | None) -> str:
 
 
 def run(args) -> int:
-    from ..errors import FvlmError
     from ..eval import loading
     from ..eval.predict import read_thresholds_sidecar
     from ..eval.report import read_results
     from ..models.checkpoint import read_consolidated
-    from ..models.model_dir import _written_by_export, aside_name, check_export_target, write_model_dir
 
     src = loading.check_checkpoint_path(args.checkpoint)
     out = Path(args.out)

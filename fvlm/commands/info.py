@@ -6,6 +6,7 @@ import importlib
 import json
 import platform
 
+from ..resources import configs_dir, default_text_model_dir, samples_dir, totalsegmentator_weights_dir
 from ..version import __version__
 
 HELP = "show versions, devices and locally available weights/models/sample data"
@@ -33,9 +34,6 @@ def _version(dist: str, module: str | None = None) -> str:
 
 
 def collect() -> dict:
-    from ..resources import (configs_dir, default_text_model_dir, samples_dir,
-                             totalsegmentator_weights_dir)
-
     info: dict = {"fvlm": __version__, "python": platform.python_version(), "platform": platform.platform()}
     for dist, module in (("torch", "torch"), ("monai", None), ("deepspeed", None), ("transformers", None),
                          ("nibabel", None), ("SimpleITK", None), ("h5py", None), ("scikit-learn", None),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from ..cli import resolve_config, shorthand
-from ..config import opt
+from ..config import dump_config, opt
 from ..errors import CasesFailedError, FvlmError
 from ..jsonl import jsonl_lines
 from ..taxonomy import NOT_MENTIONED
@@ -146,7 +146,6 @@ def _read_csv(raw: bytes):
 
 
 def _label(args, cfg: ReportsConfig) -> int:
-    from ..config import dump_config
     from ..progress import progress
 
     if not args.inp or not args.out:

@@ -5,9 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import shorthand
+from ..cli import resolve_config, shorthand
+from ..config import dump_config, merge
 from ..errors import FvlmError
 from ..eval.config import ZeroShotConfig
+from ..logs import setup_logging
+from ..resources import config_path
 from ..version import __version__
 
 HELP = "evaluate a checkpoint zero-shot: per-diagnosis metrics with patient-bootstrap CIs, probe, retrieval"
@@ -41,10 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve(args) -> ZeroShotConfig:
-    from ..cli import resolve_config
-    from ..config import merge
-    from ..resources import config_path
-
     if args.ctrate:
         args.config = [str(config_path("eval/ctrate.yaml"))] + list(args.config or [])
     if getattr(args, "protocol_preset", None):
@@ -81,8 +80,6 @@ def resolve(args) -> ZeroShotConfig:
 def run(args) -> int:
     import time
 
-    from ..config import dump_config
-    from ..logs import setup_logging
     from ..eval import loading
     from ..eval.embed import EmbeddingCache, data_fingerprint
     from ..eval.labels import read_label_files

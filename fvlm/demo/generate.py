@@ -32,6 +32,7 @@ import numpy as np
 
 from ..config import build, dump_config, opt, read_yaml
 from ..errors import FvlmError
+from ..progress import progress as pbar
 from ..resources import config_path
 from .findings import FINDINGS, Case
 from .reports import write_report
@@ -247,7 +248,6 @@ def generate_corpus(out_dir: str | Path, n_cases: int | None = None, seed: int |
     diag_ids = [f for f in FINDINGS if f in cfg.findings and cfg.findings[f].prevalence > 0]
     rows, label_rows, gt_lines = [], [], []
     positives = {f: 0 for f in diag_ids}
-    from ..progress import progress as pbar
 
     for case in pbar(cases, desc="demo cases", unit="case"):
         hu, labels, lesions, affine, records, report, in_view = make_case(case, variants, cfg, cfg.seed)

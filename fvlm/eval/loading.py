@@ -13,9 +13,12 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable
 
+from ..data.ct import SampleOptions, make_batch_fn
+from ..data.shards import ShardDataset
 from ..devices import to_device
 from ..errors import FvlmError
 from ..hashing import file_sha256
+from ..models.model_dir import model_dir_sha256
 
 def pick_device(name: str = "auto") -> str:
     import torch
@@ -46,8 +49,6 @@ def load_taxonomy(name_or_path: str):
 
 
 def open_shards(root: str):
-    from ..data.shards import ShardDataset
-
     if not Path(root).is_dir():
         raise FvlmError(f"--data {root}: not a directory (expected the output of `fvlm preprocess`)")
     return ShardDataset(root)
@@ -66,7 +67,6 @@ def batch_function(model, meta: dict) -> tuple[Callable, dict]:
     opts = meta.get("data") or meta.get("sample_options")
     if not opts:
         raise FvlmError("the checkpoint carries no data options (meta['data']); cannot build model inputs")
-    from ..data.ct import SampleOptions, make_batch_fn
 
     so = opts if isinstance(opts, SampleOptions) else SampleOptions.from_dict(opts)
     return make_batch_fn(so), {"volume": so.volume_size is not None, "crops": so.crop_size is not None}
@@ -90,8 +90,6 @@ def checkpoint_sha256(path: str) -> str:
     (``fvlm.models.model_dir.model_dir_sha256``)."""
     p = check_checkpoint_path(path)
     if p.is_dir():
-        from ..models.model_dir import model_dir_sha256
-
         return model_dir_sha256(p)
     return file_sha256(p)
 
@@ -123,7 +121,6 @@ def load_model(path: str, device: str = "auto", dtype=None) -> tuple[Any, dict, 
 
     make_batch.get_kwargs = get_kwargs
     if hasattr(fn, "load"):   # read cases from a source exactly as training does (host + device stages)
-        from ..data.ct import make_batch_fn
 
         make_batch.load = make_batch_fn(fn.opts, device=dev).load
         make_batch.opts = fn.opts

@@ -20,9 +20,20 @@ from pathlib import Path
 
 import numpy as np
 
+from preprocess.config import PreprocessConfig
+from preprocess.errors import CaseError
+from preprocess.inputs import CaseSpec, sanitize_case_id
+from preprocess.writer import build_layout, case_record
+
+from ..anatomy import load_anatomy_set
+from ..config import build, load_config, merge
+from ..data.shards import InMemoryCase
 from ..errors import FormatError, FvlmError, check_format
 from ..logs import get_logger
+from ..tempdir import process_temp_dir
+from .loading import checkpoint_sha256 as sha_of
 from .prompts import GLOBAL, build_prompt_sets, encode_prompt_sets, model_logit_scale, score
+from .report import read_results
 
 log = get_logger("eval")
 
@@ -141,12 +152,6 @@ def predict_record(model, make_batch, record, taxonomy, scoring: Scoring) -> lis
 def preprocess_in_memory(image: str, mask: str | None, mask_dir: str | None, pcfg, case_id: str | None = None):
     """One scan through the preprocess write path, read back as from its shard (nothing written):
     the ``CaseRecord`` ``ShardDataset.get`` would give for it."""
-    from fvlm.anatomy import load_anatomy_set
-    from fvlm.data.shards import InMemoryCase
-    from preprocess.writer import build_layout, case_record
-    from preprocess.errors import CaseError
-    from preprocess.inputs import CaseSpec, sanitize_case_id
-
     p = Path(image)
     if not p.exists():
         raise FvlmError(f"--image {image}: no such file or folder")
@@ -223,10 +228,6 @@ def preprocess_config_from_meta(meta: dict):
     ``anatomy_set``, ``class_map``, ...), or both as ``{"config": {...}, "dataset": {...}}``;
     ``dataset.json`` fields win where both are given (they describe the shards as written).
     """
-    from preprocess.config import PreprocessConfig
-
-    from ..config import build, merge
-
     emb = meta.get("preprocess")
     if not isinstance(emb, dict) or not emb:
         return None
@@ -251,10 +252,6 @@ def resolve_preprocess_config(meta: dict, files=None, model_names=None, have_mas
     Masks: the settings' precomputed-only mode becomes ``auto`` (a given mask, else
     TotalSegmentator when its weights are found); a global-only model needs none.
     """
-    from preprocess.config import PreprocessConfig
-
-    from ..config import load_config
-
     if files:
         pcfg, src = load_config(PreprocessConfig, files=list(files)), "file"
     else:
@@ -352,7 +349,6 @@ def preprocess_scan(image, mask=None, pcfg=None, *, affine=None, mask_dir=None, 
     """
     if isinstance(image, (str, os.PathLike)) and not isinstance(mask, np.ndarray) and not _is_nibabel(mask):
         return preprocess_in_memory(str(image), None if mask is None else str(mask), mask_dir, pcfg, case_id)
-    from ..tempdir import process_temp_dir
 
     with tempfile.TemporaryDirectory(prefix="scan_", dir=process_temp_dir()) as tmp:
         if _is_nibabel(image) and affine is None:
@@ -424,8 +420,6 @@ def read_thresholds_sidecar(checkpoint: str | os.PathLike, checkpoint_sha256: st
         raise FormatError(f"{p}: records no checkpoint sha256, so it cannot be tied to this checkpoint; not "
                           "applied (re-run `fvlm zeroshot --write-thresholds`, or delete it)")
     if checkpoint_sha256 is None:
-        from .loading import checkpoint_sha256 as sha_of
-
         checkpoint_sha256 = sha_of(str(checkpoint))
     sc = scoring_from_results(doc, checkpoint_sha256, str(p))
     sc.source = "thresholds.json"
@@ -437,8 +431,6 @@ def scoring_for(checkpoint, meta: dict, checkpoint_sha256: str | None, results=N
     ``meta["thresholds"]`` > none (scores only)."""
     if results is not None:
         if not isinstance(results, dict):
-            from .report import read_results
-
             results = read_results(results)
         return scoring_from_results(results, checkpoint_sha256)
     if checkpoint is not None:

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import FormatError, check_format
+from ..resources import config_path
 from .zeroshot import RESULTS_FORMAT, RESULTS_VERSION
 
 TABLE_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "precision")
@@ -94,7 +95,6 @@ def published_anchors() -> dict:
     """``configs/eval/published.yaml``: protocol name -> published numbers and their protocol."""
     import yaml
 
-    from ..resources import config_path
     with open(config_path("eval/published.yaml"), encoding="utf-8") as f:
         return (yaml.safe_load(f) or {}).get("protocols") or {}
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 from ..config import opt
 from ..errors import ConfigError
 from .calibration import STATUS_NOT_MENTIONED, CalibrationRule, PairContext, create_calibration
+from .classification import AuxClassificationLoss, WithAuxLoss
 from .gather import gather_nograd, gather_with_grad
 from .targets import (combine_pair_weights, masked_sigmoid_pair_loss, masked_soft_infonce, sigmoid_pair_loss,
                       soft_infonce)
@@ -245,6 +246,5 @@ def build_loss(cfg: LossConfig, anatomies: list[str], label_groups: dict[str, li
         raise ConfigError(f"loss.aux_weight must be >= 0, got {cfg.aux_weight}")
     if not cfg.aux_weight or not anatomies:    # a global-only model has no anatomy to classify
         return main
-    from .classification import AuxClassificationLoss, WithAuxLoss
 
     return WithAuxLoss(main, AuxClassificationLoss(anatomies, label_groups or {}), cfg.aux_weight)

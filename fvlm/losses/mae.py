@@ -12,14 +12,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..encoders import patchify
+from ..encoders.vit import patch_regions
+
 __all__ = ["patch_targets", "masked_patch_loss", "corrupted_pixel_loss", "MAELoss", "GMMLLoss"]
 
 
 def patch_targets(images: torch.Tensor, patch_size: Sequence[int], norm_pix: bool = True,
                   eps: float = 1e-6) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, p*p*C) targets; with ``norm_pix`` each patch is standardised."""
-    from ..encoders import patchify
-
     t = patchify(images, patch_size)
     if norm_pix:
         mean = t.mean(dim=-1, keepdim=True)
@@ -70,8 +71,6 @@ class MAELoss(nn.Module):
             raise ValueError(f"prediction {tuple(pred.shape)} does not match the patch targets {tuple(target.shape)}")
         weight = None
         if valid is not None:
-            from ..encoders.vit import patch_regions
-
             weight = patch_regions(valid, self.patch_size, self.min_valid).float()
         return masked_patch_loss(pred, target, mask, weight)
 
@@ -92,8 +91,6 @@ class GMMLLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, images: torch.Tensor, corrupted: torch.Tensor,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
-        from ..encoders import patchify
-
         target = patch_targets(images, self.patch_size, self.norm_pix)
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} does not match the patch targets {tuple(target.shape)}")

@@ -1,8 +1,13 @@
-"""Models by name: ``create_model(name, cfg)``; the consolidated checkpoint format in ``checkpoint``."""
+"""Models by name: ``create_model(name, cfg)``; the consolidated checkpoint format in ``checkpoint``.
+
+Each registry entry imports its model module when called, so ``import fvlm.models.model_dir``
+(and ``fvlm export --help``) does not load torch.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..config import build
 from ..errors import FvlmError
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
@@ -27,7 +32,6 @@ def create_model(name: str, cfg=None, **kw):
 
 
 def _fvlm_cfg(cfg, **force):
-    from ..config import build
     from .fvlm import FVLMConfig
 
     if cfg is None:
@@ -75,7 +79,6 @@ def _dense(cfg=None, *, class_names, text_dim=None):
     ``cfg``: a ``DenseModelConfig``, a mapping of its keys, or None; ``class_names`` the segmented
     anatomies in label order; ``text_dim`` the text encoder's width (text head).
     """
-    from ..config import build
     from .dense import build_dense_model
     from .dense_config import DenseModelConfig
 

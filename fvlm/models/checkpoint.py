@@ -20,9 +20,13 @@ from pathlib import Path
 
 import torch
 
+from ..config import build, to_dict
+from ..data.ct import SampleOptions
 from ..errors import FormatError, FvlmError, check_format
 from ..torchfile import torch_load_error
 from ..version import __version__
+from . import create_model
+from .model_dir import read_model_dir
 
 __all__ = ["FORMAT", "VERSION", "IMAGE_ENCODER_PREFIX", "save_consolidated", "load_consolidated",
            "read_consolidated", "image_encoder_state_dict", "check_state_dict", "build_from_obj"]
@@ -55,8 +59,6 @@ def save_consolidated(path: str | os.PathLike, model, meta: dict | None = None, 
     ``state_dict`` overrides the model's own (e.g. fp32 master weights gathered from a
     ZeRO checkpoint). ``meta`` is merged over what the model knows about itself.
     """
-    from ..config import to_dict
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
@@ -100,8 +102,6 @@ def read_consolidated(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if path.is_dir():
-        from .model_dir import read_model_dir
-
         return read_model_dir(path)
     if not path.is_file():
         raise FvlmError(f"model file not found: {path}")
@@ -167,9 +167,6 @@ def _check_sizes(cfg: dict, meta: dict, where) -> None:
 
 def _check_sample_options(data, where) -> None:
     """``meta["data"]`` (the input transform's options) must build ``SampleOptions`` with sane values."""
-    from ..config import build
-    from ..data.ct import SampleOptions
-
     if not isinstance(data, dict):
         raise FormatError(f"{where}: meta.data must be a mapping of sample options, got {type(data).__name__}")
     try:
@@ -183,8 +180,6 @@ def _check_sample_options(data, where) -> None:
 
 def build_from_obj(obj: dict, where: str | os.PathLike, text_model_dir: str | None = None):
     """Rebuild the model of a checked raw dict (:func:`read_consolidated`) -> ``(model, meta)``."""
-    from . import create_model
-
     cfg = dict(obj["config"])
     meta = dict(obj["meta"])
     if text_model_dir is not None:

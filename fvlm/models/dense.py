@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..config import build, to_dict
+from ..encoders import create_encoder, load_encoder_weights
 from ..errors import FormatError, FvlmError, check_format
 from ..torchfile import read_torch_file
 from .dense_config import DenseModelConfig as ModelConfig
@@ -92,8 +94,6 @@ def _levels(cfg: ModelConfig, depth: int) -> list[int]:
 
 def build_dense_model(cfg: ModelConfig, class_names: Sequence[str], text_dim: int | None = None) -> DenseModel:
     """Build encoder + head from the ``model`` config section (weights random unless ``pretrained``)."""
-    from ..encoders import create_encoder
-
     enc = create_encoder(cfg.encoder, img_size=tuple(cfg.img_size), patch_size=tuple(cfg.patch_size),
                          in_chans=cfg.in_chans, **{"stem": cfg.encoder_stem, **cfg.encoder_args})
     sd = enc.spatial_dims
@@ -179,8 +179,6 @@ def load_pretrained_encoder(enc: nn.Module, path: str | os.PathLike) -> dict:
     2D patch kernels inflated by :func:`fvlm.encoders.load_encoder_weights`; it refuses a
     checkpoint of which no encoder tensor loads (wrong family or size).
     """
-    from ..encoders import load_encoder_weights
-
     p = Path(path)
     raw = _read_checkpoint(p)
     sd = raw.get("state_dict", raw.get("model", raw))
@@ -205,8 +203,6 @@ def save_dense(path: str | os.PathLike, model: DenseModel, cfg: ModelConfig, tex
                text_dim: int | None = None, meta: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write a dense checkpoint atomically; ``state_dict`` (default: the model's own) is the weights
     to store, e.g. the trainer's gathered fp32 master weights under ZeRO-3 or bf16."""
-    from ..config import to_dict
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": to_dict(cfg), "task": model.task,
@@ -221,7 +217,6 @@ def save_dense(path: str | os.PathLike, model: DenseModel, cfg: ModelConfig, tex
 
 def load_dense(path: str | os.PathLike) -> tuple[DenseModel, dict]:
     """Rebuild a dense model from its checkpoint -> ``(model, blob without state_dict)``."""
-    from ..config import build
     p = Path(path)
     blob = read_torch_file(p, "dense checkpoint")
     check_format(blob, FORMAT_NAME, FORMAT_VERSION, p, what="a dense checkpoint",

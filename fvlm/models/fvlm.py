@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import opt
+from ..encoders import create_encoder, load_encoder_weights
 from ..errors import ConfigError, FvlmError
 
 __all__ = ["ImageConfig", "TextConfig", "FVLMConfig", "FVLM"]
@@ -204,8 +205,6 @@ class FVLM(nn.Module):
 
     def __init__(self, cfg: FVLMConfig, text_encoder: nn.Module | None = None):
         super().__init__()
-        from ..encoders import create_encoder
-
         self.cfg = cfg
         if cfg.mode != "global" and not cfg.anatomies:
             raise FvlmError("model.anatomies is empty: name the anatomies (or let the data fill them in)")
@@ -216,8 +215,6 @@ class FVLM(nn.Module):
         self.image_encoder = create_encoder(ic.encoder, img_size=tuple(ic.img_size), patch_size=tuple(ic.patch_size),
                                             in_chans=1, **ic.encoder_args)
         if ic.pretrained:
-            from ..encoders import load_encoder_weights
-
             load_encoder_weights(self.image_encoder, ic.pretrained)
         self.image_encoder.set_grad_checkpointing(ic.grad_checkpointing)
         self.levels = _check_levels(ic.levels, self.image_encoder.depth, ic.encoder)
@@ -575,7 +572,7 @@ def _check_levels(levels: Sequence[int], depth: int, encoder: str) -> list[int]:
 
 
 def _make_text_encoder(tc: TextConfig) -> nn.Module:
-    from ..encoders import TextEncoder
+    from ..encoders.text import TextEncoder  # transformers: loaded when a model is built
 
     if tc.model_dir == "tiny-random":
         return TextEncoder.tiny_random(max_tokens=tc.max_tokens)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..data.stream import BatchStream
+from ..errors import FvlmError
+from ..losses.mae import GMMLLoss, MAELoss
 from . import masking
 
 __all__ = ["XrayCollate", "XrayStream", "XrayPretrainTask"]
@@ -84,7 +86,6 @@ class XrayStream(BatchStream):
     def __init__(self, dataset, collate: XrayCollate, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, start: int = 0):
         super().__init__()
-        from ..errors import FvlmError
 
         if len(dataset) == 0:
             raise FvlmError("no training images: the dataset is empty")
@@ -121,7 +122,6 @@ class XrayPretrainTask(nn.Module):
 
     def __init__(self, model, mask_cfg):
         super().__init__()
-        from ..losses.mae import GMMLLoss, MAELoss
 
         self.model = model
         self.method = mask_cfg.method

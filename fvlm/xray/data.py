@@ -28,6 +28,8 @@ import numpy as np
 
 from ..errors import FormatError, FvlmError, check_format
 from ..jsonl import read_jsonl
+from ..progress import progress
+from .contour import central_box, chest_contour
 
 log = logging.getLogger("fvlm.xray.data")
 
@@ -332,8 +334,6 @@ def load_sample(entry: XrayEntry, size: int, orientation: str = "manifest", norm
     (fixed central box), "mask" (the entry's mask is required), "none" (everything inside).
     Returns image (size, size) float32, valid and contour (size, size) bool, rotate, method.
     """
-    from .contour import central_box, chest_contour
-
     img = read_radiograph(entry.path, use_window=use_window)
     if orientation == "none":
         k = 0
@@ -453,8 +453,6 @@ def build_cache(source: str | os.PathLike | Sequence[XrayEntry], path: str | os.
     Returns a summary ``{"written": n, "skipped": [(path, reason), ...], "path": str}``.
     """
     import h5py
-
-    from ..progress import progress
 
     entries = list(source) if isinstance(source, (list, tuple)) else list_images(source)
     if dtype not in ("uint8", "uint16"):

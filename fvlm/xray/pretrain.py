@@ -16,8 +16,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.loader import make_loader as make_stream_loader
+from ..devices import train_device
 from ..errors import FvlmError
 from ..logs import get_logger
+from ..models import create_model
+from ..models.xray_mae import save_encoder
+from ..train.engine import Trainer, init_distributed
+from .batch import XrayCollate, XrayPretrainTask, XrayStream
+from .data import XrayDataset
+from .visualize import save_reconstruction_figure
 
 __all__ = ["run"]
 
@@ -35,15 +43,6 @@ def run(cfg, source: str | None = None, on_ready=None) -> dict:
     anything is written (the command opens its log file and writes config.yaml there).
     """
     import torch
-
-    from ..data.loader import make_loader as make_stream_loader
-    from ..devices import train_device
-    from ..models import create_model
-    from ..models.xray_mae import save_encoder
-    from ..train.engine import Trainer, init_distributed
-    from .batch import XrayCollate, XrayPretrainTask, XrayStream
-    from .data import XrayDataset
-    from .visualize import save_reconstruction_figure
 
     d, t = cfg.data, cfg.train
     out = Path(t.out_dir)

@@ -18,6 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FvlmError
+from ..eval.metrics import roc_auc
+from ..eval.probe import fit_predict
+from ..models.xray_mae import load_encoder
+from .data import list_images, load_sample
 
 __all__ = ["read_labels", "extract_features", "linear_probe", "write_probe_report"]
 
@@ -49,8 +53,6 @@ def extract_features(encoder, spec: dict, entries, data_cfg, pool: str = "mean",
                      ) -> tuple[np.ndarray, list[int]]:
     """(M, E) features for the readable entries and the indices of those entries."""
     import torch
-
-    from .data import load_sample
 
     feats, ok = [], []
     mean, std = float(spec.get("pixel_mean", 0.5)), float(spec.get("pixel_std", 0.25))
@@ -91,11 +93,6 @@ def extract_features(encoder, spec: dict, entries, data_cfg, pool: str = "mean",
 
 def linear_probe(encoder_path: str | os.PathLike, labels_csv: str | os.PathLike, data_cfg, probe_cfg) -> dict:
     """Out-of-fold AUC per label of a logistic regression on frozen features."""
-    from ..eval.metrics import roc_auc
-    from ..eval.probe import fit_predict
-    from ..models.xray_mae import load_encoder
-    from .data import list_images
-
     entries = list_images(labels_csv)
     names, y_all = read_labels(entries, probe_cfg.label_column)
     enc, spec = load_encoder(encoder_path, img_size=data_cfg.size)

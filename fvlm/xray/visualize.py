@@ -17,6 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..encoders import patchify, unpatchify
+from .masking import patch_to_pixel_mask
+
 __all__ = ["reconstruction_images", "reconstruction_figure", "save_reconstruction_figure", "save_grid",
            "COLUMN_TITLES", "HIDDEN_RGB"]
 
@@ -44,9 +47,6 @@ def reconstruction_images(batch: dict, pred: torch.Tensor, patch_size, norm_pix:
 
 def _parts(batch: dict, pred: torch.Tensor, patch_size, norm_pix: bool, method: str):
     """(image, encoder input, full reconstruction, hidden-pixel mask), each (B, 1, H, W)."""
-    from ..encoders import patchify, unpatchify
-    from .masking import patch_to_pixel_mask
-
     img = batch["image"].float().cpu()
     pred = pred.detach().float().cpu()
     b, c, h, w = img.shape
