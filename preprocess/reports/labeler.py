@@ -31,9 +31,10 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 
 from fvlm.errors import FvlmError
-from fvlm.taxonomy import ABNORMAL, GLOBAL, NORMAL, NOT_MENTIONED, STATUSES, Taxonomy, load_taxonomy
+from fvlm.taxonomy import ABNORMAL, GLOBAL, NORMAL, NOT_MENTIONED, STATUSES, Taxonomy, _load_anatomy_set, load_taxonomy
 
 from .lexicon import TOKEN_RE, PhraseMatcher, canonical, _plurals
 from .negation import Cue, scope
@@ -47,9 +48,33 @@ __all__ = ["ReportLabeler", "LabelResult", "AnatomyText", "Mention", "ClauseResu
 MAX_CHARS = 100_000
 log = logging.getLogger("fvlm.reports")
 DISAGREEMENT_RULES = ("positive_wins", "impression_wins")
-_CUE_KINDS = {"npre": (0, True, False), "npost": (0, False, True), "upre": (-1, True, False),
-              "upost": (-1, False, True)}
-_PRED_KINDS = frozenset({"npre", "npost", "upre", "upost", "normal", "dneg", "dunc"})
+
+
+class MatchKind(str, Enum):
+    """What a phrase the matcher finds stands for (a phrase may carry several)."""
+    ANATOMY = "anat"               # an anatomy term of the lexicon
+    NO_ANATOMY = "none"            # a lexicon term of no anatomy (``_none``)
+    NEG_PRE = "npre"               # negation cue before its scope ("no ...")
+    NEG_POST = "npost"             # negation cue after it ("... is not seen")
+    UNC_PRE = "upre"               # uncertainty cue before its scope
+    UNC_POST = "upost"             # uncertainty cue after it
+    NORMAL = "normal"              # a "normal" cue of its comma segment
+    BREAK = "break"                # scope break
+    ABNORMAL = "abn"               # a generic abnormality word
+    SYNONYM = "syn"                # a diagnosis synonym
+    CONTEXT = "ctx"                # a diagnosis context synonym (needs its anatomy or terms)
+    DIAG_NEG = "dneg"              # a diagnosis's own negation phrase
+    DIAG_UNC = "dunc"              # a diagnosis's own uncertainty phrase
+    EXCLUDE = "excl"               # a phrase that excludes a diagnosis
+    TERM = "term"                  # a context term
+
+
+K = MatchKind
+# the kinds _analyze compares per match, bound once (an Enum attribute lookup is slow in a hot loop)
+_SYN, _CTX, _DNEG, _DUNC = K.SYNONYM, K.CONTEXT, K.DIAG_NEG, K.DIAG_UNC
+_CUE_KINDS = {K.NEG_PRE: (0, True, False), K.NEG_POST: (0, False, True), K.UNC_PRE: (-1, True, False),
+              K.UNC_POST: (-1, False, True)}
+_PRED_KINDS = frozenset({K.NEG_PRE, K.NEG_POST, K.UNC_PRE, K.UNC_POST, K.NORMAL, K.DIAG_NEG, K.DIAG_UNC})
 _SPLIT_WORDS = ("and", "while", "whereas", "but", "however", "also")
 # cut before a conjunction word or at a comma; the conjunction stays with the right part
 # comma segments for scoping; a parenthesis is its own segment, so a hedge inside it
@@ -134,6 +159,25 @@ class _Analysis:
     __slots__ = ("assign", "anats", "pred", "mentions", "abnormal", "has_none")
 
 
+class _Hits:
+    """A clause's matched phrases gathered by kind (see :meth:`ReportLabeler._hits`)."""
+    __slots__ = ("anats", "seg_anats", "implied", "has_none", "pred", "cues", "breaks", "normal_segs",
+                 "phrases", "diags", "abn")
+
+    def __init__(self):
+        self.anats: set = set()
+        self.seg_anats: dict[int, set] = {}
+        self.implied: set = set()
+        self.has_none = False
+        self.pred = False
+        self.cues: list[Cue] = []
+        self.breaks: list[int] = []
+        self.normal_segs: set = set()
+        self.phrases: set = set()
+        self.diags: list = []           # (match, MatchKind, diagnosis id)
+        self.abn: list = []             # matches of generic abnormality words
+
+
 class ReportLabeler:
     """Label radiology reports with a taxonomy's diagnoses and per-anatomy text and status.
 
@@ -166,7 +210,6 @@ class ReportLabeler:
         self.disagreement = disagreement
         self.uncertain = uncertain
         if anatomy_set and anatomy_set != self.taxonomy.anatomy_set:
-            from fvlm.taxonomy import _load_anatomy_set
             self.anatomy_ids = [a.id for a in _load_anatomy_set(anatomy_set)]
         else:
             self.anatomy_ids = self.taxonomy.anatomy_ids
@@ -184,13 +227,13 @@ class ReportLabeler:
             raise FvlmError(f"taxonomy '{self.taxonomy.name}' has no anatomy lexicon (set 'lexicon:')")
         for anat, terms in lex.items():
             for t in terms or ():
-                m.add(str(t), "none" if anat == "_none" else "anat", None if anat == "_none" else anat)
+                m.add(str(t), K.NO_ANATOMY if anat == "_none" else K.ANATOMY, None if anat == "_none" else anat)
         cues = self.taxonomy.cues or {}
-        for key, kind in (("negation_pre", "npre"), ("negation_post", "npost"), ("uncertainty_pre", "upre"),
-                          ("uncertainty_post", "upost"), ("normal", "normal"), ("scope_break", "break"),
-                          ("abnormal", "abn")):
+        for key, kind in (("negation_pre", K.NEG_PRE), ("negation_post", K.NEG_POST), ("uncertainty_pre", K.UNC_PRE),
+                          ("uncertainty_post", K.UNC_POST), ("normal", K.NORMAL), ("scope_break", K.BREAK),
+                          ("abnormal", K.ABNORMAL)):
             for p in cues.get(key, ()) or ():
-                m.add(str(p), kind, None, plurals=(kind == "abn"))
+                m.add(str(p), kind, None, plurals=(kind == K.ABNORMAL))
         self._verbs = frozenset(canonical(v) for v in cues.get("verbs", ()) or ())
         # words between a negation cue and a scope break that keep the negation going:
         # "no finding compatible with pneumonia" negates pneumonia
@@ -204,17 +247,17 @@ class ReportLabeler:
                                    if canonical(p))
         for d in self.taxonomy.diagnoses:
             for p in d.synonyms:
-                m.add(p, "syn", d.id)
+                m.add(p, K.SYNONYM, d.id)
             for p in d.context_synonyms:
-                m.add(p, "ctx", d.id)
+                m.add(p, K.CONTEXT, d.id)
             for p in d.negation:
-                m.add(p, "dneg", d.id, plurals=False)
+                m.add(p, K.DIAG_NEG, d.id, plurals=False)
             for p in d.uncertainty:
-                m.add(p, "dunc", d.id, plurals=False)
+                m.add(p, K.DIAG_UNC, d.id, plurals=False)
             for p in d.exclude:
-                m.add(p, "excl", d.id)
+                m.add(p, K.EXCLUDE, d.id)
             for p in d.context_terms:
-                m.add(p, "term", None)
+                m.add(p, K.TERM, None)
         m.compile(self._compile)
         self._matcher = m
         # context terms as the canonical phrases the matcher reports
@@ -234,28 +277,28 @@ class ReportLabeler:
         """Fold a phrase's payloads into what _analyze needs, once, at load time."""
         e = _Entry()
         kinds = {k for k, _ in payloads}
-        excluded = "excl" in kinds
-        e.anats = tuple(v for k, v in payloads if k == "anat")
-        e.none = "none" in kinds
+        excluded = K.EXCLUDE in kinds
+        e.anats = tuple(v for k, v in payloads if k == K.ANATOMY)
+        e.none = K.NO_ANATOMY in kinds
         e.diags = tuple((k, v) for k, v in payloads
-                        if k in ("dneg", "dunc") or (k in ("syn", "ctx") and not excluded))
+                        if k in (K.DIAG_NEG, K.DIAG_UNC) or (k in (K.SYNONYM, K.CONTEXT) and not excluded))
         e.implied = tuple(sorted({self._diag[v].anatomy for k, v in e.diags
-                                  if k != "ctx" and self._diag[v].anatomy != GLOBAL}))
+                                  if k != K.CONTEXT and self._diag[v].anatomy != GLOBAL}))
         cue_val, pre, post = None, False, False
         for k, _ in payloads:
             if k in _CUE_KINDS:
                 v, p, q = _CUE_KINDS[k]
                 cue_val = v if cue_val is None else min(cue_val, v)     # uncertainty wins a tie
                 pre, post = pre or p, post or q
-        if cue_val is None and "dneg" in kinds:
+        if cue_val is None and K.DIAG_NEG in kinds:
             words = phrase.split()
             p, q = words[0] in self._neg_first, words[-1] in self._neg_last
             if p or q:
                 cue_val, pre, post = 0, p, q
         e.cue = (cue_val, pre, post) if cue_val is not None else None
-        e.normal = "normal" in kinds
-        e.brk = "break" in kinds
-        e.abn = "abn" in kinds and not excluded
+        e.normal = K.NORMAL in kinds
+        e.brk = K.BREAK in kinds
+        e.abn = K.ABNORMAL in kinds and not excluded
         e.pred = bool(kinds & _PRED_KINDS)
         return e
 
@@ -270,6 +313,30 @@ class ReportLabeler:
 
     # ------------------------------------------------------------------ one clause
     def _analyze(self, text: str, inherited: frozenset = frozenset()) -> _Analysis:
+        """One clause: its anatomies, its diagnosis mentions (with values) and its abnormal anatomies.
+        ``inherited``: the anatomies of the clause before, for a clause that names none."""
+        toks, seg_of, seg_verb, seg_first = self._segments(text)
+        h = self._hits(self._matcher.match(toks), seg_of, seg_verb)
+        assign = h.anats | h.implied
+        if not assign and not h.has_none and inherited:
+            assign = set(inherited)
+        breaks = h.breaks
+        if h.cues and breaks and self._bridge:
+            breaks = self._bridged(toks, h.cues, breaks)
+        scopes = self.scope_fn(len(toks), seg_of, seg_verb, seg_first, h.cues, breaks) if h.cues else None
+        mentions, default_anats = self._mentions(h, assign, scopes, seg_of)
+        if self._yields and mentions:
+            mentions = self._apply_yields(mentions, h.anats)
+        if default_anats:
+            # "Millimetric nodules." in a chest report: the default anatomy of the generic word
+            assign = assign | default_anats
+        res = _Analysis()
+        res.assign, res.anats, res.pred, res.mentions = assign, h.anats | h.implied, h.pred, mentions
+        res.abnormal, res.has_none = self._abnormal(h, mentions, assign, scopes, seg_of), h.has_none
+        return res
+
+    def _segments(self, text: str) -> tuple[list[str], list[int], list[bool], list[str]]:
+        """Tokens of a clause, each token's comma segment, and per segment: has a verb, first token."""
         toks: list[str] = []
         seg_of: list[int] = []
         seg_verb: list[bool] = []
@@ -282,105 +349,89 @@ class ReportLabeler:
             seg_of.extend([si] * len(ts))
             seg_first.append(ts[0] if ts else "")
             seg_verb.append(not verbs.isdisjoint(ts))
-        matches = self._matcher.match(toks)
+        return toks, seg_of, seg_verb, seg_first
 
-        anats: set = set()
-        seg_anats: dict[int, set] = {}
-        implied: set = set()
-        has_none = False
-        pred = True in seg_verb
-        cues: list[Cue] = []
-        breaks: list[int] = []
-        normal_segs: set = set()
-        phrases: set = set()
-        diag_hits = []      # (match, kind, diag_id)
-        abn_hits = []
-        diag = self._diag
+    def _hits(self, matches, seg_of: list[int], seg_verb: list[bool]) -> _Hits:
+        """What the matched phrases of a clause say, gathered by kind."""
+        h = _Hits()
+        h.pred = True in seg_verb
         for mt in matches:
             e = mt.payloads                 # an _Entry (see _compile)
-            phrases.add(mt.phrase)
+            h.phrases.add(mt.phrase)
             si = seg_of[mt.start]
             if e.anats:
-                anats.update(e.anats)
-                seg_anats.setdefault(si, set()).update(e.anats)
+                h.anats.update(e.anats)
+                h.seg_anats.setdefault(si, set()).update(e.anats)
             if e.implied:
-                implied.update(e.implied)
-                seg_anats.setdefault(si, set()).update(e.implied)
+                h.implied.update(e.implied)
+                h.seg_anats.setdefault(si, set()).update(e.implied)
             if e.none:
-                has_none = True
+                h.has_none = True
             for kind, val in e.diags:
-                diag_hits.append((mt, kind, val))
+                h.diags.append((mt, kind, val))
             if e.pred:
-                pred = True
+                h.pred = True
             if e.cue is not None:
-                cues.append(Cue(mt.start, mt.end, e.cue[0], e.cue[1], e.cue[2], mt.phrase))
+                h.cues.append(Cue(mt.start, mt.end, e.cue[0], e.cue[1], e.cue[2], mt.phrase))
             if e.normal:
-                normal_segs.add(si)
+                h.normal_segs.add(si)
             if e.brk:
-                breaks.append(mt.start)
+                h.breaks.append(mt.start)
             if e.abn:
-                abn_hits.append(mt)
+                h.abn.append(mt)
+        return h
 
-        assign = anats | implied
-        if not assign and not has_none and inherited:
-            assign = set(inherited)
-        ctx_anats = assign
-        if cues and breaks and self._bridge:
-            breaks = self._bridged(toks, cues, breaks)
-        scopes = self.scope_fn(len(toks), seg_of, seg_verb, seg_first, cues, breaks) if cues else None
-
+    def _mentions(self, h: _Hits, ctx_anats: set, scopes, seg_of: list[int]) -> tuple[list[Mention], set]:
+        """The clause's diagnosis mentions with their values (1, 0, -1), and the default anatomies
+        that generic context words brought in."""
+        diag = self._diag
         mentions: list[Mention] = []
         default_anats: set = set()
-        for mt, kind, did in diag_hits:
+        for mt, kind, did in h.diags:
             d = diag[did]
-            if kind == "ctx":
+            if kind is _CTX:
                 terms = self._ctx_terms.get(did)
                 if terms is not None:
-                    if not (terms & phrases):
+                    if not (terms & h.phrases):
                         continue
                 elif d.anatomy not in ctx_anats:
-                    if not (d.context_default and not ctx_anats and not has_none):
+                    if not (d.context_default and not ctx_anats and not h.has_none):
                         continue
                     default_anats.add(d.anatomy)
-            if kind == "dneg":
+            if kind is _DNEG:
                 mentions.append(Mention(did, 0, mt.phrase, mt.phrase, "negation phrase"))
                 continue
-            if kind == "dunc":
+            if kind is _DUNC:
                 mentions.append(Mention(did, -1, mt.phrase, mt.phrase, "uncertainty phrase"))
                 continue
+            how = "synonym" if kind is _SYN else "context"
             sc = scopes[mt.start] if scopes else None
             if sc is not None:
-                mentions.append(Mention(did, sc[1].value, mt.phrase, sc[1].phrase,
-                                        "synonym" if kind == "syn" else "context"))
-            elif kind == "ctx" and seg_of[mt.start] in normal_segs:
+                mentions.append(Mention(did, sc[1].value, mt.phrase, sc[1].phrase, how))
+            elif kind is _CTX and seg_of[mt.start] in h.normal_segs:
                 mentions.append(Mention(did, 0, mt.phrase, "normal", "context"))
             else:
-                mentions.append(Mention(did, 1, mt.phrase, None, "synonym" if kind == "syn" else "context"))
+                mentions.append(Mention(did, 1, mt.phrase, None, how))
+        return mentions, default_anats
 
-        if self._yields and mentions:
-            mentions = self._apply_yields(mentions, anats)
-        if default_anats:
-            # "Millimetric nodules." in a chest report: the default anatomy of the generic word
-            assign = assign | default_anats
+    def _abnormal(self, h: _Hits, mentions: list[Mention], assign: set, scopes, seg_of: list[int]) -> set:
+        """Anatomies the clause calls abnormal: those of its positive or uncertain mentions, and those
+        of a generic abnormality word outside a normal segment and outside a negation."""
         abnormal: set = set()
         for m in mentions:
             if m.value != 0:
-                a = diag[m.diagnosis].anatomy
+                a = self._diag[m.diagnosis].anatomy
                 if a in assign:
                     abnormal.add(a)
-        for mt in abn_hits:
+        for mt in h.abn:
             s = seg_of[mt.start]
-            if s in normal_segs:
+            if s in h.normal_segs:
                 continue
             sc = scopes[mt.start] if scopes else None
             if sc is not None and sc[1].value == 0:
                 continue
-            abnormal |= seg_anats.get(s) or assign
-
-        res = _Analysis()
-        res.assign, res.anats, res.pred, res.mentions = assign, anats | implied, pred, mentions
-        res.abnormal, res.has_none = abnormal, has_none
-        return res
+            abnormal |= h.seg_anats.get(s) or assign
+        return abnormal
 
     def _bridged(self, toks: list[str], cues: list[Cue], breaks: list[int]) -> list[int]:
         """Breaks minus those reached from a pre negation cue over bridge words only."""
