@@ -14,19 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import one_line as _one_line
 from fvlm import cli
 from fvlm.cli import main
 
 FAST = ["--config", "preprocess/small", "--set", "reports.labeler=false", "--set", "qc.num_cases=0", "-q"]
-
-
-def _one_line(capsys, *words):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 def _manifest(path, ct_samples, rows):

@@ -19,19 +19,11 @@ pytest.importorskip("preprocess.case")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from api_helpers import make_checkpoint, make_shards  # noqa: E402
+from cli_helpers import one_line as _one_line  # noqa: E402
 
 import fvlm  # noqa: E402
 from fvlm.cli import main  # noqa: E402
 from fvlm.errors import FvlmError  # noqa: E402
-
-
-def _one_line(capsys, *words):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ pytest.importorskip("fvlm.taxonomy")
 from fvlm.anatomy import load_anatomy_set  # noqa: E402
 from fvlm.cli import main  # noqa: E402
 from fvlm.eval import loading  # noqa: E402
+from shard_helpers import write_synthetic_shards  # noqa: E402
 
 
 @pytest.fixture()
@@ -73,7 +74,7 @@ def test_predict_errors(tiny_checkpoint, ct_samples, tmp_path, capsys):
 def test_zeroshot_write_thresholds_feeds_predict(ct_samples, tmp_path, capsys):
     """`fvlm zeroshot --write-thresholds` stores the val-chosen thresholds beside the checkpoint;
     `fvlm predict` then uses them (and refuses them once the checkpoint changes)."""
-    shards = pytest.importorskip("fvlm.data.shards")
+    pytest.importorskip("fvlm.data.shards")
     synthetic_ct = pytest.importorskip("fvlm.data.synthetic_ct")
     from fvlm.models.checkpoint import save_consolidated
 
@@ -81,14 +82,7 @@ def test_zeroshot_write_thresholds_feeds_predict(ct_samples, tmp_path, capsys):
     src = synthetic_ct.SyntheticCTSource(n=16, anatomies=organs, shape=(32, 32, 16), crop_shape=(16, 16, 8),
                                          val_fraction=0.5, prevalence=0.5, seed=5)
     root = tmp_path / "shards"
-    layout = shards.ShardLayout(anatomies=organs, crop_shapes=dict(src.crop_shapes), whole_shape=(32, 32, 16))
-    recs = [src.get(c) for c in src.case_ids()]
-    shards.write_shard(root / "shards" / "000-00000.h5", layout, recs, n=len(recs))
-    shards.write_index(root / "index.jsonl", [
-        {"case_id": r.case_id, "patient_id": r.patient_id or r.case_id, "split": r.split,
-         "shard": "shards/000-00000.h5", "row": i, "anatomies": [a for a in organs if r.present.get(a)]}
-        for i, r in enumerate(recs)])
-    shards.write_dataset_info(root, layout)
+    _, recs = write_synthetic_shards(root, src, organs)
     lines = ["case_id,liver_mass,renal_mass"]
     lines += [f"{r.case_id},{max(int(r.labels.get('liver_lesion', -1)), 0)},"
               f"{max(int(r.labels.get('kidney_lesion', -1)), 0)}" for r in recs]

@@ -16,6 +16,7 @@ synthetic_ct = pytest.importorskip("fvlm.data.synthetic_ct")
 from fvlm.config import build  # noqa: E402
 from fvlm.eval.config import ZeroShotConfig  # noqa: E402
 from fvlm.eval.zeroshot import run_suite  # noqa: E402
+from shard_helpers import write_synthetic_shards  # noqa: E402
 
 
 def test_real_model_encodes_each_case_once():
@@ -50,7 +51,7 @@ def test_real_model_encodes_each_case_once():
 
 def test_zeroshot_command_on_real_checkpoint_and_shards(tmp_path, capsys):
     """`fvlm zeroshot` through load_consolidated, ShardDataset, the checkpoint's transform and fvlm54."""
-    shards = pytest.importorskip("fvlm.data.shards")
+    pytest.importorskip("fvlm.data.shards")
     ckmod = pytest.importorskip("fvlm.models.checkpoint")
     pytest.importorskip("fvlm.taxonomy")
     from fvlm.cli import main
@@ -59,14 +60,7 @@ def test_zeroshot_command_on_real_checkpoint_and_shards(tmp_path, capsys):
     src = synthetic_ct.SyntheticCTSource(n=24, anatomies=organs, shape=(32, 32, 16), crop_shape=(16, 16, 8),
                                          val_fraction=0.5, prevalence=0.4, seed=3)
     root = tmp_path / "shards"
-    layout = shards.ShardLayout(anatomies=organs, crop_shapes=dict(src.crop_shapes), whole_shape=(32, 32, 16))
-    recs = [src.get(c) for c in src.case_ids()]
-    shards.write_shard(root / "shards" / "000-00000.h5", layout, recs, n=len(recs))
-    shards.write_index(root / "index.jsonl", [
-        {"case_id": r.case_id, "patient_id": r.patient_id or r.case_id, "split": r.split,
-         "shard": "shards/000-00000.h5", "row": i, "anatomies": [a for a in organs if r.present.get(a)]}
-        for i, r in enumerate(recs)])
-    shards.write_dataset_info(root, layout)
+    _, recs = write_synthetic_shards(root, src, organs)
     # ground truth for the fvlm54 diagnoses the synthetic findings stand for
     mapping = {"lung_lesion": "lung_nodule", "liver_lesion": "liver_mass", "kidney_lesion": "renal_mass",
                "liver_hypodense": "hepatic_steatosis", "kidney_hypodense": "renal_hypodensity",
