@@ -55,18 +55,14 @@ def evaluate(diagnoses: Sequence[DiagnosisInfo], test_scores: np.ndarray, test_l
     Returns a JSON-ready dict: ``diagnoses``, ``skipped``, ``macro``, ``weighted_f1``.
     """
     unavailable = dict(unavailable or {})
-    n, d = test_scores.shape
+    n = test_scores.shape[0]
     per: dict[str, dict] = {}
     skipped: list[dict] = []
     evaluated: list[int] = []
     thresholds: dict[int, float | None] = {}
     for j, info in enumerate(diagnoses):
-        valid = test_include[:, j] & (test_labels[:, j] >= 0)
-        pos = int(np.sum(test_labels[valid, j] == 1))
-        neg = int(np.sum(test_labels[valid, j] == 0))
-        support = {"positives": pos, "negatives": neg,
-                   "unlabeled": int(np.sum(test_include[:, j] & (test_labels[:, j] < 0))),
-                   "excluded": int(np.sum(~test_include[:, j]))}
+        support = _support(test_labels[:, j], test_include[:, j])
+        pos, neg = support["positives"], support["negatives"]
         if info.id in unavailable:
             skipped.append({"id": info.id, "name": info.name, "anatomy": info.anatomy,
                             "reason": unavailable[info.id], **support})
@@ -78,14 +74,8 @@ def evaluate(diagnoses: Sequence[DiagnosisInfo], test_scores: np.ndarray, test_l
             continue
         thr, note, tsup = None, "no threshold-tuning cases", None
         if tune_scores is not None and tune_labels is not None:
-            tv = tune_include[:, j] & (tune_labels[:, j] >= 0)
-            ty, ts = tune_labels[tv, j], tune_scores[tv, j]
-            tsup = {"positives": int(np.sum(ty == 1)), "negatives": int(np.sum(ty == 0))}
-            if tsup["positives"] and tsup["negatives"]:
-                thr = M.select_threshold(ty, ts, threshold_method, target_sensitivity)
-                note = None
-            else:
-                note = "tuning cases lack positives or negatives for this diagnosis"
+            thr, note, tsup = _tuned_threshold(tune_scores[:, j], tune_labels[:, j], tune_include[:, j],
+                                               threshold_method, target_sensitivity)
         thresholds[j] = thr
         evaluated.append(j)
         per[info.id] = {"name": info.name, "anatomy": info.anatomy, "embedding": info.embedding,
@@ -93,6 +83,46 @@ def evaluate(diagnoses: Sequence[DiagnosisInfo], test_scores: np.ndarray, test_l
                         "tuning_support": tsup}
 
     anatomies = sorted({diagnoses[j].anatomy for j in evaluated})
+    stat = _statistic(diagnoses, evaluated, thresholds, anatomies, test_scores, test_labels, test_include)
+    if evaluated:
+        if n_boot > 0:
+            res = M.bootstrap_ci(stat, n, list(test_patients), n_boot=n_boot, seed=seed, level=level)
+            res = {k: v.to_json() for k, v in res.items()}
+        else:
+            res = {k: {"value": _r(v), "ci": [None, None], "n_valid": 0} for k, v in stat(np.arange(n)).items()}
+    else:
+        res = {}
+    for j in evaluated:
+        did = diagnoses[j].id
+        for k in SCALAR_METRICS:
+            per[did][k] = res[f"{did}/{k}"]
+    return {"diagnoses": per, "skipped": skipped, "macro": _macro(res, diagnoses, evaluated, anatomies),
+            "weighted_f1": res.get("weighted_f1", {"value": None, "ci": [None, None], "n_valid": 0})}
+
+
+def _support(labels: np.ndarray, include: np.ndarray) -> dict[str, int]:
+    """Counts of one diagnosis's test rows: ``(N,)`` labels (1/0/-1) and the bool rows that count."""
+    valid = include & (labels >= 0)
+    return {"positives": int(np.sum(labels[valid] == 1)), "negatives": int(np.sum(labels[valid] == 0)),
+            "unlabeled": int(np.sum(include & (labels < 0))), "excluded": int(np.sum(~include))}
+
+
+def _tuned_threshold(scores: np.ndarray, labels: np.ndarray, include: np.ndarray, method: str,
+                     target_sensitivity: float) -> tuple[float | None, str | None, dict]:
+    """One diagnosis's threshold from its ``(N,)`` tuning rows -> ``(threshold, note, tuning support)``."""
+    tv = include & (labels >= 0)
+    ty, ts = labels[tv], scores[tv]
+    tsup = {"positives": int(np.sum(ty == 1)), "negatives": int(np.sum(ty == 0))}
+    if tsup["positives"] and tsup["negatives"]:
+        return M.select_threshold(ty, ts, method, target_sensitivity), None, tsup
+    return None, "tuning cases lack positives or negatives for this diagnosis", tsup
+
+
+def _statistic(diagnoses, evaluated: list[int], thresholds: dict, anatomies: list[str], test_scores: np.ndarray,
+               test_labels: np.ndarray, test_include: np.ndarray):
+    """The bootstrap statistic: rows ``idx`` of the test cases -> every metric (per diagnosis,
+    macro, per anatomy, weighted F1) as ``{name: value}``."""
+    d = test_scores.shape[1]
 
     def stat(idx: np.ndarray) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -121,18 +151,10 @@ def evaluate(diagnoses: Sequence[DiagnosisInfo], test_scores: np.ndarray, test_l
         out["weighted_f1"] = M.weighted_f1(truth[:, with_thr], preds[:, with_thr]) if with_thr else float("nan")
         return out
 
-    if evaluated:
-        if n_boot > 0:
-            res = M.bootstrap_ci(stat, n, list(test_patients), n_boot=n_boot, seed=seed, level=level)
-            res = {k: v.to_json() for k, v in res.items()}
-        else:
-            res = {k: {"value": _r(v), "ci": [None, None], "n_valid": 0} for k, v in stat(np.arange(n)).items()}
-    else:
-        res = {}
-    for j in evaluated:
-        did = diagnoses[j].id
-        for k in SCALAR_METRICS:
-            per[did][k] = res[f"{did}/{k}"]
+    return stat
+
+
+def _macro(res: dict, diagnoses, evaluated: list[int], anatomies: list[str]) -> dict:
     macro = {"overall": {k: res[f"macro/{k}"] for k in SCALAR_METRICS} if evaluated else {},
              "per_anatomy": {a: {k: res[f"anatomy:{a}/{k}"] for k in SCALAR_METRICS} for a in anatomies},
              "n_diagnoses": len(evaluated)}
@@ -140,8 +162,7 @@ def evaluate(diagnoses: Sequence[DiagnosisInfo], test_scores: np.ndarray, test_l
         macro["overall"]["n_diagnoses"] = len(evaluated)
         for a in anatomies:
             macro["per_anatomy"][a]["n_diagnoses"] = sum(1 for j in evaluated if diagnoses[j].anatomy == a)
-    return {"diagnoses": per, "skipped": skipped, "macro": macro,
-            "weighted_f1": res.get("weighted_f1", {"value": None, "ci": [None, None], "n_valid": 0})}
+    return macro
 
 
 def _nanmean(vals: list[float]) -> float:
