@@ -296,55 +296,9 @@ def read_ctrate(root: str | Path, masks_dir: str | None = None, volumes: str = "
     if volumes not in VOLUME_CHOICES:
         raise FvlmError(f"ctrate.volumes must be one of {', '.join(VOLUME_CHOICES)}, got {volumes!r}")
     is_ctrate(root)  # a reports CSV without VolumeName / Findings_EN is one line
-    reports: dict = {}
-    meta: dict = {}
-    seen: dict = {}
-    same = 0
-    for p in _csvs_with(root, "VolumeName"):
-        head = _header(p)
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            for ln, r in enumerate(csv.DictReader(f), 2):
-                name = (r.get("VolumeName") or "").strip()
-                if not name:
-                    continue
-                for kind, table, cols in (("report", reports, _REPORT_COLS),
-                                          ("metadata", meta, ("RescaleIntercept", "XYSpacing"))):
-                    if not any(c in head for c in cols):
-                        continue
-                    if name in table:
-                        if table[name] != r:
-                            raise FvlmError(f"{p}:{ln}: a second, different {kind} row for {name} (first at "
-                                            f"{seen[kind, name]}); keep one")
-                        same += 1
-                        continue
-                    table[name] = r
-                    seen[kind, name] = f"{p.name}:{ln}"
-    if same:
-        log.warning("%s: %d repeated identical CT-RATE CSV row(s) ignored", root, same)
+    reports, meta = _ctrate_tables(root)
     mdir = Path(masks_dir).resolve() if masks_dir else None
-    copies: dict[str, dict[str, Path]] = {}
-    tree_masks: dict[str, dict[str, str]] = {}
-    mask_roots = set()
-    for p in sorted(root.rglob("*.nii*")):
-        if not p.is_file() or not p.name.lower().endswith((".nii", ".nii.gz")):
-            continue
-        if mdir is not None and mdir in p.resolve().parents:
-            continue
-        rel_dirs = p.relative_to(root).parts[:-1]
-        seg = [i for i, d in enumerate(rel_dirs) if _MASK_DIR.search(d)]
-        if seg:                                       # the dataset's own segmentation tree
-            mask_roots.add(root.joinpath(*rel_dirs[: seg[0] + 1]))
-            continue
-        ver = _version_of(rel_dirs)
-        have = copies.setdefault(p.name, {})
-        if ver in have:
-            raise FvlmError(f"{root}: two {ver} copies of {p.name} ({have[ver].relative_to(root)} and "
-                            f"{p.relative_to(root)}); remove one")
-        have[ver] = p
-    for mr in sorted(mask_roots):
-        for stem, m in index_masks(mr).items():
-            for ver, path in m.items():
-                tree_masks.setdefault(stem, {}).setdefault(ver, path)
+    copies, tree_masks = _ctrate_volumes(root, mdir)
     given = index_masks(mdir) if mdir is not None else {}
     if mdir is not None and not mdir.is_dir():
         raise FvlmError(f"--masks folder not found: {masks_dir}")
@@ -370,6 +324,66 @@ def read_ctrate(root: str | Path, masks_dir: str | None = None, volumes: str = "
         raise FvlmError(f"{root}: no volume has a {'fixed (v2)' if volumes == 'fixed' else 'original (v1)'} copy "
                         f"(ctrate.volumes={volumes}); try --set ctrate.volumes=prefer_fixed")
     return _dedupe(specs, str(root))
+
+
+def _ctrate_tables(root: Path) -> tuple[dict, dict]:
+    """The report rows and the metadata rows of a CT-RATE download, by VolumeName (identical
+    repeated rows are ignored, different ones are an error)."""
+    reports: dict = {}
+    meta: dict = {}
+    seen: dict = {}
+    same = 0
+    for p in _csvs_with(root, "VolumeName"):
+        head = _header(p)
+        with open(p, newline="", encoding="utf-8-sig") as f:
+            for ln, r in enumerate(csv.DictReader(f), 2):
+                name = (r.get("VolumeName") or "").strip()
+                if not name:
+                    continue
+                for kind, table, cols in (("report", reports, _REPORT_COLS),
+                                          ("metadata", meta, ("RescaleIntercept", "XYSpacing"))):
+                    if not any(c in head for c in cols):
+                        continue
+                    if name in table:
+                        if table[name] != r:
+                            raise FvlmError(f"{p}:{ln}: a second, different {kind} row for {name} (first at "
+                                            f"{seen[kind, name]}); keep one")
+                        same += 1
+                        continue
+                    table[name] = r
+                    seen[kind, name] = f"{p.name}:{ln}"
+    if same:
+        log.warning("%s: %d repeated identical CT-RATE CSV row(s) ignored", root, same)
+    return reports, meta
+
+
+def _ctrate_volumes(root: Path, mdir: Path | None) -> tuple[dict[str, dict[str, Path]], dict[str, dict[str, str]]]:
+    """The volumes of a CT-RATE download (name -> {"v1"/"v2": path}) and the label maps of its own
+    segmentation tree (stem -> {version: path}); files under ``mdir`` (the --masks folder) are skipped."""
+    copies: dict[str, dict[str, Path]] = {}
+    tree_masks: dict[str, dict[str, str]] = {}
+    mask_roots = set()
+    for p in sorted(root.rglob("*.nii*")):
+        if not p.is_file() or not p.name.lower().endswith((".nii", ".nii.gz")):
+            continue
+        if mdir is not None and mdir in p.resolve().parents:
+            continue
+        rel_dirs = p.relative_to(root).parts[:-1]
+        seg = [i for i, d in enumerate(rel_dirs) if _MASK_DIR.search(d)]
+        if seg:                                       # the dataset's own segmentation tree
+            mask_roots.add(root.joinpath(*rel_dirs[: seg[0] + 1]))
+            continue
+        ver = _version_of(rel_dirs)
+        have = copies.setdefault(p.name, {})
+        if ver in have:
+            raise FvlmError(f"{root}: two {ver} copies of {p.name} ({have[ver].relative_to(root)} and "
+                            f"{p.relative_to(root)}); remove one")
+        have[ver] = p
+    for mr in sorted(mask_roots):
+        for stem, m in index_masks(mr).items():
+            for ver, path in m.items():
+                tree_masks.setdefault(stem, {}).setdefault(ver, path)
+    return copies, tree_masks
 
 
 def _ctrate_spec(name: str, stem: str, path: Path, ver: str, meta: dict, reports: dict,
