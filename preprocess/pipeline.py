@@ -341,31 +341,13 @@ def _run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     aset, layout, info_extra = _settings(cfg)
     workers = max(1, int(num_workers))
-    if workers > 1 and cfg.reports.labeler:
-        # the workers build their own labeler; here only fail early on a bad taxonomy name (building
-        # one imports nltk, 1.3 s the first case would wait for)
-
-        load_taxonomy(cfg.reports.taxonomy)
-        labeler = None
-    else:
-        labeler = make_labeler(cfg)  # fail early on a bad taxonomy name
+    labeler = _parent_labeler(cfg, workers)
     write_dataset_info(out, layout, info_extra)
     attrs = {"anatomy_set": aset.name, "class_map": cfg.masks.class_map,
              "target_spacing_mm": list(cfg.target_spacing_mm)}
     slots, res = _plan(out, specs, shard_index, num_shards, cfg.shards.samples_per_shard)
-    for sl in slots:  # a crash mid-assembly leaves <shard>.tmp: discard, it is rebuilt from staging
-        tmp = out / (sl.rel + ".tmp")
-        if tmp.exists():
-            tmp.unlink()
     done_slots = [sl for sl in slots if (out / sl.rel).exists()]
-    for sl in slots:  # failed cases of unfinished shards are retried
-        if not (out / sl.rel).exists():
-            for s in sl.specs:
-                ep = _stage_paths(out, s.case_id)[1]
-                if ep.exists():
-                    ep.unlink()
-    todo = [s for sl in slots if not (out / sl.rel).exists() for s in sl.specs
-            if not _stage_paths(out, s.case_id)[0].exists()]
+    todo = _resume_slots(out, slots)
     n_mine = sum(len(sl.specs) for sl in slots)
     qc_ids = qc_sample([s.case_id for sl in slots for s in sl.specs], cfg.qc.num_cases)
     qc_ids = {c for c in qc_ids if not (out / "qc" / f"{c}.png").exists()}
@@ -376,30 +358,11 @@ def _run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Pat
     pending = [sl for sl in slots if not (out / sl.rel).exists()]
 
     def flush():
-        for sl in list(pending):
-            if _slot_resolved(out, sl):
-                staged = [_stage_paths(out, s.case_id)[0] for s in sl.specs]
-                if _no_room(out, sum(p.stat().st_size for p in staged if p.exists())):
-                    raise _disk_full_error(out / sl.rel)
-                try:
-                    _assemble(out, sl, layout, attrs)
-                except (OSError, RuntimeError) as e:
-                    if is_disk_full(e):
-                        raise _disk_full_error(out / sl.rel) from None
-                    raise
-                pending.remove(sl)
+        _assemble_resolved(out, pending, layout, attrs)
 
     flush()
     t0 = time.perf_counter()
-    if workers == 1 or len(todo) <= 1:
-        _init_worker(cfg, str(out), qc_ids, labeler)
-        results = iter(map(_work, todo))
-    else:
-        import multiprocessing as mp
-
-        # spawn, not fork: the parent may hold HDF5 handles or threads
-        results = runner.run_pool(todo, workers, _init_worker, (cfg, str(out), qc_ids), _work, out / ".state",
-                                  _died(out), mp.get_context("spawn"))
+    results = _case_results(cfg, out, todo, workers, qc_ids, labeler)
     try:
         for cid, status, msg, secs in progress(results, desc="preprocess", total=len(todo), unit="case"):
             runner.check_interrupted()
@@ -424,6 +387,60 @@ def _run_preprocess(cfg: PreprocessConfig, specs: list[CaseSpec], out: str | Pat
         if is_disk_full(e):
             raise _disk_full_error(out) from None
         raise
+
+
+def _parent_labeler(cfg: PreprocessConfig, workers: int):
+    """The report labeler of an in-process run (None with worker processes, which build their own);
+    either way a bad taxonomy name fails here, before any case runs."""
+    if workers > 1 and cfg.reports.labeler:
+        # building a labeler imports nltk, 1.3 s the first case would wait for
+        load_taxonomy(cfg.reports.taxonomy)
+        return None
+    return make_labeler(cfg)
+
+
+def _resume_slots(out: Path, slots) -> list:
+    """Clean what an earlier run left in unfinished shard slots; return the cases still to process."""
+    for sl in slots:  # a crash mid-assembly leaves <shard>.tmp: discard, it is rebuilt from staging
+        tmp = out / (sl.rel + ".tmp")
+        if tmp.exists():
+            tmp.unlink()
+    for sl in slots:  # failed cases of unfinished shards are retried
+        if not (out / sl.rel).exists():
+            for s in sl.specs:
+                ep = _stage_paths(out, s.case_id)[1]
+                if ep.exists():
+                    ep.unlink()
+    return [s for sl in slots if not (out / sl.rel).exists() for s in sl.specs
+            if not _stage_paths(out, s.case_id)[0].exists()]
+
+
+def _assemble_resolved(out: Path, pending: list, layout, attrs: dict) -> None:
+    """Assemble every pending shard whose cases are all resolved (removed from ``pending``)."""
+    for sl in list(pending):
+        if _slot_resolved(out, sl):
+            staged = [_stage_paths(out, s.case_id)[0] for s in sl.specs]
+            if _no_room(out, sum(p.stat().st_size for p in staged if p.exists())):
+                raise _disk_full_error(out / sl.rel)
+            try:
+                _assemble(out, sl, layout, attrs)
+            except (OSError, RuntimeError) as e:
+                if is_disk_full(e):
+                    raise _disk_full_error(out / sl.rel) from None
+                raise
+            pending.remove(sl)
+
+
+def _case_results(cfg: PreprocessConfig, out: Path, todo: list, workers: int, qc_ids: set, labeler):
+    """``(case id, status, message, seconds)`` of each case of ``todo``, in this process or a pool."""
+    if workers == 1 or len(todo) <= 1:
+        _init_worker(cfg, str(out), qc_ids, labeler)
+        return iter(map(_work, todo))
+    import multiprocessing as mp
+
+    # spawn, not fork: the parent may hold HDF5 handles or threads
+    return runner.run_pool(todo, workers, _init_worker, (cfg, str(out), qc_ids), _work, out / ".state",
+                           _died(out), mp.get_context("spawn"))
 
 
 def _errors_for(out: Path, specs) -> list[dict]:
