@@ -108,7 +108,15 @@ def positive_sentence(rec: dict, pick) -> tuple[str, str]:
     f = rec["finding"]
     size = rec.get("size_mm")
     mm = f"{size:.0f} mm" if size else ""
-    side = rec.get("side")
+    out = (_chest_sentence(f, rec, pick, size, mm, rec.get("side"))
+           or _abdomen_sentence(f, rec, pick, size, mm, rec.get("side")))
+    if out is None:
+        raise KeyError(f"no report template for finding {f!r}")
+    return out
+
+
+def _chest_sentence(f: str, rec: dict, pick, size, mm: str, side) -> tuple[str, str] | None:
+    """:func:`positive_sentence` of a chest finding (lungs, heart, aorta), else None."""
     if f == "lung_nodule":
         where = f"{side} {rec['lobe']} lobe"
         return pick([f"A {mm} solid nodule in the {where}.",
@@ -159,6 +167,11 @@ def positive_sentence(rec: dict, pick) -> tuple[str, str]:
         return pick([f"Infrarenal abdominal aortic aneurysm measuring {mm}.",
                      f"Fusiform aneurysmal dilatation of the infrarenal aorta up to {_cm(size)}."]), \
             f"Abdominal aortic aneurysm, {_cm(size)}."
+    return None
+
+
+def _abdomen_sentence(f: str, rec: dict, pick, size, mm: str, side) -> tuple[str, str] | None:
+    """:func:`positive_sentence` of an abdominal finding (liver, kidneys, spleen, gallbladder), else None."""
     if f == "hepatic_steatosis":
         sp = rec.get("spleen_hu")
         ref = f", spleen {sp} HU" if sp is not None else ""
@@ -198,7 +211,7 @@ def positive_sentence(rec: dict, pick) -> tuple[str, str]:
         n = rec.get("count", 1)
         return pick([f"Calcified gallstones, the largest {mm}." if n > 1 else f"A {mm} calcified gallstone.",
                      "Cholelithiasis without gallbladder wall thickening."]), "Cholelithiasis."
-    raise KeyError(f"no report template for finding {f!r}")
+    return None
 
 
 def write_report(region: str, in_view: list[str], records: list[dict], rng: np.random.Generator,

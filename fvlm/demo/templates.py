@@ -96,7 +96,21 @@ def derive_chest_labels(hu: np.ndarray, aorta: np.ndarray) -> np.ndarray:
     """
     labels = np.zeros(hu.shape, np.uint8)
     aorta = aorta.astype(bool)
-    # heart ------------------------------------------------------------------
+    inplane = np.zeros((3, 3, 3), bool)
+    inplane[:, :, 1] = ndi.generate_binary_structure(2, 1)
+    heart = _heart(hu, aorta, inplane)
+    lung_all, x_mid = _lungs(hu, heart)
+    x, y, z = np.indices(hu.shape)
+    trachea = _trachea(hu, lung_all, x_mid, inplane, x, y)
+    _lobes(labels, lung_all & ~trachea, x_mid, x, y, z)
+    labels[trachea] = TS["trachea"]
+    labels[heart] = TS["heart"]
+    labels[aorta] = TS["aorta"]
+    return labels
+
+
+def _heart(hu: np.ndarray, aorta: np.ndarray, inplane: np.ndarray) -> np.ndarray:
+    """The contrast-filled blood pool below the aortic root, grown in-plane into the myocardium."""
     asc = aorta.copy()
     asc[:, : hu.shape[1] // 2, :] = False  # ascending aorta lies anterior
     z_root = int(np.nonzero(asc.any((0, 1)))[0].min())
@@ -104,12 +118,13 @@ def derive_chest_labels(hu: np.ndarray, aorta: np.ndarray) -> np.ndarray:
     blood[:, :, z_root + 8:] = False
     core = ndi.binary_opening(blood, iterations=2)
     core = _largest(core)
-    inplane = np.zeros((3, 3, 3), bool)
-    inplane[:, :, 1] = ndi.generate_binary_structure(2, 1)
     heart = ndi.binary_dilation(core, inplane, iterations=3) & (hu > -150) & (hu < 1000) & ~aorta
     heart = ndi.binary_closing(heart, iterations=1)
-    heart = np.stack([ndi.binary_fill_holes(heart[:, :, z]) for z in range(hu.shape[2])], -1) & ~aorta
-    # lungs ------------------------------------------------------------------
+    return np.stack([ndi.binary_fill_holes(heart[:, :, z]) for z in range(hu.shape[2])], -1) & ~aorta
+
+
+def _lungs(hu: np.ndarray, heart: np.ndarray) -> tuple[np.ndarray, float]:
+    """Air components above the upper-abdominal air (trachea included) and the midline x."""
     air = (hu < -400) & ~heart
     lab, n = ndi.label(air)
     sizes = np.bincount(lab.ravel())
@@ -119,12 +134,14 @@ def derive_chest_labels(hu: np.ndarray, aorta: np.ndarray) -> np.ndarray:
             if np.nonzero((lab == i).any((0, 1)))[0].max() > z_heart_lo + 5]
     lung_all = np.isin(lab, keep)
     xs = np.nonzero(lung_all.any((1, 2)))[0]
-    x_mid = (xs.min() + xs.max()) / 2.0
-    lungs = lung_all.copy()
-    x, y, z = np.indices(hu.shape)
-    # trachea: pure air (< -950 HU) grown from a small central air blob in the top slice,
-    # kept within a tube around it so the main bronchi and the lungs stay out
-    trachea = np.zeros_like(lungs)
+    return lung_all, (xs.min() + xs.max()) / 2.0
+
+
+def _trachea(hu: np.ndarray, lung_all: np.ndarray, x_mid: float, inplane: np.ndarray, x: np.ndarray,
+             y: np.ndarray) -> np.ndarray:
+    """Pure air (< -950 HU) grown from a small central air blob in the top slice, kept within a
+    tube around it so the main bronchi and the lungs stay out."""
+    trachea = np.zeros_like(lung_all)
     top = hu.shape[2] - 1
     sl, n = ndi.label((hu[:, :, top] < -950) & lung_all[:, :, top])
     best = None
@@ -139,7 +156,13 @@ def derive_chest_labels(hu: np.ndarray, aorta: np.ndarray) -> np.ndarray:
         seed = tl[int(round(best[0])), int(round(best[1])), top]
         if seed:
             trachea = ndi.binary_dilation(tl == seed, inplane) & lung_all
-    lungs &= ~trachea
+    return trachea
+
+
+def _lobes(labels: np.ndarray, lungs: np.ndarray, x_mid: float, x: np.ndarray, y: np.ndarray,
+           z: np.ndarray) -> None:
+    """Write the lobes into ``labels``: left/right of the midline, an oblique plane through each
+    lung's centroid (descending anteriorly) for upper/lower, the right middle lobe anterior-inferior."""
     for side in ("left", "right"):
         part = lungs & ((x < x_mid) if side == "left" else (x >= x_mid))
         if not part.any():
@@ -156,10 +179,6 @@ def derive_chest_labels(hu: np.ndarray, aorta: np.ndarray) -> np.ndarray:
             labels[upper & ~middle] = TS["lung_upper_lobe_right"]
             labels[middle] = TS["lung_middle_lobe_right"]
             labels[lower] = TS["lung_lower_lobe_right"]
-    labels[trachea] = TS["trachea"]
-    labels[heart] = TS["heart"]
-    labels[aorta] = TS["aorta"]
-    return labels
 
 
 @functools.lru_cache(maxsize=1)
