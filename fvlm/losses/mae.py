@@ -51,7 +51,23 @@ def corrupted_pixel_loss(pred: torch.Tensor, target: torch.Tensor, pixel_mask: t
     return (err * w).sum() / w.sum().clamp_min(1.0)
 
 
-class MAELoss(nn.Module):
+class _PatchLoss(nn.Module):
+    """A loss against the patch targets of the clean images (:func:`patch_targets`)."""
+
+    def __init__(self, patch_size: Sequence[int], norm_pix: bool):
+        super().__init__()
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.norm_pix = norm_pix
+
+    def targets(self, pred: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D)`` targets of ``images``, which must match ``pred``'s shape (else ValueError)."""
+        target = patch_targets(images, self.patch_size, self.norm_pix)
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} does not match the patch targets {tuple(target.shape)}")
+        return target
+
+
+class MAELoss(_PatchLoss):
     """MAE: normalised-pixel MSE on the hidden patches only.
 
     ``forward(pred (B, N, D), images (B, C, H, W), mask (B, N) bool, valid=None)``;
@@ -59,23 +75,19 @@ class MAELoss(nn.Module):
     """
 
     def __init__(self, patch_size: Sequence[int], norm_pix: bool = True, min_valid: float = 0.5):
-        super().__init__()
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.norm_pix = norm_pix
+        super().__init__(patch_size, norm_pix)
         self.min_valid = min_valid
 
     def forward(self, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
-        target = patch_targets(images, self.patch_size, self.norm_pix)
-        if pred.shape != target.shape:
-            raise ValueError(f"prediction {tuple(pred.shape)} does not match the patch targets {tuple(target.shape)}")
+        target = self.targets(pred, images)
         weight = None
         if valid is not None:
             weight = patch_regions(valid, self.patch_size, self.min_valid).float()
         return masked_patch_loss(pred, target, mask, weight)
 
 
-class GMMLLoss(nn.Module):
+class GMMLLoss(_PatchLoss):
     """GMML: reconstruction error on the corrupted pixels only (L1 by default, as in GMML).
 
     ``forward(pred (B, N, D), images (B, C, H, W), corrupted (B, N) bool, valid=None)``;
@@ -84,16 +96,12 @@ class GMMLLoss(nn.Module):
     """
 
     def __init__(self, patch_size: Sequence[int], norm_pix: bool = False, l1: bool = True):
-        super().__init__()
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.norm_pix = norm_pix
+        super().__init__(patch_size, norm_pix)
         self.l1 = l1
 
     def forward(self, pred: torch.Tensor, images: torch.Tensor, corrupted: torch.Tensor,
                 valid: torch.Tensor | None = None) -> torch.Tensor:
-        target = patch_targets(images, self.patch_size, self.norm_pix)
-        if pred.shape != target.shape:
-            raise ValueError(f"prediction {tuple(pred.shape)} does not match the patch targets {tuple(target.shape)}")
+        target = self.targets(pred, images)
         pix = corrupted[..., None].expand_as(target)
         if valid is not None:
             vpix = patchify(valid[:, None].to(target.dtype).expand(-1, images.shape[1], -1, -1), self.patch_size)
