@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import safe_yaml
+from .config import safe_yaml  # size and alias-expansion caps of untrusted YAML
 from .errors import FormatError, FvlmError, check_format
 from .resources import config_path, samples_dir
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from .config import safe_yaml
+from .config import safe_yaml  # size and alias-expansion caps of untrusted YAML
 from .errors import FormatError, FvlmError, check_format
 from .resources import config_path
 
