@@ -26,7 +26,7 @@ import os
 import sys
 from typing import Any
 
-from . import __version__
+from .version import __version__
 from .errors import FvlmError
 
 #: name -> module path. Order is the order in ``fvlm --help``.

@@ -96,8 +96,6 @@ class TrainConfig:
             v = getattr(self, key)
             if isinstance(v, int) and not isinstance(v, bool) and v < least:
                 raise ValueError(f"train.{key} must be {least} or more, got {v}")
-        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
 
 
 # --------------------------------------------------------------------------- setup helpers

@@ -33,6 +33,7 @@ from ..data.ct import CTDataConfig
 from ..errors import FvlmError
 from ..losses.contrastive import LossConfig
 from ..models.fvlm import FVLMConfig
+from ..taxonomy import Diagnosis, load_taxonomy
 from .engine import TrainConfig
 
 __all__ = ["PretrainConfig", "run", "build_source", "prepare"]
@@ -94,14 +95,12 @@ def _diagnoses(cfg: PretrainConfig, source) -> tuple[list[str], list, dict[str, 
     """Diagnosis ids carried as labels, their prompt records, anatomy display names."""
     diags, names = [], {}
     if cfg.data.taxonomy:
-        from ..taxonomy import load_taxonomy
-
         tax = load_taxonomy(cfg.data.taxonomy)
         diags = list(tax.diagnoses)
         names = {a.id: a.name for a in tax.anatomies}
     elif hasattr(source, "diagnoses"):
-        diags = list(source.diagnoses)
-    ids = list(cfg.data.diagnoses) or [d["id"] if isinstance(d, dict) else d.id for d in diags]
+        diags = [Diagnosis.of(d) for d in source.diagnoses]
+    ids = list(cfg.data.diagnoses) or [d.id for d in diags]
     return ids, diags, names
 
 
