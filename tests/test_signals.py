@@ -6,6 +6,7 @@ two Ctrl-Cs in a row to the whole process group, loader workers included (the se
 latest checkpoint complete. The run then resumes to the end and its weights equal an uninterrupted
 run's, bit for bit.
 """
+import contextlib
 import csv
 import os
 import signal
@@ -58,6 +59,45 @@ def _assert_clean(out: Path, err: str) -> None:
         assert (ck / f"step_{_latest(out):08d}").is_dir()
 
 
+@contextlib.contextmanager
+def _busy_beside(reference: subprocess.Popen):
+    """A process keeping one core busy for the block (the reference run is stopped if it fails)."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    except BaseException:
+        reference.kill()
+        raise
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def _finish(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+
+
+def _interrupt(p: subprocess.Popen, when, sig, group: bool, twice: bool) -> str:
+    """Once ``when()`` holds, send ``sig`` to run ``p`` (to its whole process group, like a terminal's
+    Ctrl-C, if ``group``; again 20 ms later if ``twice``); -> its stderr, after asserting exit 130."""
+    t0 = time.time()
+    while not when():
+        assert p.poll() is None, f"the run ended (exit {p.returncode}) before the signal: {p.stderr.read()[-2000:]}"
+        assert time.time() - t0 < 240
+        time.sleep(0.005)
+    send = (lambda s: os.killpg(p.pid, s)) if group else p.send_signal
+    send(sig)
+    if twice:
+        time.sleep(0.02)
+        if p.poll() is None:
+            send(sig)
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 130, (sig, p.returncode, err[-3000:])
+    return err
+
+
 def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["state_dict"]
 
@@ -65,9 +105,8 @@ def _weights(path: Path) -> dict:
 @pytest.mark.slow
 def test_signals_at_any_point_stop_pretrain_with_130_and_resume_exactly(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "cut"
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     reference = _start(ref)   # the uninterrupted run, also load beside the busy loop
-    try:
+    with _busy_beside(reference):
         def setup_begun(before: int) -> bool:   # the log exists: model, DeepSpeed and data being set up
             return (out / "pretrain.log").is_file()
 
@@ -80,35 +119,14 @@ def test_signals_at_any_point_stop_pretrain_with_130_and_resume_exactly(tmp_path
                 (signal.SIGINT, True, training, True)]
         for sig, group, when, twice in plan:
             before = len(_rows(out))
-            p = _start(out)
-            t0 = time.time()
-            while not when(before):
-                assert p.poll() is None, f"the run ended (exit {p.returncode}) before the signal: {p.stderr.read()[-2000:]}"
-                assert time.time() - t0 < 240
-                time.sleep(0.01)
-            send = (lambda s: os.killpg(p.pid, s)) if group else p.send_signal
-            send(sig)
-            if twice:
-                time.sleep(0.05)
-                if p.poll() is None:
-                    send(sig)
-            _, err = p.communicate(timeout=180)
-            assert p.returncode == 130, (sig, p.returncode, err[-3000:])
+            err = _interrupt(_start(out), lambda: when(before), sig, group, twice)
             _assert_clean(out, err)
             rows = _rows(out)
             if when is training and not twice:
                 # the step that was running finished and was saved: nothing trained is lost
                 assert _latest(out) == int(rows[-1]["step"]), (sig, _latest(out), rows[-1]["step"])
         assert _latest(out) is not None and _latest(out) < 8
-    except BaseException:
-        reference.kill()
-        raise
-    finally:
-        busy.kill()
-        busy.wait()
-    for p in (_start(out), reference):
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    _finish(_start(out), reference)
     a, b = _weights(ref / "model.pt"), _weights(out / "model.pt")
     assert a.keys() == b.keys()
     for k in a:
@@ -195,45 +213,39 @@ def test_embed_signals_at_any_point_exit_130_and_the_rerun_finishes_every_case(t
     def n_parts():
         return len(list(parts.glob("part-*.parquet"))) if parts.is_dir() else 0
 
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     reference = start(tmp_path / "ref.npz")   # uninterrupted, and load beside the busy loop
-    try:
+    with _busy_beside(reference):
         plan = [(signal.SIGTERM, False, lambda b: parts.is_dir(), False),   # state written, nothing embedded
                 (signal.SIGINT, True, lambda b: n_parts() > b, False),
                 (signal.SIGINT, True, lambda b: n_parts() > b, True)]
         for sig, group, when, twice in plan:
             before = n_parts()
-            p = start(out)
-            t0 = time.time()
-            while not when(before):
-                assert p.poll() is None, f"the run ended (exit {p.returncode}) before the signal: {p.stderr.read()[-2000:]}"
-                assert time.time() - t0 < 180
-                time.sleep(0.005)
-            send = (lambda s: os.killpg(p.pid, s)) if group else p.send_signal
-            send(sig)
-            if twice:
-                time.sleep(0.02)
-                if p.poll() is None:
-                    send(sig)
-            _, err = p.communicate(timeout=120)
-            assert p.returncode == 130, (sig, p.returncode, err[-3000:])
+            err = _interrupt(start(out), lambda: when(before), sig, group, twice)
             assert "Traceback" not in err and err.strip().splitlines()[-1] == "fvlm embed: interrupted", err[-2000:]
             left = [q.name for q in tmp_path.rglob("*.tmp*")]
             assert not left, left
             assert not out.exists()
         assert 0 < n_parts() < 24
-    except BaseException:
-        reference.kill()
-        raise
-    finally:
-        busy.kill()
-        busy.wait()
-    for p in (start(out), reference):
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    _finish(start(out), reference)
     a, b = np.load(out), np.load(tmp_path / "ref.npz")
     assert sorted(a["case_id"]) == sorted(b["case_id"]) and len(set(a["case_id"])) == 24
     order_a, order_b = np.argsort(a["case_id"]), np.argsort(b["case_id"])
     for k in b.files:
         if k.startswith("emb_"):
             assert np.array_equal(a[k][order_a], b[k][order_b]), k
+
+
+def test_embed_after_a_stop_before_its_state_was_written(tmp_path):
+    """A stop between making the parts folder and writing its state (or while a finished run removed
+    it) leaves folders that hold nothing: the same command then runs, it is not refused."""
+    from api_helpers import make_checkpoint, make_shards
+
+    from fvlm.cli import main
+
+    shards = make_shards(tmp_path)
+    ck = make_checkpoint(tmp_path / "model.pt", shards)
+    out = tmp_path / "e.npz"
+    (tmp_path / "e.npz.parts").mkdir()
+    (tmp_path / "e.npz.parts.done" / "x").mkdir(parents=True)
+    assert main(["embed", "--checkpoint", str(ck), "--data", str(shards), "--out", str(out), "-q"]) == 0
+    assert out.is_file() and sorted(p.name for p in tmp_path.glob("e.npz*")) == ["e.npz"]

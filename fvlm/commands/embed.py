@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -171,6 +172,9 @@ def run(args) -> int:
     state_file = parts / "state.json"
     if out.is_file() and not parts.exists():
         raise FvlmError(f"--out {out} exists (a finished run); remove it or choose another name")
+    shutil.rmtree(parts.with_name(parts.name + ".done"), ignore_errors=True)   # a finished run's, stopped while removed
+    if parts.is_dir() and not state_file.exists() and not any(parts.glob("part-*.parquet")):
+        shutil.rmtree(parts)   # a run stopped before it wrote anything (killed between mkdir and its state)
     if parts.is_dir():
         try:
             old = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
@@ -192,10 +196,10 @@ def run(args) -> int:
     anatomies = [n for n in names if n != "global"]
     state.update(names=names, anatomies=anatomies, embed_dim=int(meta.get("embed_dim") or 0))
     created = not parts.exists()
-    parts.mkdir(parents=True, exist_ok=True)
-    with replacing(state_file) as tmp_state:
-        tmp_state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
     try:
+        parts.mkdir(parents=True, exist_ok=True)
+        with replacing(state_file) as tmp_state:
+            tmp_state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
         with interrupts():
             before = _embed_chunks(args, ds, case_ids, model, make_batch, parts, names, anatomies)
             check_interrupted()
@@ -204,7 +208,9 @@ def run(args) -> int:
             shutil.rmtree(parts, ignore_errors=True)
         raise
     n = (_join_parquet if out.suffix == ".parquet" else _join_npz)(parts, out, state)
-    shutil.rmtree(parts)
+    done = parts.with_name(parts.name + ".done")   # renamed first: a stop while removing leaves no half parts folder
+    os.replace(parts, done)
+    shutil.rmtree(done)
     print(f"wrote {out}: {n} cases ({before} from an earlier run), "
           f"{len(names)} embeddings of size {state['embed_dim']}")
     return 0
