@@ -10,7 +10,8 @@ from fvlm.data.loader import _kwargs
 def test_kwargs_pin_on_cuda_only_and_prefetch_with_workers():
     assert _kwargs(0, 2, "cpu", True) == {"num_workers": 0, "pin_memory": False}
     kw = _kwargs(2, 3, torch.device("cuda:1"), True)
-    assert kw == {"num_workers": 2, "pin_memory": True, "prefetch_factor": 3, "persistent_workers": True}
+    assert kw == {"num_workers": 2, "pin_memory": True, "prefetch_factor": 3, "persistent_workers": True,
+                  "worker_init_fn": loader_mod._ignore_signals}   # the main process owns Ctrl-C / SIGTERM
 
 
 def test_ct_pretraining_reads_through_the_pinning_loader(tmp_path, monkeypatch):
