@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    from .atomic import remove_leftovers
     from .interrupts import check_interrupted, interrupts
     from .progress import set_quiet
 
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
+        remove_leftovers()   # temporaries whose own clean-up a second signal cut short
         print(f"fvlm {name}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a path a command did not check itself: missing, unreadable, read-only, disk full

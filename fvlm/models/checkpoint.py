@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import replacing
 from ..config import build, to_dict
 from ..data.ct import SampleOptions
 from ..errors import FormatError, FvlmError, check_format
@@ -74,13 +75,8 @@ def save_consolidated(path: str | os.PathLike, model, meta: dict | None = None, 
     obj = {"format": FORMAT, "version": VERSION,
            "model": model_name or ("clip" if model.cfg.mode == "global" else "fvlm"),
            "config": _plain(to_dict(model.cfg)), "state_dict": sd, "meta": _plain(m)}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with replacing(path) as tmp:   # Ctrl-C or a full disk mid-write: the previous file stays, no .tmp beside it
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:   # Ctrl-C or a full disk mid-write: the previous file stays, no .tmp beside it
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 import torch.distributed as dist
 
-from .. import interrupts
+from .. import atomic, interrupts
 from ..config import opt
 from ..devices import to_device
 from ..errors import ConfigError, FormatError, FvlmError
@@ -311,6 +311,7 @@ class Trainer:
             for old in self.ckpt_dir.glob(".partial-step_*"):
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
+        atomic.register(stage)
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=stage.name, save_latest=False)
             write_trainer_state(stage, self.rank,
@@ -324,14 +325,14 @@ class Trainer:
             if final.exists():   # the same step saved before (a resume from an older checkpoint)
                 shutil.rmtree(final)
             os.replace(stage, final)
-            tmp = self.ckpt_dir / (LATEST + ".tmp")
-            tmp.write_text(tag)
-            os.replace(tmp, self.ckpt_dir / LATEST)
+            with atomic.replacing(self.ckpt_dir / LATEST) as tmp:
+                tmp.write_text(tag)
             tags = sorted(p.name for p in self.ckpt_dir.glob("step_*") if p.is_dir())
             for old in tags[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(self.ckpt_dir / old, ignore_errors=True)
         self._save_model(self.model_file)
         dist.barrier()
+        atomic.unregister(stage)   # renamed by rank 0 (a stop before this removes at most an empty name)
         return self.ckpt_dir / tag
 
     def _save_model(self, name: str) -> None:
