@@ -49,7 +49,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ctrate_case import ctrate_case, shipped_cases  # noqa: E402
+from ctrate_case import ctrate_case, shipped_cases, write_copies  # noqa: E402
 
 #: crop-mode model input the resized-on-read column cuts to (x, y, z)
 MODEL_CROP = (96, 96, 48)
@@ -194,7 +194,6 @@ def _access_corpora(tmp: Path, n_cases: int) -> list[dict]:
     from dataclasses import replace
 
     from fvlm.anatomy import load_anatomy_set
-    from fvlm.data.shards import write_dataset_info, write_index, write_shard
     from preprocess.config import PreprocessConfig
     from preprocess.inputs import CaseSpec
     from preprocess.writer import build_layout, case_record
@@ -211,16 +210,11 @@ def _access_corpora(tmp: Path, n_cases: int) -> list[dict]:
     for name, comp, level, shuf in ACCESS_CODECS:
         layout = base if comp is None else replace(base, compression=comp, compression_level=level, shuffle=shuf)
         root = tmp / f"access_{len(out)}"
-        write_shard(root / "shards/000-00000.h5", layout, recs, n=n_cases)
-        write_index(root / "index.jsonl", [{"case_id": r.case_id, "patient_id": r.patient_id, "split": "train",
-                                            "shard": "shards/000-00000.h5", "row": i,
-                                            "anatomies": [a for a in layout.anatomies if r.present[a]]}
-                                           for i, r in enumerate(recs)])
-        write_dataset_info(root, layout, {"anatomy_set": aset.name})
+        shard = write_copies(root, layout, recs, aset.name)
         label = (f"{layout.compression}-{layout.compression_level} {layout.shuffle}" if comp is None else name)
         out.append({"codec": name if comp is not None else f"{label} (default)", "compression": layout.compression,
                     "root": str(root), "chunk_shape": list(layout.chunk_shape), "stored_shape": list(rec.volume.shape),
-                    "bytes_per_case": (root / "shards/000-00000.h5").stat().st_size / n_cases})
+                    "bytes_per_case": shard.stat().st_size / n_cases})
     return out
 
 

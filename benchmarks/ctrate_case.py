@@ -66,3 +66,18 @@ def shipped_cases() -> list[tuple[str, str, str]]:
              str(SAMPLES / "example_seg_fast_force_split.nii.gz")),
             ("example_ct_sm 122x101x30 3mm", str(SAMPLES / "example_ct_sm.nii.gz"),
              str(SAMPLES / "example_seg.nii.gz"))]
+
+
+def write_copies(root: Path, layout, recs: list, anatomy_set: str) -> Path:
+    """``recs`` (one case's record under several ids) as a one-shard directory at ``root``:
+    ``shards/000-00000.h5``, its index and ``dataset.json`` -> the shard file."""
+    from fvlm.data.shards import write_dataset_info, write_index, write_shard
+
+    shard = "shards/000-00000.h5"
+    write_shard(root / shard, layout, recs, n=len(recs))
+    write_index(root / "index.jsonl", [{"case_id": r.case_id, "patient_id": r.patient_id, "split": "train",
+                                        "shard": shard, "row": i,
+                                        "anatomies": [a for a in layout.anatomies if r.present[a]]}
+                                       for i, r in enumerate(recs)])
+    write_dataset_info(root, layout, {"anatomy_set": anatomy_set})
+    return root / shard

@@ -35,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ctrate_case import ctrate_case, shipped_cases  # noqa: E402
+from ctrate_case import ctrate_case, shipped_cases, write_copies  # noqa: E402
 
 H100_BF16_PEAK = 989e12          # dense bf16 FLOP/s (H100 SXM)
 MFU = 0.40
@@ -66,7 +66,6 @@ def vit_flops(img, patch, n_images: int = 1) -> tuple[float, list[str]]:
 
 def build_corpus(root: Path, n: int, small: bool) -> None:
     from fvlm.anatomy import load_anatomy_set
-    from fvlm.data.shards import write_dataset_info, write_index, write_shard
     from preprocess.config import PreprocessConfig
     from preprocess.inputs import CaseSpec
     from preprocess.writer import build_layout, case_record
@@ -79,12 +78,7 @@ def build_corpus(root: Path, n: int, small: bool) -> None:
     rec = case_record(CaseSpec(case_id="x", image=image, mask=mask), cfg, aset, layout)
     rec.report = {"findings": "The lungs are clear.", "impressions": "", "report": ""}
     recs = [type(rec)(**{**vars(rec), "case_id": f"c{i}", "patient_id": f"p{i}", "split": "train"}) for i in range(n)]
-    write_shard(root / "shards/000-00000.h5", layout, recs, n=n)
-    write_index(root / "index.jsonl", [{"case_id": r.case_id, "patient_id": r.patient_id, "split": "train",
-                                        "shard": "shards/000-00000.h5", "row": i,
-                                        "anatomies": [a for a in layout.anatomies if r.present[a]]}
-                                       for i, r in enumerate(recs)])
-    write_dataset_info(root, layout, {"anatomy_set": aset.name})
+    write_copies(root, layout, recs, aset.name)
 
 
 def _opts(config: str, ds):
