@@ -62,8 +62,21 @@ MAX_EXPANDED_NODES = 100_000
 MAX_INCLUDE_DEPTH = 32
 
 
+def _no_duplicate_keys(mapping, where) -> None:
+    """A mapping that names a key twice is refused (YAML loaders keep the last silently, so an
+    edited config could train with a value its reader never sees)."""
+    keys: dict = {}
+    for k, _ in mapping.value:
+        if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+            if k.value in keys:
+                raise ConfigError(f"{where}: key {k.value!r} appears twice in one mapping (lines "
+                                  f"{keys[k.value]} and {k.start_mark.line + 1}); keep one")
+            keys[k.value] = k.start_mark.line + 1
+
+
 def _expanded_size(node, memo: dict, stack: set, where) -> int:
-    """Nodes a YAML node tree expands to when every alias is copied out (memoised, cycle-safe)."""
+    """Nodes a YAML node tree expands to when every alias is copied out (memoised, cycle-safe);
+    each mapping is also checked for a repeated key on this one walk."""
     key = id(node)
     if key in memo:
         return memo[key]
@@ -73,6 +86,7 @@ def _expanded_size(node, memo: dict, stack: set, where) -> int:
     if isinstance(node, yaml.SequenceNode):
         kids = node.value
     elif isinstance(node, yaml.MappingNode):
+        _no_duplicate_keys(node, where)
         kids = [x for kv in node.value for x in kv]
     else:
         kids = []
@@ -85,28 +99,6 @@ def _expanded_size(node, memo: dict, stack: set, where) -> int:
     stack.discard(key)
     memo[key] = n
     return n
-
-
-def _no_duplicate_keys(node, where) -> None:
-    """A mapping that names a key twice is refused (YAML loaders keep the last silently, so an
-    edited config could train with a value its reader never sees)."""
-    todo, seen_nodes = [node], set()
-    while todo:
-        n = todo.pop()
-        if id(n) in seen_nodes:
-            continue
-        seen_nodes.add(id(n))
-        if isinstance(n, yaml.MappingNode):
-            keys: dict = {}
-            for k, v in n.value:
-                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
-                    if k.value in keys:
-                        raise ConfigError(f"{where}: key {k.value!r} appears twice in one mapping (lines "
-                                          f"{keys[k.value]} and {k.start_mark.line + 1}); keep one")
-                    keys[k.value] = k.start_mark.line + 1
-                todo.append(v)
-        elif isinstance(n, yaml.SequenceNode):
-            todo.extend(n.value)
 
 
 def safe_yaml(text: str, where) -> Any:
@@ -122,7 +114,6 @@ def safe_yaml(text: str, where) -> Any:
         if node is None:
             return None
         _expanded_size(node, {}, set(), where)
-        _no_duplicate_keys(node, where)
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
