@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..atomic import replacing
 from ..errors import FvlmError
-from ..interrupts import check_interrupted, interrupts
+from ..interrupts import check_interrupted
 from ..version import __version__
 
 HELP = "embed every case of a shard directory: case/patient/split ids + global and per-anatomy vectors"
@@ -200,9 +200,9 @@ def run(args) -> int:
         parts.mkdir(parents=True, exist_ok=True)
         with replacing(state_file) as tmp_state:
             tmp_state.write_text(json.dumps(state, ensure_ascii=False, indent=1), encoding="utf-8")
-        with interrupts():
-            before = _embed_chunks(args, ds, case_ids, model, make_batch, parts, names, anatomies)
-            check_interrupted()
+        # signals raise KeyboardInterrupt here: fvlm.cli runs every command inside fvlm.interrupts
+        before = _embed_chunks(args, ds, case_ids, model, make_batch, parts, names, anatomies)
+        check_interrupted()   # one a __del__ swallowed: stop before joining the parts
     except BaseException:
         if created and not any(parts.glob("part-*.parquet")):  # nothing to resume: leave no state behind
             shutil.rmtree(parts, ignore_errors=True)
