@@ -18,6 +18,10 @@ taxonomy's prompts of that anatomy (positive and negative wording of all its dia
 anatomy's text space: on the frozen MiniLM, in the untrained model (seeded as training was) and
 after training; a value near 1 means the prompts collapsed (CA-GCL).
 
+With ``--seeds`` the runs that share a change label (e.g. one configuration trained with
+``train.seed`` 0, 1, 2 on the same corpus and evaluation split) are also summarized: per label,
+the mean and the min-max over its runs of the macro AUC and of each focal AUC.
+
 Prints a Markdown table (and ``--json FILE`` writes the rows).
 """
 from __future__ import annotations
@@ -172,6 +176,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_summary(rows: list[dict]) -> str:
+    """Mean [min, max] over the runs of each change label: macro AUC and each focal AUC."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["change"], []).append(r)
+    focal = [d for d in FOCAL if any(d in r["auc"] for r in rows)]
+    head = ["configuration", "runs", "macro AUC mean [min, max]", *focal]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(vals, d=2):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "n/a"
+        return f"{sum(vals) / len(vals):.{d}f} [{min(vals):.{d}f}, {max(vals):.{d}f}]"
+
+    for label, rs in groups.items():
+        lines.append("| " + " | ".join([label, str(len(rs)), cell([r["macro_auc"] for r in rs], 3),
+                                         *(cell([r["auc"].get(d) for r in rs]) for d in focal)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="DIR or DIR=change (a demo output folder and what it changed)")
@@ -179,6 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--taxonomy", default="fvlm54")
     p.add_argument("--eval", action="store_true", help="read the evaluation split (results_eval/), not the test split")
     p.add_argument("--prompt-spread", action="store_true", help="also the per-anatomy prompt spread (lever 4)")
+    p.add_argument("--seeds", action="store_true",
+                   help="also mean [min, max] over the runs that share a change label (e.g. training seeds)")
     p.add_argument("--json", help="write the rows to this file")
     a = p.parse_args(argv)
     rows = []
@@ -187,6 +214,8 @@ def main(argv=None) -> int:
         rows.append(row(Path(path), change or Path(path).name, None, a.negation, a.taxonomy,
                         "eval" if a.eval else "test", a.prompt_spread))
     print(markdown(rows), end="")
+    if a.seeds:
+        print("\n" + seed_summary(rows), end="")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
     return 0
