@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..cli import resolve_config, shorthand
 from ..errors import FvlmError
 from ..logs import setup_logging
-from ..train.pretrain import PretrainConfig
+from ..ct.config import PretrainConfig
 
 HELP = "sample every case of a shards directory to a model's input grid once (fast training input)"
 DESCRIPTION = (HELP + ". Takes the training config (model input size, anatomies); writes <shards>/cache/<key> "
@@ -31,7 +31,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..data.cache import build_cache
-    from ..train.pretrain import prepare
+    from ..ct.pretrain import prepare
 
     cfg = resolve_config(args)
     if not cfg.data.shards:

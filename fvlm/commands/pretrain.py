@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import resolve_config, shorthand
-from ..train.pretrain import PretrainConfig
+from ..ct.config import PretrainConfig
 
 HELP = "anatomy-level vision-language pretraining on preprocessed shards (DeepSpeed)"
 DESCRIPTION = (HELP + ". Runs one process (CPU with gloo, or one GPU). For several processes start the same "
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..train.pretrain import run as run_pretrain
+    from ..ct.pretrain import run as run_pretrain
 
     cfg = resolve_config(args)
     summary = run_pretrain(cfg)

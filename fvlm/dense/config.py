@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..config import opt
 from ..errors import ConfigError
-from ..train.engine import TrainConfig as EngineTrainConfig
+from ..engine.config import TrainConfig as EngineTrainConfig
 from ..models.dense_config import DenseModelConfig as ModelConfig
 
 __all__ = ["DenseConfig", "ModelConfig", "DataConfig", "TrainConfig", "EvalConfig"]
@@ -34,7 +34,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig(EngineTrainConfig):
-    """The shared :class:`~fvlm.train.engine.TrainConfig` (the engine of ``fvlm pretrain``: schedule,
+    """The shared :class:`~fvlm.engine.config.TrainConfig` (the engine of ``fvlm pretrain``: schedule,
     parameter groups, DeepSpeed, exact resume, checkpoints, metrics.csv/TensorBoard) with dense
     defaults and the dense keys (crop sampling, losses, prompts)."""
 

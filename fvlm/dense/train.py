@@ -156,7 +156,7 @@ def _stream(make_batch, start: int, seed: int, rank: int):
 
 
 def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases: list[DenseCase] | None = None) -> dict:
-    """Train a dense model as configured, on the shared engine (:class:`fvlm.train.engine.Trainer`:
+    """Train a dense model as configured, on the shared engine (:class:`fvlm.engine.trainer.Trainer`:
     schedule, parameter groups, DeepSpeed, exact resume, checkpoints, metrics.csv and TensorBoard).
 
     Call on every rank (``torchrun`` / the ``deepspeed`` launcher) or in one process. Returns a
@@ -167,10 +167,11 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     import torch
 
     from ..config import dump_config
-    from ..data.loader import make_loader as make_stream_loader
+    from ..engine.loader import make_loader as make_stream_loader
     from ..models import create_model
     from ..models.dense import adopt_pretrained_spec, save_dense
-    from ..train.engine import Trainer, init_distributed
+    from ..engine.distributed import init_distributed
+    from ..engine.trainer import Trainer
 
     cfg = dataclasses.replace(cfg, model=adopt_pretrained_spec(cfg.model))
     t = cfg.train

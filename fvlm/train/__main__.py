@@ -1,7 +1,8 @@
-"""``python -m fvlm.train``: the entry point for torchrun and the deepspeed launcher."""
+"""``python -m fvlm.train``: the entry point for torchrun and the deepspeed launcher (the CT
+pretraining program, :func:`fvlm.ct.pretrain.main`)."""
 import sys
 
-from .pretrain import main
+from ..ct.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

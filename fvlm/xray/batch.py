@@ -6,7 +6,7 @@
 - GMML: ``corrupted`` (B, N) blocks and ``input`` (B, 1, H, W), the corrupted images.
 
 :class:`XrayStream` is the endless, deterministic batch stream of one rank that the shared
-training engine (:class:`fvlm.train.engine.Trainer`) resumes by position.
+training engine (:class:`fvlm.engine.trainer.Trainer`) resumes by position.
 
 :class:`XrayPretrainTask` wraps :class:`~fvlm.models.xray_mae.XrayMAE` and the matching
 loss of :mod:`fvlm.losses.mae`; ``task(batch)`` returns ``{"loss", "pred"}``. It is the one

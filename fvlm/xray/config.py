@@ -11,7 +11,7 @@ from typing import Literal
 from ..config import opt
 from ..errors import ConfigError
 from ..models.xray_config import XrayModelConfig
-from ..train.engine import TrainConfig
+from ..engine.config import TrainConfig
 
 __all__ = ["XrayDataConfig", "XrayModelConfig", "XrayMaskConfig", "XrayTrainConfig", "XrayProbeConfig",
            "XrayPretrainConfig"]
@@ -58,7 +58,7 @@ class XrayMaskConfig:
 
 @dataclass
 class XrayTrainConfig(TrainConfig):
-    """The shared :class:`~fvlm.train.engine.TrainConfig` (the engine of ``fvlm pretrain``) with X-ray
+    """The shared :class:`~fvlm.engine.config.TrainConfig` (the engine of ``fvlm pretrain``) with X-ray
     defaults, the X-ray keys ``out_dir``, ``batch_size``, ``vis_every``, and the spellings of earlier
     X-ray configs (``min_lr``, ``grad_clip``, ``resume: true/false``, ``deepspeed_config: null``)
     mapped onto the shared keys."""

@@ -1,7 +1,7 @@
 """The X-ray masked image modelling program: radiographs -> MAE/GMML task -> the shared DeepSpeed engine.
 
 ``run(cfg, source)`` trains an :class:`~fvlm.xray.config.XrayPretrainConfig` with
-:class:`fvlm.train.engine.Trainer`, the engine of ``fvlm pretrain``: the same optimizer,
+:class:`fvlm.engine.trainer.Trainer`, the engine of ``fvlm pretrain``: the same optimizer,
 schedule, DeepSpeed setup, exact resume, checkpoints and logs. What is X-ray specific is
 plugged in: the batch stream (:class:`~fvlm.xray.batch.XrayStream`), the task module whose
 output carries its loss, ``encoder.pt`` as the model file, and the reconstruction grids
@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..data.loader import make_loader as make_stream_loader
 from ..devices import train_device
+from ..engine.distributed import init_distributed
+from ..engine.loader import make_loader as make_stream_loader
+from ..engine.trainer import Trainer
 from ..errors import FvlmError
 from ..logs import get_logger
 from ..models import create_model
 from ..models.xray_mae import save_encoder
-from ..train.engine import Trainer, init_distributed
 from .batch import XrayCollate, XrayPretrainTask, XrayStream
 from .data import XrayDataset
 from .visualize import save_reconstruction_figure
