@@ -6,7 +6,7 @@ shards = pytest.importorskip("fvlm.data.shards")
 synthetic_ct = pytest.importorskip("fvlm.data.synthetic_ct")
 
 from fvlm.eval.predict import preprocess_config_from_meta  # noqa: E402
-from fvlm.train.pretrain import _shard_settings  # noqa: E402
+from fvlm.ct.pretrain import _shard_settings  # noqa: E402
 from shard_helpers import write_synthetic_shards  # noqa: E402
 
 

@@ -2,9 +2,9 @@
 batches on CUDA (so the trainer's non_blocking copy overlaps compute) and keeps prefetching workers."""
 import torch
 
-import fvlm.data.loader as loader_mod
+import fvlm.engine.loader as loader_mod
 import fvlm.devices as devices
-from fvlm.data.loader import _kwargs
+from fvlm.engine.loader import _kwargs
 
 
 def test_kwargs_pin_on_cuda_only_and_prefetch_with_workers():
@@ -16,7 +16,7 @@ def test_kwargs_pin_on_cuda_only_and_prefetch_with_workers():
 
 def test_ct_pretraining_reads_through_the_pinning_loader(tmp_path, monkeypatch):
     """A 2-step tiny run whose process pretends its device is a GPU: its DataLoader asks to pin."""
-    from fvlm.train.pretrain import main
+    from fvlm.ct.pretrain import main
 
     seen = []
     real = loader_mod.make_loader

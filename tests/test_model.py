@@ -193,7 +193,7 @@ def test_shards_feed_the_training_stream(source, tmp_path):
     """Shards written with the preprocess format -> prepare() -> CTStream -> model -> loss."""
     from fvlm.config import load_config
     from fvlm.data import shards
-    from fvlm.train.pretrain import PretrainConfig, prepare
+    from fvlm.ct.pretrain import PretrainConfig, prepare
 
     root = tmp_path / "shards"
     # the shard stores anatomies in another order than the model uses: label maps must be remapped

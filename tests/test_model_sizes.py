@@ -15,7 +15,7 @@ from fvlm.encoders import SIZES, TextEncoder, create_encoder
 from fvlm.errors import ConfigError
 from fvlm.models import create_model
 from fvlm.resources import configs_dir
-from fvlm.train.pretrain import PretrainConfig
+from fvlm.ct.config import PretrainConfig
 
 ANATS = ["lung", "heart", "liver", "kidney"]
 M = 1e6

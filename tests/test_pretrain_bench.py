@@ -46,7 +46,7 @@ def test_gpu_check_without_cuda_is_one_line_and_nonzero():
 def test_gpu_check_configs_build_vitb_under_zero2_and_zero3():
     """The two configurations the GPU check runs validate and name the intended ZeRO stages."""
     from fvlm.config import load_config
-    from fvlm.train.pretrain import PretrainConfig
+    from fvlm.ct.config import PretrainConfig
 
     bench = _bench()
     for name, stage in zip(bench.GPU_CHECK, ("zero2", "zero3")):

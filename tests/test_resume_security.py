@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fvlm.errors import FormatError
-from fvlm.train.checkpoint_io import check_files, make_engine_safe, safe_torch_load
+from fvlm.engine.checkpoint_io import check_files, make_engine_safe, safe_torch_load
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import subprocess_env  # noqa: E402

@@ -220,7 +220,7 @@ def test_two_loader_workers_give_the_in_process_batches(real_shards, tmp_path):
     """Workers read boxes and cache rows straight into shared memory; the batches they hand over
     equal the in-process ones bitwise (2 real worker processes)."""
     from fvlm.data.cache import CachedShards, build_cache
-    from fvlm.data.loader import make_loader
+    from fvlm.engine.loader import make_loader
 
     ds = real_shards
     for mode in ("volume", "crop"):

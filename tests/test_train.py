@@ -119,7 +119,7 @@ def test_deepspeed_launcher_two_cpu_processes(tmp_path):
 
 
 def test_deepspeed_config_from_train_config():
-    from fvlm.train.engine import TrainConfig, deepspeed_config
+    from fvlm.engine.trainer import TrainConfig, deepspeed_config
 
     ds = deepspeed_config(TrainConfig(grad_accum=3, clip_grad=0.5, precision="bf16", zero_stage=1), 4, 2)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
@@ -131,7 +131,7 @@ def test_deepspeed_config_from_train_config():
 
 
 def test_schedule_and_param_groups():
-    from fvlm.train.engine import TrainConfig, build_param_groups, cosine_with_warmup
+    from fvlm.engine.trainer import TrainConfig, build_param_groups, cosine_with_warmup
 
     f = cosine_with_warmup(100, 10, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)

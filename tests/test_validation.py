@@ -12,8 +12,8 @@ from fvlm.config import load_config  # noqa: E402
 from fvlm.errors import ConfigError  # noqa: E402
 from fvlm.eval.protocol import same_split as suite_same_split  # noqa: E402
 from fvlm.splits import resolve_split_ids, same_split  # noqa: E402
-from fvlm.train.pretrain import PretrainConfig, build_source  # noqa: E402
-from fvlm.train.validate import check_val_config  # noqa: E402
+from fvlm.ct.pretrain import PretrainConfig, build_source  # noqa: E402
+from fvlm.ct.validate import check_val_config  # noqa: E402
 
 TRAIN_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml"))
 

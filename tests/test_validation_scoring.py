@@ -14,7 +14,7 @@ from fvlm.eval.metrics import roc_auc  # noqa: E402
 from fvlm.eval.prompts import build_prompt_sets, encode_prompt_sets, score  # noqa: E402
 from fvlm.eval.zeroshot import run_suite  # noqa: E402
 from fvlm.resources import default_text_model_dir  # noqa: E402
-from fvlm.train.validate import quick_validate  # noqa: E402
+from fvlm.ct.validate import quick_validate  # noqa: E402
 
 pytestmark = pytest.mark.skipif(default_text_model_dir() is None, reason="the shipped MiniLM is not installed")
 

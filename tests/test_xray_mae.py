@@ -124,7 +124,7 @@ def test_registry_builds_and_rebuilds_the_mae():
 
 def test_train_keys_are_the_shared_ones_and_earlier_spellings_map():
     from fvlm.config import describe
-    from fvlm.train.engine import TrainConfig
+    from fvlm.engine.config import TrainConfig
 
     cfg = load_config(XrayPretrainConfig, sets=["train.min_lr=1.5e-5", "train.grad_clip=0.5", "train.resume=false",
                                                 "train.deepspeed_config=null"])

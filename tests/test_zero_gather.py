@@ -7,7 +7,7 @@ import types
 import torch
 
 from fvlm.eval.prompts import model_logit_scale
-from fvlm.train.zero import gathered
+from fvlm.engine.zero import gathered
 
 
 class _Model(torch.nn.Module):
