@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import types
 import typing
@@ -30,7 +31,9 @@ from .errors import ConfigError, FvlmError
 from .resources import config_path
 
 __all__ = ["opt", "load_config", "build", "to_dict", "dump_config", "describe", "parse_set",
-           "merge", "read_yaml", "safe_yaml", "ConfigError"]
+           "merge", "read_yaml", "safe_yaml", "moved_key", "ConfigError"]
+
+_log = logging.getLogger("fvlm.config")
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None) -> Any:
@@ -49,6 +52,24 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | 
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=md)
     return dataclasses.field(default=default, metadata=md)
+
+
+def moved_key(cfg, old_key: str, new_key: str) -> None:
+    """A key that moved to another section, read under its old name for one release.
+
+    Call from the root schema's ``__post_init__`` with dotted keys (``"train.batch_size"``,
+    ``"data.batch_size"``); the old field defaults to None. When the old key was given, its value
+    replaces the new key's (the old spelling is what the user wrote; the new key may only hold the
+    shipped default), the old field goes back to None and one warning line names the new key.
+    """
+    (old_sec, old_name), (new_sec, new_name) = old_key.split("."), new_key.split(".")
+    old = getattr(cfg, old_sec)
+    v = getattr(old, old_name)
+    if v is None:
+        return
+    _log.warning("config key '%s' is deprecated (read for one release): use '%s'", old_key, new_key)
+    setattr(getattr(cfg, new_sec), new_name, v)
+    setattr(old, old_name, None)
 
 
 # --------------------------------------------------------------------------- YAML

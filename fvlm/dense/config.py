@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import opt
+from ..config import moved_key, opt
 from ..errors import ConfigError
 from ..engine.config import TrainConfig as EngineTrainConfig
 from ..models.dense_config import DenseModelConfig as ModelConfig
@@ -30,6 +30,8 @@ class DataConfig:
     holdout_gap: int = opt(4, "samples: slices next to the held-out range left out of training")
     findings: list[str] = opt([], "demo: diagnosis ids whose lesions are grounded and supervised (empty = all)")
     max_cases: int = opt(0, "use at most this many cases per split (0 = all)")
+    batch_size: int = opt(2, "crops per micro-batch per process")
+    num_workers: int = opt(0, "crop-sampling worker processes (0 = in the training process)")
 
 
 @dataclass
@@ -39,7 +41,7 @@ class TrainConfig(EngineTrainConfig):
     defaults and the dense keys (crop sampling, losses, prompts)."""
 
     steps: int = opt(300, "optimizer steps")
-    batch_size: int = opt(2, "crops per micro-batch per process")
+    batch_size: int | None = opt(None, "deprecated spelling of data.batch_size (read for one release)")
     lr: float = opt(2e-3, "peak AdamW learning rate of the head")
     encoder_lr: float = opt(2e-4, "peak AdamW learning rate of the encoder (when not frozen); sets "
                                   "lr_groups {model.encoder.: encoder_lr / lr} unless lr_groups is given")
@@ -82,7 +84,7 @@ class TrainConfig(EngineTrainConfig):
     device: str = opt("auto", "auto or cuda: the engine trains on the GPU when one is visible; cpu with a "
                               "visible GPU is refused (hide it with CUDA_VISIBLE_DEVICES=)")
     log_every: int = opt(25, "log the loss every N steps")
-    num_workers: int = opt(0, "crop-sampling worker processes (0 = in the training process)")
+    num_workers: int | None = opt(None, "deprecated spelling of data.num_workers (read for one release)")
 
     def __post_init__(self):
         if self.warmup_steps < 0:
@@ -117,3 +119,7 @@ class DenseConfig:
     data: DataConfig = opt(DataConfig(), "where images and masks come from")
     train: TrainConfig = opt(TrainConfig(), "training")
     eval: EvalConfig = opt(EvalConfig(), "evaluation and grounding")
+
+    def __post_init__(self):   # data keys sit under data. in every program
+        moved_key(self, "train.batch_size", "data.batch_size")
+        moved_key(self, "train.num_workers", "data.num_workers")

@@ -211,7 +211,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
     balanced = ClassBalancedCentres(cases, len(class_names)) if t.crop_sampling == "class_balanced" else None
 
     def make_batch(rng) -> dict:
-        crops = [_crop(cases, size, rng, t.foreground_crop, t.crop_jitter, balanced) for _ in range(t.batch_size)]
+        crops = [_crop(cases, size, rng, t.foreground_crop, t.crop_jitter, balanced) for _ in range(cfg.data.batch_size)]
         if t.intensity_jitter > 0:
             j = t.intensity_jitter
             for c in crops:
@@ -225,7 +225,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
         return batch
 
     def make_loader(start: int):
-        return make_stream_loader(_stream(make_batch, start, t.seed, rank), num_workers=t.num_workers, device=dev)
+        return make_stream_loader(_stream(make_batch, start, t.seed, rank), num_workers=cfg.data.num_workers, device=dev)
 
     meta = {"data_source": cfg.data.source, "spacing_mm": list(cases[0].spacing_mm), "window": list(cfg.data.window),
             "resample_mm": list(cfg.data.spacing_mm), "finding_texts": sorted({f.text for c in cases for f in c.findings}),
@@ -249,7 +249,7 @@ def train_dense(cfg: DenseConfig, out_dir: str | Path, text_encoder=None, cases:
 
     task = _task_module(model, loss_fn, text)
     trainer = Trainer(task, lambda res, batch: (res["loss"], {k: v for k, v in res.items() if k != "loss"}),
-                      make_loader, t, out, micro_batch=t.batch_size, save_model=save_model, on_step=on_step,
+                      make_loader, t, out, micro_batch=cfg.data.batch_size, save_model=save_model, on_step=on_step,
                       model_file="dense.pt", desc="dense train")
     trainer.resume()
     if rank == 0:

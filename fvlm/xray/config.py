@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import opt
+from ..config import moved_key, opt
 from ..errors import ConfigError
 from ..models.xray_config import XrayModelConfig
 from ..engine.config import TrainConfig
@@ -31,6 +31,7 @@ class XrayDataConfig:
     cache: str | None = opt(None, "h5 cache (fvlm-xray-cache) read instead of the images; built if missing")
     cache_dtype: Literal["uint8", "uint16"] = opt("uint16", "pixel type in the h5 cache")
     flip: bool = opt(False, "random horizontal flips")
+    batch_size: int = opt(8, "images per micro-batch per process")
     num_workers: int = opt(0, "DataLoader worker processes")
 
 
@@ -59,7 +60,7 @@ class XrayMaskConfig:
 @dataclass
 class XrayTrainConfig(TrainConfig):
     """The shared :class:`~fvlm.engine.config.TrainConfig` (the engine of ``fvlm pretrain``) with X-ray
-    defaults, the X-ray keys ``out_dir``, ``batch_size``, ``vis_every``, and the spellings of earlier
+    defaults, the X-ray keys ``out_dir``, ``vis_every``, and the spellings of earlier
     X-ray configs (``min_lr``, ``grad_clip``, ``resume: true/false``, ``deepspeed_config: null``)
     mapped onto the shared keys."""
 
@@ -77,7 +78,7 @@ class XrayTrainConfig(TrainConfig):
     val_metric: str = opt("", "unused: pretrain-xray has no validation step (must stay empty)")
     val_mode: Literal["max", "min"] = opt("max", "unused: pretrain-xray has no validation step")
     out_dir: str = opt("runs/xray", "output folder: logs, PNG grids, checkpoints, encoder.pt, resolved config")
-    batch_size: int = opt(8, "images per micro-batch per process")
+    batch_size: int | None = opt(None, "deprecated spelling of data.batch_size (read for one release)")
     vis_every: int = opt(100, "write a PNG grid (original / model input / reconstruction) every N steps and at "
                               "the end (0 = off)")
     min_lr: float | None = opt(None, "earlier spelling: final learning rate of the cosine schedule in absolute "
@@ -119,6 +120,7 @@ class XrayPretrainConfig:
     probe: XrayProbeConfig = opt(XrayProbeConfig(), "linear probe on frozen features")
 
     def __post_init__(self):
+        moved_key(self, "train.batch_size", "data.batch_size")   # data keys sit under data. in every program
         d, m, k, t = self.data, self.model, self.mask, self.train
         if not 32 <= d.size <= 4096:
             raise ConfigError(f"config key 'data.size' must be in 32..4096, got {d.size}")
@@ -135,5 +137,5 @@ class XrayPretrainConfig:
             raise ConfigError("config keys 'mask.box_frac' and 'mask.box_center' need two values (row, col)")
         if t.zero_stage not in (0, 1, 2):
             raise ConfigError(f"config key 'train.zero_stage' must be 0, 1 or 2, got {t.zero_stage}")
-        if t.steps < 1 or t.batch_size < 1 or t.grad_accum < 1:
-            raise ConfigError("config keys 'train.steps', 'train.batch_size' and 'train.grad_accum' must be >= 1")
+        if t.steps < 1 or d.batch_size < 1 or t.grad_accum < 1:
+            raise ConfigError("config keys 'train.steps', 'data.batch_size' and 'train.grad_accum' must be >= 1")

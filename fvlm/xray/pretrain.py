@@ -65,7 +65,7 @@ def run(cfg, source: str | None = None, on_ready=None) -> dict:
     collate = XrayCollate(cfg.mask, cfg.model.patch_size)
 
     def make_loader(start: int):
-        stream = XrayStream(ds, collate, t.batch_size, rank=rank, world=world, seed=t.seed, start=start)
+        stream = XrayStream(ds, collate, d.batch_size, rank=rank, world=world, seed=t.seed, start=start)
         return make_stream_loader(stream, num_workers=d.num_workers, device=train_device())
 
     losses: dict[str, float] = {}
@@ -83,7 +83,7 @@ def run(cfg, source: str | None = None, on_ready=None) -> dict:
             k[len(_ENCODER_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_ENCODER_PREFIX)}
         save_encoder(path, module.model, {"step": step, "loss": losses.get("last")}, state_dict=enc)
 
-    trainer = Trainer(task, lambda res, batch: (res["loss"], {}), make_loader, t, out, micro_batch=t.batch_size,
+    trainer = Trainer(task, lambda res, batch: (res["loss"], {}), make_loader, t, out, micro_batch=d.batch_size,
                       save_model=save_model, on_step=on_step, model_file="encoder.pt")
     trainer.resume()
     if on_ready is not None:
