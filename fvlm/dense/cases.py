@@ -12,6 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data.ct import SampleOptions
+from ..data.inputs import build_inputs, grid_regions, sample_labels
+
 __all__ = ["Finding", "DenseCase", "diagnosis_phrase", "hu_int16", "dense_input", "volume_case"]
 
 
@@ -52,9 +55,6 @@ def hu_int16(hu) -> np.ndarray:
 def dense_input(raw: dict, class_names: Sequence[str], window: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """The device stage of a dense volume (:func:`fvlm.data.inputs.build_inputs`, on the CPU):
     ``(image float32 (X, Y, Z) windowed to [0, 1], label uint8 (X, Y, Z))`` on ``raw["shape"]``."""
-    from ..data.ct import SampleOptions
-    from ..data.inputs import build_inputs
-
     opts = SampleOptions(anatomies=list(class_names), window=(float(window[0]), float(window[1])),
                          volume_size=list(raw["shape"]), crop_size=None)
     b = build_inputs([raw], opts, opts.anatomies)
@@ -74,8 +74,6 @@ def volume_case(case_id: str, hu, ts, lut, spacing, cfg, class_names, affine=Non
                 lesions=None, **kw) -> tuple[DenseCase, np.ndarray | None]:
     """A volume in memory (HU, source label ids ``ts`` mapped by ``lut``) through the sample path at
     ``data.spacing_mm``; ``lesions`` (an id map on the same grid) sampled with the labels."""
-    from ..data.inputs import grid_regions, sample_labels
-
     target = list(cfg.spacing_mm) or None
     raw = grid_regions(hu_int16(hu), ts, spacing, target, lut)
     image, label = dense_input(raw, class_names, cfg.window)

@@ -26,6 +26,7 @@ are cuts of that one volume, with no resize or window of their own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -33,19 +34,25 @@ from typing import Sequence
 
 import numpy as np
 
+from preprocess.geometry import spacing_of, to_canonical
+from preprocess.load import load_dicom_series
+
+from ..anatomy import load_anatomy_set
+from ..data.inputs import read_whole
+from ..data.shards import ShardDataset
 from ..errors import FormatError, FvlmError
+from ..resources import samples_dir
 from ..taxonomy import ABNORMAL
 from .cases import DenseCase, Finding, dense_input, diagnosis_phrase, hu_int16, volume_case
 from .config import DataConfig
+from .demo_corpus import read_demo_cases
 
-__all__ = ["Finding", "DenseCase", "class_names_for", "class_prompts", "load_cases", "sample_crop", "anatomy_crops",
-           "sample_slices_split", "ClassBalancedCentres", "class_voxel_counts", "dense_input", "hu_int16"]
+__all__ = ["Finding", "DenseCase", "class_names_for", "class_prompts", "load_cases", "sample_crop",
+           "training_crop", "anatomy_crops", "sample_slices_split", "ClassBalancedCentres", "class_voxel_counts", "dense_input", "hu_int16"]
 
 
 def class_names_for(cfg: DataConfig) -> list[str]:
     """The anatomy ids segmented, in label order."""
-    from ..anatomy import load_anatomy_set
-
     aset = load_anatomy_set(cfg.anatomy_set)
     if not cfg.classes:
         return list(aset.ids)
@@ -58,8 +65,6 @@ def class_names_for(cfg: DataConfig) -> list[str]:
 
 def class_prompts(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, str]:
     """anatomy id -> its readable phrase ("small bowel (incl. duodenum)" -> "small bowel")."""
-    from ..anatomy import load_anatomy_set
-
     aset = load_anatomy_set(cfg.anatomy_set)
     return {c: re.sub(r"\s*\(.*?\)", "", aset[c].name).strip() if c in aset else c.replace("_", " ")
             for c in class_names}
@@ -69,12 +74,7 @@ def _dicom_patient(d: Path, lut: np.ndarray, spacing: Sequence[float], cfg: Data
     """The second shipped patient: ``example_ct_dicom`` (20 axial slices of a contrast CT, 0.98 x 0.98 x
     2 mm) with its TotalSegmentator ``total`` labels, in RAS+, through the sample path at ``data.spacing_mm``
     (default: ``spacing``, the training patient's)."""
-    import dataclasses
-
     import nibabel as nib
-
-    from preprocess.geometry import spacing_of, to_canonical
-    from preprocess.load import load_dicom_series
 
     vol = load_dicom_series(d / "example_ct_dicom", want_hash=False)
     arr, aff, _ = to_canonical(vol.array, vol.affine)
@@ -91,9 +91,6 @@ def _dicom_patient(d: Path, lut: np.ndarray, spacing: Sequence[float], cfg: Data
 
 def _samples(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, list[DenseCase]]:
     import nibabel as nib
-
-    from ..anatomy import load_anatomy_set
-    from ..resources import samples_dir
 
     d = samples_dir() / "ct"
     img = nib.as_closest_canonical(nib.load(d / "example_ct.nii.gz"))
@@ -129,9 +126,6 @@ def _samples(cfg: DataConfig, class_names: Sequence[str]) -> dict[str, list[Dens
 
 
 def _shards(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[DenseCase]:
-    from ..data import ShardDataset
-    from ..data.inputs import read_whole
-
     if not cfg.root:
         raise FvlmError("data.source=shards needs data.root (the directory written by `fvlm preprocess`)")
     ds = ShardDataset(cfg.root)
@@ -163,8 +157,6 @@ def _shards(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[Den
 
 
 def _demo(cfg: DataConfig, class_names: Sequence[str], split: str) -> list[DenseCase]:
-    from .demo_corpus import read_demo_cases
-
     if not cfg.root:
         raise FvlmError("data.source=demo needs data.root (a corpus written by `fvlm demo`)")
     return read_demo_cases(Path(cfg.root), cfg, class_names, split)
@@ -306,3 +298,21 @@ def sample_crop(case: DenseCase, size: Sequence[int], rng: np.random.Generator, 
         origin.append(o)
     sl = tuple(slice(o, o + s) for o, s in zip(origin, size))
     return (vol[sl], lab[sl] if lab is not None else None, [mk[sl] for mk in masks], tuple(origin))
+
+
+def training_crop(cases: Sequence[DenseCase], size, rng: np.random.Generator, fg_prob: float, jitter: float,
+                  balanced: ClassBalancedCentres | None = None) -> dict:
+    """One training crop: a random case (or, with ``balanced``, the case of a class-balanced centre)
+    -> ``{"image", "label", "has_label", "findings": [(text, cropped mask, diagnosis phrase)], "case"}``."""
+    centre = None
+    if balanced is not None and rng.random() < fg_prob:
+        picked = balanced(rng, [c.image.shape for c in cases])
+        if picked is not None:
+            case, centre = cases[picked[0]], picked[1]
+    if centre is None:
+        case = cases[rng.integers(len(cases))]
+    masks = [f.mask for f in case.findings]
+    img, lab, fm, _ = sample_crop(case, size, rng, fg_prob if balanced is None else 0.0, masks, jitter, centre)
+    return {"image": img.astype(np.float32), "label": lab if lab is not None else np.zeros(img.shape, np.uint8),
+            "has_label": lab is not None,
+            "findings": [(f.text, m, diagnosis_phrase(f.diagnosis)) for f, m in zip(case.findings, fm)], "case": case}

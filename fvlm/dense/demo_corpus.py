@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..anatomy import load_anatomy_set
 from ..errors import FormatError, FvlmError
 from .config import DataConfig
 from .cases import DenseCase, Finding, diagnosis_phrase, volume_case
@@ -34,8 +35,6 @@ def finding_text(record: dict, statements: Sequence[dict]) -> str:
 
 def read_demo_cases(root: Path, cfg: DataConfig, class_names: Sequence[str], split: str) -> list[DenseCase]:
     import nibabel as nib
-
-    from ..anatomy import load_anatomy_set
 
     gt = root / "ground_truth" / "findings.jsonl"
     if not gt.is_file():

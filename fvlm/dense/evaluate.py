@@ -24,10 +24,14 @@ from typing import Sequence
 
 import numpy as np
 
+import torch
+
 from ..errors import FvlmError
+from ..models.dense import sliding_predict
 from .data import DenseCase, anatomy_crops
 from .metrics import (SegmentationMeter, binary_dice_iou, confusion_counts, dice_iou_from_counts, nanmean,
                       pointing_chance, pointing_game, pointing_p_value, _num)
+from .task import PromptBank
 
 __all__ = ["predict_case", "prompt_heatmaps", "eval_cases", "evaluate_model", "write_eval", "markdown_report",
            "FORMAT_NAME", "FORMAT_VERSION", "body_mask"]
@@ -43,8 +47,6 @@ def _roi(model) -> tuple:
 
 def _inputs(model, case: DenseCase):
     """The case as a batch for the model: ``(1, 1, X, Y, Z)`` for 3D, ``(Z, 1, X, Y)`` for 2D (axial slices)."""
-    import torch
-
     v = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))
     if model.spatial_dims == 3:
         return v[None, None]
@@ -60,18 +62,12 @@ def _outputs(model, logits):
 
 def predict_case(model, case: DenseCase, overlap: float = 0.25, sw_batch_size: int = 2) -> np.ndarray:
     """``seg`` model: the predicted label map ``(X, Y, Z)`` (uint8) of one case."""
-    from ..models.dense import sliding_predict
-
     logits = sliding_predict(model, _inputs(model, case), _roi(model), overlap=overlap, sw_batch_size=sw_batch_size)
     return _outputs(model, logits).argmax(0).numpy().astype(np.uint8)
 
 
 def prompt_heatmaps(model, case_or_image, text_emb, overlap: float = 0.25, sw_batch_size: int = 2) -> np.ndarray:
     """``text`` model: sigmoid heatmaps ``(K, X, Y, Z)`` (3D or stacked slices) for prompt embeddings ``(K, T, E)``."""
-    import torch
-
-    from ..models.dense import sliding_predict
-
     case = case_or_image if isinstance(case_or_image, DenseCase) else DenseCase("image", case_or_image, None)
     logits = sliding_predict(model, _inputs(model, case), _roi(model), text=text_emb, overlap=overlap,
                              sw_batch_size=sw_batch_size)
@@ -117,8 +113,6 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
               "control": [], "pool": _control_pool(cases) if eval_cfg.text_control else []}
     bank = None
     if model.task == "text":
-        from .train import PromptBank
-
         if text_encoder is None:
             raise FvlmError("evaluating a text head needs its text encoder")
         bank = PromptBank(text_encoder, info.get("meta", {}).get("templates", ["{}"]))

@@ -17,7 +17,15 @@ from typing import Sequence
 
 import numpy as np
 
+import torch
+
+from ..config import read_yaml
+from ..data.inputs import grid_regions
 from ..errors import FvlmError
+from ..models.dense import sliding_predict
+from .cases import _resampled_affine, dense_input, hu_int16
+from .evaluate import body_mask, prompt_heatmaps
+from .task import PromptBank
 
 __all__ = ["load_image", "ground_texts", "save_overlays", "slug", "grounding_figures", "display_window",
            "prompt_anatomy", "DISPLAY_WINDOWS"]
@@ -36,9 +44,6 @@ def load_image(path: str | Path, model, meta: dict) -> tuple[np.ndarray, np.ndar
     name = p.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         import nibabel as nib
-
-        from ..data.inputs import grid_regions
-        from .cases import _resampled_affine, dense_input, hu_int16
 
         try:
             img = nib.as_closest_canonical(nib.load(str(p)))
@@ -78,12 +83,6 @@ def load_image(path: str | Path, model, meta: dict) -> tuple[np.ndarray, np.ndar
 
 def ground_texts(model, info: dict, image: np.ndarray, texts: Sequence[str], text_encoder, eval_cfg) -> np.ndarray:
     """Heatmaps in ``[0, 1]`` for each text, shape ``(K, *image.shape)``."""
-    import torch
-
-    from .evaluate import prompt_heatmaps
-    from ..models.dense import sliding_predict
-    from .train import PromptBank
-
     if model.task != "text":
         raise FvlmError("grounding needs a text-driven dense model (trained with model.head=text)")
     bank = PromptBank(text_encoder, info.get("meta", {}).get("templates", ["{}"]))
@@ -108,8 +107,6 @@ def _lexicon() -> list[tuple[tuple[str, ...], str]]:
     """(phrase tokens, anatomy id) from ``configs/anatomy/lexicon.yaml``, longest phrase first."""
     global _lexicon_cache
     if _lexicon_cache is None:
-        from ..config import read_yaml
-
         terms = read_yaml("anatomy/lexicon.yaml").get("terms", {})
         pairs = [(tuple(re.findall(r"[a-z0-9]+", str(t).lower())), a) for a, ts in terms.items() for t in ts or []]
         _lexicon_cache = sorted((p for p in pairs if p[0]), key=lambda p: -len(p[0]))
@@ -260,8 +257,6 @@ def _find_peak(image: np.ndarray, heat: np.ndarray) -> tuple[int, ...]:
     """Index of the highest score; in CT inside the body (padding at the volume edge is no answer)."""
     search = heat
     if image.ndim == 3:
-        from .evaluate import body_mask
-
         body = body_mask(image)
         search = np.where(body, heat, -np.inf) if body.any() else heat
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(search)), heat.shape))
