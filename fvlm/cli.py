@@ -26,8 +26,11 @@ import os
 import sys
 from typing import Any
 
-from .version import __version__
+from .atomic import remove_leftovers
+from .config import load_config
 from .errors import FvlmError
+from .interrupts import check_interrupted, interrupts
+from .version import __version__
 
 #: name -> module path. Order is the order in ``fvlm --help``.
 COMMANDS: dict[str, str] = {
@@ -90,8 +93,6 @@ def _shorthand_overrides(args: argparse.Namespace) -> dict:
 
 def resolve_config(args: argparse.Namespace, schema=None, default_config: str | None = None):
     """Build the command's config: defaults, ``--config`` files, ``--set``, then shorthand flags."""
-    from .config import load_config
-
     mod = getattr(args, "_module", None)
     schema = schema or getattr(mod, "SCHEMA")
     if default_config is None:
@@ -161,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    from .atomic import remove_leftovers
-    from .interrupts import check_interrupted, interrupts
-    from .progress import set_quiet
+    from .progress import set_quiet   # tqdm: only once a command runs
 
     set_quiet(getattr(args, "quiet", False))
     debug = bool(getattr(args, "debug", False)) or os.environ.get("FVLM_DEBUG", "") not in ("", "0")

@@ -28,7 +28,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from .errors import ConfigError, FvlmError
-from .resources import config_path
+from .resources import config_path, configs_dir
 
 __all__ = ["opt", "load_config", "build", "to_dict", "dump_config", "describe", "parse_set",
            "merge", "read_yaml", "safe_yaml", "moved_key", "ConfigError"]
@@ -147,8 +147,6 @@ def safe_yaml(text: str, where) -> Any:
 
 
 def _include_roots(p: Path, trusted: tuple) -> tuple:
-    from .resources import configs_dir
-
     return tuple(r.resolve() for r in (configs_dir(), *trusted))
 
 
@@ -158,8 +156,6 @@ def _resolve_base(b, p: Path, trusted: tuple) -> Path:
     Trusted roots: the package's configs/ and the folders of the files named on the command
     line. Anything else (an absolute path, ``../../elsewhere``) is refused without being read.
     """
-    from .resources import configs_dir
-
     if not isinstance(b, str) or not b.strip():
         raise ConfigError(f"{p}: _base_ must name a YAML file (or a list of them), got {type(b).__name__}")
     if not b.endswith((".yaml", ".yml")):

@@ -14,9 +14,11 @@ from pathlib import Path
 
 from preprocess.config import PreprocessConfig
 
-from ..cli import shorthand
+from ..cli import resolve_config, shorthand
+from ..config import dump_config
 from ..errors import CasesFailedError, FvlmError
 from ..interrupts import interrupts
+from ..logs import setup_logging
 
 HELP = "turn raw CT volumes + reports into training shards (crops, masks, whole volumes, labels)"
 DESCRIPTION = (HELP + ". Re-running the same command resumes: finished shards are kept, half-written ones "
@@ -46,18 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..cli import resolve_config
-    from ..config import dump_config
-    from ..logs import setup_logging
+    from preprocess import inputs, lock, pipeline   # numpy, h5py, the labeler: loaded when the command runs
 
     if args.action == "merge":
         d = args.merge_dir or args.out
         if not d:
             raise FvlmError("merge needs the output directory: fvlm preprocess merge DIR")
-        from preprocess.pipeline import merge_parts
-
         log = setup_logging(d, "preprocess-merge", quiet=args.quiet)
-        s = merge_parts(d)
+        s = pipeline.merge_parts(d)
         log.info("merged: %d cases, %d failed", s["cases_ok"], s["cases_failed"])
         print(f"{d}: {s['cases_ok']} cases, {s['cases_failed']} failed -> index.jsonl")
         return 0
@@ -73,21 +71,17 @@ def run(args) -> int:
     if not 0 <= cfg.max_error_fraction <= 1:
         raise FvlmError(f"max_error_fraction must be in [0, 1] (got {cfg.max_error_fraction})")
     out = Path(args.out)
-    from preprocess.inputs import collect_cases
-    from preprocess.lock import RunLock
-    from preprocess.pipeline import check_output, part_tag, run_preprocess
-
     if args.manifest:
         check_manifest(args.manifest)
 
-    specs = collect_cases(args.manifest, args.input, cfg.layout, cfg=cfg)
-    tag = "" if args.num_shards == 1 else "-" + part_tag(max(0, args.shard_index), args.num_shards)
-    check_output(cfg, out)  # a refused re-run writes nothing: no log, no config.yaml, no lock
-    with interrupts(), RunLock(out / f".preprocess{tag}.lock"):
+    specs = inputs.collect_cases(args.manifest, args.input, cfg.layout, cfg=cfg)
+    tag = "" if args.num_shards == 1 else "-" + pipeline.part_tag(max(0, args.shard_index), args.num_shards)
+    pipeline.check_output(cfg, out)  # a refused re-run writes nothing: no log, no config.yaml, no lock
+    with interrupts(), lock.RunLock(out / f".preprocess{tag}.lock"):
         log = setup_logging(out, f"preprocess{tag}", quiet=args.quiet)
         dump_config(cfg, out / f"config{tag}.yaml")
         log.info("fvlm preprocess: %d cases from %s -> %s", len(specs), args.manifest or args.input, out)
-        s = run_preprocess(cfg, specs, out, num_workers=args.num_workers, shard_index=args.shard_index,
+        s = pipeline.run_preprocess(cfg, specs, out, num_workers=args.num_workers, shard_index=args.shard_index,
                            num_shards=args.num_shards)
     msg = (f"{out}: {s['cases_ok']} cases written, {s['cases_failed']} failed"
            + (f" ({', '.join(f'{k} {v}' for k, v in s['failed_by_stage'].items())}; see errors{tag}.jsonl)"

@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 
-from ..cli import shorthand
+from ..cli import resolve_config, shorthand
+from ..config import dump_config
+from ..errors import FvlmError
+from ..logs import setup_logging
+from ..resources import samples_dir
 from ..xray.config import XrayPretrainConfig
 
 HELP = "pretrain a 2D ViT on chest radiographs by masked image modelling (MAE, context-aware MAE, GMML)"
@@ -36,11 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve_source(src: str) -> str:
-    from pathlib import Path
-
-    from ..errors import FvlmError
-    from ..resources import samples_dir
-
     if not src:
         raise FvlmError("no training data: give --data FOLDER_OR_MANIFEST (or data.source in a config)")
     p = Path(src)
@@ -52,14 +54,7 @@ def _resolve_source(src: str) -> str:
 
 
 def run(args) -> int:
-    import os
-    from pathlib import Path
-
-    from ..cli import resolve_config
-    from ..config import dump_config
-    from ..errors import FvlmError
-    from ..logs import setup_logging
-    from ..xray.data import build_cache
+    from ..xray import data, pretrain, probe   # the torch-backed program: loaded when the command runs
 
     cfg = resolve_config(args)
     out = Path(cfg.train.out_dir)
@@ -87,7 +82,7 @@ def run(args) -> int:
         if not cfg.probe.labels:
             raise FvlmError("--probe-only needs --linear-probe LABELS.csv")
         open_run_dir()
-        return _probe(cfg, Path(args.encoder) if args.encoder else out / "encoder.pt", log)
+        return _probe(probe, cfg, Path(args.encoder) if args.encoder else out / "encoder.pt", log)
 
     source = _resolve_source(d.source) if (d.source or not d.cache) else None
     if d.cache and (args.build_cache or not Path(d.cache).is_file()):
@@ -96,7 +91,7 @@ def run(args) -> int:
         if world > 1:
             raise FvlmError(f"cache {d.cache} does not exist; build it first in one process with --build-cache")
         open_run_dir()
-        summary = build_cache(source, d.cache, d.size, d.orientation, d.normalize, d.contour, d.use_window,
+        summary = data.build_cache(source, d.cache, d.size, d.orientation, d.normalize, d.contour, d.use_window,
                               d.cache_dtype)
         log.info("cache %s: %d images, %d skipped", summary["path"], summary["written"], len(summary["skipped"]))
         if args.build_cache:
@@ -104,24 +99,15 @@ def run(args) -> int:
     elif args.build_cache:
         raise FvlmError("--build-cache needs data.cache (a .h5 path)")
 
-    from ..xray.pretrain import run as run_pretrain
-
-    summary = run_pretrain(cfg, source, on_ready=open_run_dir)
+    summary = pretrain.run(cfg, source, on_ready=open_run_dir)
     if summary["interrupted"]:
         return 3
     if cfg.probe.labels and rank == 0:
-        return _probe(cfg, out / "encoder.pt", log)
+        return _probe(probe, cfg, out / "encoder.pt", log)
     return 0
 
 
-def _probe(cfg, encoder_path, log) -> int:
-    import json
-    from pathlib import Path
-
-    from ..xray.probe import linear_probe, write_probe_report
-
-    res = linear_probe(encoder_path, cfg.probe.labels, cfg.data, cfg.probe)
-    out = Path(cfg.train.out_dir)
-    write_probe_report(res, out / "probe.json", out / "probe.md")
+def _probe(probe, cfg, encoder_path, log) -> int:
+    res = probe.probe_encoder(cfg, encoder_path)
     log.info("linear probe: %s", json.dumps({k: v.get("auc") for k, v in res["labels"].items()}))
     return 0

@@ -23,7 +23,7 @@ from ..eval.probe import fit_predict
 from ..models.xray_mae import load_encoder
 from .data import list_images, load_sample
 
-__all__ = ["read_labels", "extract_features", "linear_probe", "write_probe_report"]
+__all__ = ["read_labels", "extract_features", "linear_probe", "write_probe_report", "probe_encoder"]
 
 _SKIP_COLS = {"image", "file", "path", "mask", "rotate", "rotated_90"}
 
@@ -132,3 +132,12 @@ def write_probe_report(res: dict, json_path: str | os.PathLike, md_path: str | o
         auc = "-" if v["auc"] is None else f"{v['auc']:.3f}"
         lines.append(f"| {k} | {v['positives']} | {auc} |")
     Path(md_path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def probe_encoder(cfg, encoder_path: str | os.PathLike) -> dict:
+    """The linear probe of ``cfg.probe`` on the encoder at ``encoder_path``; writes probe.json and
+    probe.md to ``cfg.train.out_dir`` and returns the result."""
+    res = linear_probe(encoder_path, cfg.probe.labels, cfg.data, cfg.probe)
+    out = Path(cfg.train.out_dir)
+    write_probe_report(res, out / "probe.json", out / "probe.md")
+    return res
