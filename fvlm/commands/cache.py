@@ -30,8 +30,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..data.cache import build_cache
     from ..ct.pretrain import prepare
+    from ..data.cache import build_cache
 
     cfg = resolve_config(args)
     if not cfg.data.shards:

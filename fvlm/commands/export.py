@@ -77,10 +77,8 @@ def model_card(obj: dict, checkpoint: str, results: dict | None) -> str:
 
 
 def run(args) -> int:
-    from ..eval import loading
-    from ..eval.predict import read_thresholds_sidecar
-    from ..eval.report import read_results
-    from ..models.checkpoint import read_consolidated
+    from ..eval import loading, predict, report   # torch-backed: loaded when the command runs
+    from ..models import checkpoint
 
     src = loading.check_checkpoint_path(args.checkpoint)
     out = Path(args.out)
@@ -88,16 +86,16 @@ def run(args) -> int:
         raise FvlmError(f"--out {out}: holds the checkpoint itself; choose another folder")
     check_export_target(out, args.overwrite)
     sha = loading.checkpoint_sha256(str(src))
-    obj = read_consolidated(src)
+    obj = checkpoint.read_consolidated(src)
     extra = {}
-    sc = read_thresholds_sidecar(src, sha)
+    sc = predict.read_thresholds_sidecar(src, sha)
     if sc is not None:
         extra["thresholds"] = {"values": dict(sc.thresholds),
                                "scoring": {"rule": sc.rule, "prompts": sc.prompts, "logit_scale": sc.logit_scale,
                                            "clip_baseline": sc.clip_baseline}}
     results = None
     if args.results:
-        results = read_results(args.results)
+        results = report.read_results(args.results)
         ck = (results.get("checkpoint") or {}).get("sha256")
         if ck and ck != sha:
             raise FvlmError(f"--results {args.results} was computed for another checkpoint (sha256 {ck[:12]}...)")

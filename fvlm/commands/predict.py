@@ -38,10 +38,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..eval import loading
-    from ..eval.predict import (PREDICTIONS_FORMAT, PREDICTIONS_VERSION, predict_record, preprocess_in_memory,
-                                resolve_preprocess_config, scoring_for)
-    from ..eval.report import write_json
+    from ..eval import loading, predict, report   # torch-backed: loaded when the command runs
 
     if args.out:  # checked before the model runs; a directory used to fail only at the end (and leave a .tmp)
         from pathlib import Path
@@ -55,18 +52,18 @@ def run(args) -> int:
     t0 = time.time()
     sha = loading.checkpoint_sha256(args.checkpoint)
     model, meta, make_batch = loading.load_model(args.checkpoint, args.device)
-    scoring = scoring_for(args.checkpoint, meta, sha, args.thresholds)
+    scoring = predict.scoring_for(args.checkpoint, meta, sha, args.thresholds)
     tax_name = loading.taxonomy_name(args.taxonomy, meta)
     tax = loading.load_taxonomy(tax_name)
-    pcfg, pcfg_src = resolve_preprocess_config(meta, args.preprocess_config, getattr(model, "names", None),
+    pcfg, pcfg_src = predict.resolve_preprocess_config(meta, args.preprocess_config, getattr(model, "names", None),
                                                bool(args.mask or args.mask_dir))
-    rec = preprocess_in_memory(args.image, args.mask, args.mask_dir, pcfg)
+    rec = predict.preprocess_in_memory(args.image, args.mask, args.mask_dir, pcfg)
     with torch.inference_mode():
-        rows = predict_record(model, make_batch, rec, tax, scoring)
+        rows = predict.predict_record(model, make_batch, rec, tax, scoring)
     if not rows:
         raise FvlmError(f"no diagnosis of taxonomy {tax_name!r} can be scored by this model "
                         "(its anatomies do not match the model's)")
-    doc = {"format": PREDICTIONS_FORMAT, "version": PREDICTIONS_VERSION, "fvlm_version": __version__,
+    doc = {"format": predict.PREDICTIONS_FORMAT, "version": predict.PREDICTIONS_VERSION, "fvlm_version": __version__,
            "image": str(args.image), "checkpoint": {"path": str(args.checkpoint), "sha256": sha},
            "taxonomy": str(tax_name), "thresholds_source": scoring.source,
            "scoring": {"rule": scoring.rule, "prompts": scoring.prompts, "logit_scale": scoring.logit_scale,
@@ -75,7 +72,7 @@ def run(args) -> int:
            "mask_source": (rec.meta or {}).get("mask_source"),
            "seconds": round(time.time() - t0, 3), "predictions": rows}
     if args.out:
-        write_json(args.out, doc)
+        report.write_json(args.out, doc)
     if args.json:
         print(json.dumps(doc, ensure_ascii=False, indent=1))
         return 0

@@ -80,27 +80,23 @@ def resolve(args) -> ZeroShotConfig:
 def run(args) -> int:
     import time
 
-    from ..eval import loading
-    from ..eval.embed import EmbeddingCache, data_fingerprint
-    from ..eval.labels import read_label_files
-    from ..eval.report import fmt, write_outputs
-    from ..eval.zeroshot import run_suite
+    from ..eval import embed, labels, loading, predict, report, zeroshot   # torch-backed: loaded when it runs
 
     cfg = resolve(args)
     out = Path(cfg.out)
     log = setup_logging(out, "zeroshot", quiet=getattr(args, "quiet", False))
     dump_config(cfg, out / "config.yaml")
     tax = loading.load_taxonomy(cfg.taxonomy)
-    table = read_label_files(cfg.labels, tax) if cfg.labels else None
+    table = labels.read_label_files(cfg.labels, tax) if cfg.labels else None
     ds = loading.open_shards(cfg.data)
     t0 = time.time()
     ck_hash = loading.checkpoint_sha256(cfg.checkpoint)
-    data_hash = data_fingerprint(cfg.data)
+    data_hash = embed.data_fingerprint(cfg.data)
     log.info("checkpoint sha256 %s, data hash %s (%.1f s)", ck_hash[:16], data_hash[:16], time.time() - t0)
     model, meta, make_batch = loading.load_model(cfg.checkpoint, cfg.device)
     cache = None
     if cfg.cache.enabled:
-        cache = EmbeddingCache(cfg.cache.dir or out / "cache", ck_hash, data_hash)
+        cache = embed.EmbeddingCache(cfg.cache.dir or out / "cache", ck_hash, data_hash)
     provenance = {
         "fvlm_version": __version__,
         "command": " ".join(["fvlm", *sys.argv[1:]]),
@@ -113,16 +109,14 @@ def run(args) -> int:
     import torch
 
     with torch.inference_mode():
-        res = run_suite(model, ds, tax, cfg, make_batch, label_table=table, cache=cache, provenance=provenance)
-    paths = write_outputs(res.results, res.roc, out, figures=cfg.figures)
+        res = zeroshot.run_suite(model, ds, tax, cfg, make_batch, label_table=table, cache=cache, provenance=provenance)
+    paths = report.write_outputs(res.results, res.roc, out, figures=cfg.figures)
     zs = res.results["zeroshot"]
-    print(f"macro AUC {fmt(zs['macro']['overall'].get('auc'))} over {zs['macro']['n_diagnoses']} diagnoses "
+    print(f"macro AUC {report.fmt(zs['macro']['overall'].get('auc'))} over {zs['macro']['n_diagnoses']} diagnoses "
           f"({len(zs['skipped'])} skipped); {res.results['protocol']['statement']}")
     print(f"wrote {paths['json']} and {paths['md']}")
     if getattr(args, "write_thresholds", False):
-        from ..eval.predict import write_thresholds
-
         n_thr = sum(1 for d in zs["diagnoses"].values() if d.get("threshold") is not None)
-        tp = write_thresholds(cfg.checkpoint, res.results, source=str(paths["json"]))
+        tp = predict.write_thresholds(cfg.checkpoint, res.results, source=str(paths["json"]))
         print(f"wrote {tp} ({n_thr} thresholds, from {res.results['protocol'].get('threshold_source')})")
     return 0
