@@ -116,14 +116,7 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
         if text_encoder is None:
             raise FvlmError("evaluating a text head needs its text encoder")
         bank = PromptBank(text_encoder, info.get("meta", {}).get("templates", ["{}"]))
-        phrases = dict(class_phrases or info.get("meta", {}).get("class_phrases", {}))
-        for c in names:
-            phrases.setdefault(c, c.replace("_", " "))
-        phrases.update({k: v for k, v in (eval_cfg.paraphrases or {}).items() if k in names})
-        unseen = set(info.get("meta", {}).get("unseen_classes", []))
-        result["prompts"] = {c: phrases[c] for c in names}
-        result["paraphrased"] = sorted(c for c in names if c in (eval_cfg.paraphrases or {}))
-        result["seen_in_training"] = {c: c not in unseen for c in names}
+        phrases = _class_prompts(names, info, eval_cfg, class_phrases, result)
     for case in cases:
         if model.task == "seg":
             if case.label is None:
@@ -131,20 +124,7 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
             pred = predict_case(model, case, eval_cfg.overlap, eval_cfg.sw_batch_size)
             d, i = meter.update(pred, case.label, case.case_id)
         else:
-            if case.label is not None:
-                emb = bank([phrases[c] for c in names])
-                heat = prompt_heatmaps(model, case, emb, eval_cfg.overlap, eval_cfg.sw_batch_size)
-                counts = np.zeros((len(names) + 1, 3), np.int64)
-                for k in range(len(names)):
-                    counts[k + 1] = confusion_counts(heat[k] > eval_cfg.threshold, case.label == k + 1, 2)[1]
-                meter.counts += counts
-                d, i = dice_iou_from_counts(counts)
-                d, i = d[1:], i[1:]
-                meter.case_dice.append(d)
-                meter.case_iou.append(i)
-                meter.case_ids.append(case.case_id)
-            else:
-                d = i = None
+            d, i = _text_case_scores(model, bank, case, names, phrases, eval_cfg, meter)
             if case.findings:
                 _ground_case(model, bank, case, eval_cfg, ground)
         if d is not None:
@@ -162,29 +142,70 @@ def evaluate_model(model, info: dict, cases: Sequence[DenseCase], eval_cfg, text
             result[tag] = {m: _num(nanmean([v[m] for v in sel])) for m in ("dice", "iou")} if sel else None
     result["cases"] = per_case
     if ground["n"]:
-        chance_body = float(np.mean(ground["chance_body"]))
-        result["grounding"] = {
-            "n_findings": ground["n"], "pointing_hits": ground["hits"],
-            "pointing_game": _num(ground["hits"] / ground["n"]),
-            "chance": _num(float(np.mean(ground["chance"]))),
-            "chance_body": _num(chance_body),
-            # against the mean chance: the per-finding chances differ, so this is an approximation
-            "p_value_vs_chance": _p(pointing_p_value(ground["hits"], ground["n"], chance_body)),
-            "tolerance_voxels": eval_cfg.tolerance, "threshold": eval_cfg.threshold,
-            "dice": _num(nanmean(ground["dice"])), "iou": _num(nanmean(ground["iou"])),
-            "findings": ground["cases"]}
-        if ground["control"]:
-            result["grounding"]["text_control"] = _control_summary(ground["control"])
-        seen_texts = info.get("meta", {}).get("finding_texts")
-        if seen_texts is not None:
-            seen_texts = set(seen_texts)
-            for row in ground["cases"]:
-                row["text_seen_in_training"] = row["text"] in seen_texts
-            new = [r for r in ground["cases"] if not r["text_seen_in_training"]]
-            hits = sum(int(r["hit"]) for r in new)
-            result["grounding"]["unseen_texts"] = {"n_findings": len(new), "pointing_hits": hits,
-                                                   "pointing_game": _num(hits / len(new)) if new else None}
+        result["grounding"] = _grounding_summary(ground, info, eval_cfg)
     return result
+
+
+def _class_prompts(names: list[str], info: dict, eval_cfg, class_phrases: dict | None, result: dict) -> dict:
+    """Text head: the prompt of each class (the checkpoint's phrases, ``eval.paraphrases`` over them);
+    records prompts, paraphrased classes and which classes training saw in ``result``."""
+    phrases = dict(class_phrases or info.get("meta", {}).get("class_phrases", {}))
+    for c in names:
+        phrases.setdefault(c, c.replace("_", " "))
+    phrases.update({k: v for k, v in (eval_cfg.paraphrases or {}).items() if k in names})
+    unseen = set(info.get("meta", {}).get("unseen_classes", []))
+    result["prompts"] = {c: phrases[c] for c in names}
+    result["paraphrased"] = sorted(c for c in names if c in (eval_cfg.paraphrases or {}))
+    result["seen_in_training"] = {c: c not in unseen for c in names}
+    return phrases
+
+
+def _text_case_scores(model, bank, case: DenseCase, names: list[str], phrases: dict, eval_cfg,
+                      meter: SegmentationMeter) -> tuple:
+    """Text head: per-class Dice and IoU of one labelled case (thresholded class-prompt heatmaps),
+    added to ``meter``; ``(None, None)`` for a case without a label map."""
+    if case.label is None:
+        return None, None
+    emb = bank([phrases[c] for c in names])
+    heat = prompt_heatmaps(model, case, emb, eval_cfg.overlap, eval_cfg.sw_batch_size)
+    counts = np.zeros((len(names) + 1, 3), np.int64)
+    for k in range(len(names)):
+        counts[k + 1] = confusion_counts(heat[k] > eval_cfg.threshold, case.label == k + 1, 2)[1]
+    meter.counts += counts
+    d, i = dice_iou_from_counts(counts)
+    d, i = d[1:], i[1:]
+    meter.case_dice.append(d)
+    meter.case_iou.append(i)
+    meter.case_ids.append(case.case_id)
+    return d, i
+
+
+def _grounding_summary(ground: dict, info: dict, eval_cfg) -> dict:
+    """The ``grounding`` section: pointing game against chance, mask Dice/IoU, the text control, and
+    the findings whose text training never saw."""
+    chance_body = float(np.mean(ground["chance_body"]))
+    out = {
+        "n_findings": ground["n"], "pointing_hits": ground["hits"],
+        "pointing_game": _num(ground["hits"] / ground["n"]),
+        "chance": _num(float(np.mean(ground["chance"]))),
+        "chance_body": _num(chance_body),
+        # against the mean chance: the per-finding chances differ, so this is an approximation
+        "p_value_vs_chance": _p(pointing_p_value(ground["hits"], ground["n"], chance_body)),
+        "tolerance_voxels": eval_cfg.tolerance, "threshold": eval_cfg.threshold,
+        "dice": _num(nanmean(ground["dice"])), "iou": _num(nanmean(ground["iou"])),
+        "findings": ground["cases"]}
+    if ground["control"]:
+        out["text_control"] = _control_summary(ground["control"])
+    seen_texts = info.get("meta", {}).get("finding_texts")
+    if seen_texts is not None:
+        seen_texts = set(seen_texts)
+        for row in ground["cases"]:
+            row["text_seen_in_training"] = row["text"] in seen_texts
+        new = [r for r in ground["cases"] if not r["text_seen_in_training"]]
+        hits = sum(int(r["hit"]) for r in new)
+        out["unseen_texts"] = {"n_findings": len(new), "pointing_hits": hits,
+                               "pointing_game": _num(hits / len(new)) if new else None}
+    return out
 
 
 def _control_pool(cases: Sequence[DenseCase]) -> list[tuple[str, str]]:
