@@ -16,11 +16,13 @@ install: $(VENV)/.fvlm-installed
 demo: install
 	$(FVLM) demo --out runs/demo
 
+# two pytest workers (one torch thread each, tests/conftest.py); TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 bench: install
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
