@@ -36,3 +36,25 @@ def test_ct_pretraining_reads_through_the_pinning_loader(tmp_path, monkeypatch):
     kw, pinned, workers = seen[0]
     assert kw["device"] == torch.device("cuda:0") and pinned is True and workers == 1
     assert (tmp_path / "run" / "model.pt").exists()
+
+
+class _FeederHookSet(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        import multiprocessing.queues
+        import signal
+        hook = multiprocessing.queues.Queue._on_queue_feeder_error
+        yield torch.tensor([hook is loader_mod._feeder_error, signal.getsignal(signal.SIGINT) == signal.SIG_IGN])
+
+
+def test_workers_ignore_signals_and_exit_quietly_when_the_main_process_is_gone(capsys):
+    # set in the worker only: the main process keeps Python's hook and its Ctrl-C
+    dl = torch.utils.data.DataLoader(_FeederHookSet(), batch_size=None, num_workers=1,
+                                     worker_init_fn=loader_mod._ignore_signals)
+    assert next(iter(dl)).tolist() == [True, True]
+    import multiprocessing.queues
+    assert multiprocessing.queues.Queue._on_queue_feeder_error is not loader_mod._feeder_error
+    loader_mod._feeder_error(ConnectionResetError(104, "Connection reset by peer"), None)
+    loader_mod._feeder_error(BrokenPipeError(32, "Broken pipe"), None)
+    assert capsys.readouterr().err == ""
+    loader_mod._feeder_error(ValueError("not a closed pipe"), None)
+    assert "ValueError: not a closed pipe" in capsys.readouterr().err

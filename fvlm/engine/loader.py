@@ -15,7 +15,9 @@ SIGTERM: the main process owns them (:mod:`fvlm.interrupts`).
 """
 from __future__ import annotations
 
+import multiprocessing.queues
 import signal
+import traceback
 from typing import Callable, Sequence
 
 import torch
@@ -40,6 +42,17 @@ def _ignore_signals(worker_id: int) -> None:  # noqa: ARG001
     A worker whose main process is gone still exits: torch's worker loop watches its parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # set in this worker only (after the fork), before its first batch starts the queue's feeder thread
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_feeder_error)
+
+
+def _feeder_error(e: BaseException, obj) -> None:  # noqa: ARG001
+    """A worker's queue thread finding its main process gone (a second Ctrl-C stops the main process
+    at once) has nowhere to send the batch: exit quietly instead of printing a traceback into the
+    user's terminal. Any other error is printed as Python does."""
+    if isinstance(e, (BrokenPipeError, ConnectionResetError)):
+        return
+    traceback.print_exception(e)
 
 
 def make_loader(stream, num_workers: int = 2, prefetch_factor: int = 2, device=None,
