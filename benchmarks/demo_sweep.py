@@ -101,7 +101,7 @@ def prompt_spread(ckpt: Path, taxonomy: str) -> dict:
     net, meta = load_consolidated(ckpt)
     conf = ckpt.parent / "config.yaml"      # the pretrain run's resolved config: its seed
     seed = ((yaml.safe_load(conf.read_text()) or {}).get("train") or {}).get("seed", 0) if conf.is_file() else 0
-    torch.manual_seed(int(seed))            # as fvlm.train.pretrain.prepare() seeds the model it builds
+    torch.manual_seed(int(seed))            # as fvlm.ct.pretrain.prepare() seeds the model it builds
     init = create_model(meta.get("model_name", "fvlm"), net.cfg).eval()
     out = {}
     with torch.no_grad():

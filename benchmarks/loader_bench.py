@@ -84,7 +84,7 @@ def build_corpus(root: Path, n: int, small: bool) -> None:
 def _opts(config: str, ds):
     from fvlm.config import load_config
     from fvlm.data.ct import SampleOptions
-    from fvlm.train.pretrain import PretrainConfig
+    from fvlm.ct.pretrain import PretrainConfig
 
     cfg = load_config(PretrainConfig, files=[config], base="train/default.yaml")
     crop = cfg.model.mode == "crop"

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import FvlmError
 from ..taxonomy import GLOBAL, Taxonomy
-from ..train.zero import gathered
+from ..engine.zero import gathered
 
 
 @dataclass
